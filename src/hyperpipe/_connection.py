@@ -1,0 +1,384 @@
+"""``Connection``: the one public connection class, whatever moves its bytes.
+
+Public methods check their arguments and the connection's state exactly once, as
+``multiprocessing.connection._ConnectionBase`` does, turn ``timeout=`` into a deadline,
+serialize each direction with a lock, and hand whole frames to a ``Transport``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import weakref
+from multiprocessing import reduction, util
+from typing import Any, Generic, Iterable, Optional, TypeVar
+
+from . import errors
+from ._transport import Deadline, Transport
+
+_ForkingPickler = reduction.ForkingPickler
+
+_SendT = TypeVar("_SendT")
+_RecvT = TypeVar("_RecvT")
+
+# Every open Connection of this process, for the fork and exit hooks below.
+_live: "weakref.WeakSet[Connection[Any, Any]]" = weakref.WeakSet()
+
+
+def _deadline(timeout: Optional[float]) -> Deadline:
+    if timeout is None:
+        return None
+    if timeout != timeout:  # NaN
+        raise ValueError("timeout must be a number or None")
+    return time.monotonic() + max(0.0, float(timeout))
+
+
+def _acquire(lock: Any, deadline: Deadline, what: str) -> None:
+    if deadline is None:
+        lock.acquire()
+        return
+    if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise errors.TimeoutError(f"{what} timed out waiting for another thread")
+
+
+def _byte_view(buf: Any) -> memoryview:
+    m = memoryview(buf)
+    if m.ndim != 1 or m.format not in ("B", "b", "c"):
+        if not m.c_contiguous:
+            raise BufferError("memoryview: underlying buffer is not C-contiguous")
+        m = m.cast("B")
+    elif m.format != "B":
+        m = m.cast("B")
+    return m
+
+
+class Connection(Generic[_SendT, _RecvT]):
+    """One end of a hyperpipe connection; a drop-in for ``multiprocessing.connection.Connection``.
+
+    Same methods, arguments, return values and exceptions as the standard library's
+    class. Additions are keyword-only: ``timeout=`` on every blocking method, ``copy=``
+    on ``recv``, batch methods, ``transport`` and ``statistics()``. Unlike the standard
+    library, several threads may send and receive at once (each message goes out and
+    comes in whole), and ``close()`` from another thread wakes calls blocked on it.
+
+    ``Connection(handle)`` with a file descriptor wraps a socket or pipe fd speaking the
+    standard library's wire format, like ``multiprocessing.connection.Connection(handle)``.
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        readable: bool = True,
+        writable: bool = True,
+        *,
+        codec: Any = None,
+    ) -> None:
+        if not readable and not writable:
+            raise ValueError("at least one of `readable` and `writable` must be True")
+        if not isinstance(transport, Transport):
+            from ._socket_transport import SocketTransport
+
+            handle = transport.__index__()
+            if handle < 0:
+                raise ValueError("invalid handle")
+            transport = SocketTransport(handle)
+        self._transport: Optional[Transport] = transport
+        self._readable = readable
+        self._writable = writable
+        self._codec = codec
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        _live.add(self)
+
+    # -- state ----------------------------------------------------------------------
+    def __del__(self) -> None:
+        transport = getattr(self, "_transport", None)
+        if transport is not None:
+            self._transport = None
+            try:
+                transport.close()
+            except Exception:
+                pass
+
+    def _open_transport(self) -> Transport:
+        transport = self._transport
+        if transport is None:
+            raise errors.ConnectionClosedError()
+        return transport
+
+    def _bad_message_length(self) -> None:
+        if self._writable:
+            self._readable = False
+        else:
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True if the connection is closed."""
+        return self._transport is None
+
+    @property
+    def readable(self) -> bool:
+        """True if the connection is readable."""
+        return self._readable
+
+    @property
+    def writable(self) -> bool:
+        """True if the connection is writable."""
+        return self._writable
+
+    @property
+    def transport(self) -> str:
+        """Name of the transport moving this connection's bytes: ``"shm"`` or ``"socket"``."""
+        return self._open_transport().name
+
+    def fileno(self) -> int:
+        """File descriptor of the connection; ``select`` sees it readable when data is ready."""
+        return self._open_transport().fileno()
+
+    def close(self) -> None:
+        """Close the connection. Threads blocked on it wake with ``ConnectionClosedError``."""
+        transport = self._transport
+        if transport is not None:
+            self._transport = None
+            _live.discard(self)
+            transport.close()
+
+    def statistics(self) -> dict:
+        """Counters and facts about this end (transport name and transport-specific keys)."""
+        return self._open_transport().statistics()
+
+    def __enter__(self) -> "Connection[_SendT, _RecvT]":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._transport is None else self._transport.name
+        mode = ("r" if self._readable else "") + ("w" if self._writable else "")
+        return f"<hyperpipe.Connection {state} {mode}>"
+
+    # -- checks ---------------------------------------------------------------------
+    def _for_sending(self) -> Transport:
+        transport = self._transport
+        if transport is None:
+            raise errors.ConnectionClosedError()
+        if not self._writable:
+            raise errors.DirectionError("connection is read-only")
+        return transport
+
+    def _for_receiving(self) -> Transport:
+        transport = self._transport
+        if transport is None:
+            raise errors.ConnectionClosedError()
+        if not self._readable:
+            raise errors.DirectionError("connection is write-only")
+        return transport
+
+    # -- sending --------------------------------------------------------------------
+    def send_bytes(
+        self, buf: Any, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
+    ) -> None:
+        """Send the bytes data from a bytes-like object (``buf[offset:offset+size]``)."""
+        transport = self._for_sending()
+        m = _byte_view(buf)
+        if offset or size is not None:
+            n = m.nbytes
+            if offset < 0:
+                raise ValueError("offset is negative")
+            if n < offset:
+                raise ValueError("buffer length < offset")
+            if size is None:
+                size = n - offset
+            elif size < 0:
+                raise ValueError("size is negative")
+            elif offset + size > n:
+                raise ValueError("buffer length < offset + size")
+            m = m[offset : offset + size]
+        deadline = _deadline(timeout)
+        lock = self._send_lock
+        _acquire(lock, deadline, "send_bytes")
+        try:
+            transport.send_frame(m, deadline)
+        finally:
+            lock.release()
+
+    def send(self, obj: _SendT, *, timeout: Optional[float] = None) -> None:
+        """Send a picklable object (or one the connection's codec can encode)."""
+        transport = self._for_sending()
+        deadline = _deadline(timeout)
+        codec = self._codec
+        # Serialize before taking the lock: an unpicklable object raises here, nothing sent.
+        data = None if codec is None else _byte_view(codec.dumps(obj))
+        lock = self._send_lock
+        _acquire(lock, deadline, "send")
+        try:
+            if data is None:
+                transport.send_object(obj, deadline)
+            else:
+                transport.send_frame(data, deadline)
+        finally:
+            lock.release()
+
+    def send_bytes_many(self, bufs: Iterable[Any], *, timeout: Optional[float] = None) -> None:
+        """Send each buffer of ``bufs`` as its own message (fewer wake-ups than a loop)."""
+        transport = self._for_sending()
+        views = [_byte_view(b) for b in bufs]
+        deadline = _deadline(timeout)
+        lock = self._send_lock
+        _acquire(lock, deadline, "send_bytes_many")
+        try:
+            send_frames = getattr(transport, "send_frames", None)
+            if send_frames is not None:
+                send_frames(views, deadline)
+            else:
+                for view in views:
+                    transport.send_frame(view, deadline)
+        finally:
+            lock.release()
+
+    def allocate_buffer(self, nbytes: int) -> Any:
+        """A writable shared buffer of ``nbytes`` that ``send``/``send_bytes`` pass without copying.
+
+        Only the shared-memory transport has them; others raise ``NotImplementedError``.
+        """
+        transport = self._for_sending()
+        allocate = getattr(transport, "allocate_buffer", None)
+        if allocate is None:
+            raise NotImplementedError(f"the {transport.name} transport has no shared buffers")
+        if nbytes < 0:
+            raise ValueError("nbytes is negative")
+        return allocate(nbytes)
+
+    # -- receiving ------------------------------------------------------------------
+    def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
+        """Receive one message as ``bytes``; longer than ``maxlength`` -> OSError, as the stdlib."""
+        transport = self._for_receiving()
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        deadline = _deadline(timeout)
+        lock = self._recv_lock
+        _acquire(lock, deadline, "recv_bytes")
+        try:
+            frame = transport.recv_frame(maxlength, deadline)
+        except errors.MessageTooLongError:
+            self._bad_message_length()
+            raise
+        finally:
+            lock.release()
+        return frame if type(frame) is bytes else bytes(frame)
+
+    def recv_bytes_into(self, buf: Any, offset: int = 0, *, timeout: Optional[float] = None) -> int:
+        """Receive one message into a writable buffer at byte ``offset``; return its size.
+
+        A message that does not fit raises ``BufferTooShort`` holding the whole message.
+        """
+        transport = self._for_receiving()
+        with memoryview(buf) as m:
+            if m.readonly:
+                raise TypeError("recv_bytes_into() argument must be a writable buffer")
+            bytesize = m.nbytes
+            if offset < 0:
+                raise ValueError("negative offset")
+            elif offset > bytesize:
+                raise ValueError("offset too large")
+            target = m if (m.ndim == 1 and m.format == "B") else m.cast("B")
+            deadline = _deadline(timeout)
+            lock = self._recv_lock
+            _acquire(lock, deadline, "recv_bytes_into")
+            try:
+                return transport.recv_frame_into(target, offset, deadline)
+            finally:
+                lock.release()
+
+    def recv(self, *, timeout: Optional[float] = None, copy: bool = True) -> _RecvT:
+        """Receive one object.
+
+        ``copy=False`` lets the shared-memory transport return large buffers (numpy
+        arrays, bytes-likes) as views of the shared segment instead of private copies.
+        """
+        transport = self._for_receiving()
+        deadline = _deadline(timeout)
+        codec = self._codec
+        lock = self._recv_lock
+        _acquire(lock, deadline, "recv")
+        try:
+            if codec is None:
+                return transport.recv_object(deadline, copy)
+            frame = transport.recv_frame(None, deadline)
+        finally:
+            lock.release()
+        return codec.loads(frame)
+
+    def recv_bytes_many(
+        self, maxcount: int = 1024, *, timeout: Optional[float] = None
+    ) -> list[bytes]:
+        """Wait for one message, then also take those already waiting, up to ``maxcount``."""
+        transport = self._for_receiving()
+        if maxcount < 1:
+            raise ValueError("maxcount must be at least 1")
+        deadline = _deadline(timeout)
+        lock = self._recv_lock
+        _acquire(lock, deadline, "recv_bytes_many")
+        try:
+            recv_frames = getattr(transport, "recv_frames", None)
+            if recv_frames is not None:
+                frames = recv_frames(maxcount, deadline)
+            else:
+                frames = [transport.recv_frame(None, deadline)]
+                while len(frames) < maxcount and transport.poll(0):
+                    try:
+                        frames.append(transport.recv_frame(None, time.monotonic()))
+                    except (errors.TimeoutError, EOFError):
+                        break
+        finally:
+            lock.release()
+        return [f if type(f) is bytes else bytes(f) for f in frames]
+
+    def poll(self, timeout: Optional[float] = 0.0) -> bool:
+        """Whether there is any input available to be read (``None`` waits forever)."""
+        transport = self._for_receiving()
+        if timeout is not None and timeout != timeout:
+            raise ValueError("timeout must be a number or None")
+        return transport.poll(timeout)
+
+    # -- travelling to other processes ------------------------------------------------
+    def __reduce__(self) -> tuple:
+        transport = self._open_transport()
+        return (
+            _rebuild_connection,
+            (transport.reduce(), self._readable, self._writable, self._codec),
+        )
+
+
+def _rebuild_connection(reduced: tuple, readable: bool, writable: bool, codec: Any) -> Connection:
+    rebuild, args = reduced
+    return Connection(rebuild(*args), readable, writable, codec=codec)
+
+
+def _after_fork_in_child() -> None:
+    for conn in list(_live):
+        conn._send_lock = threading.Lock()
+        conn._recv_lock = threading.Lock()
+        transport = conn._transport
+        if transport is not None:
+            transport.after_fork_in_child()
+
+
+def _close_all_at_exit() -> None:
+    # Runs before multiprocessing joins the children at exit (atexit is LIFO and
+    # multiprocessing.util registered first): a child blocked in recv on a connection we
+    # still hold then gets EOFError instead of waiting for us forever.
+    for conn in list(_live):
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+assert util is not None  # multiprocessing.util's atexit hook must be registered before ours
+atexit.register(_close_all_at_exit)
