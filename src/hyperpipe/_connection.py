@@ -13,15 +13,19 @@ import threading
 import time
 import weakref
 from multiprocessing import reduction, util
-from typing import Any, Generic, Iterable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Iterable, Optional, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 from . import errors
 from ._transport import Deadline, Transport
 
 _ForkingPickler = reduction.ForkingPickler
 
-_SendT = TypeVar("_SendT")
-_RecvT = TypeVar("_RecvT")
+# As typeshed's multiprocessing.connection stub: Connection[SendT, RecvT].
+_SendT = TypeVar("_SendT", contravariant=True)
+_RecvT = TypeVar("_RecvT", covariant=True)
 
 # Every open Connection of this process, for the fork and exit hooks below.
 _live: "weakref.WeakSet[Connection[Any, Any]]" = weakref.WeakSet()
@@ -180,7 +184,12 @@ class Connection(Generic[_SendT, _RecvT]):
 
     # -- sending --------------------------------------------------------------------
     def send_bytes(
-        self, buf: Any, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
+        self,
+        buf: "ReadableBuffer",
+        offset: int = 0,
+        size: Optional[int] = None,
+        *,
+        timeout: Optional[float] = None,
     ) -> None:
         """Send the bytes data from a bytes-like object (``buf[offset:offset+size]``)."""
         transport = self._for_sending()
@@ -223,7 +232,9 @@ class Connection(Generic[_SendT, _RecvT]):
         finally:
             lock.release()
 
-    def send_bytes_many(self, bufs: Iterable[Any], *, timeout: Optional[float] = None) -> None:
+    def send_bytes_many(
+        self, bufs: "Iterable[ReadableBuffer]", *, timeout: Optional[float] = None
+    ) -> None:
         """Send each buffer of ``bufs`` as its own message (fewer wake-ups than a loop)."""
         transport = self._for_sending()
         views = [_byte_view(b) for b in bufs]

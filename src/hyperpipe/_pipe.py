@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ._connection import Connection
-from ._transport import select_transport
+from ._transport import Transport, select_transport
 
 
 def Pipe(
@@ -22,6 +22,8 @@ def Pipe(
     transport (see ``hyperpipe._shm_transport.shm_pipe``).
     """
     name = select_transport(transport)
+    end1: Transport
+    end2: Transport
     if name == "shm":
         from ._shm_transport import shm_pipe
 

@@ -2,7 +2,9 @@
 
 Wire format (identical to ``multiprocessing.connection.Connection`` on POSIX): a 4-byte
 big-endian signed length ``!i``, or ``-1`` followed by an 8-byte ``!Q`` length when the
-message is longer than 2**31 - 1 bytes; then the payload.
+message is longer than 2**31 - 1 bytes; then the payload. Frames are read exactly (no
+read-ahead), so several processes may share one end under a lock as with the stdlib, and
+``send_handle``/``recv_handle`` can use the descriptor between frames.
 
 Unlike the standard library, every wait goes through ``poll()`` with a deadline and a
 wake-up descriptor, so that
@@ -10,11 +12,13 @@ wake-up descriptor, so that
 - a receive that times out keeps the part of the frame that arrived (``_RxState``) and the
   next call continues it;
 - a send that times out before its first byte leaves nothing in the stream; once a frame
-  has started, what could not be written by the deadline is kept in ``_pending`` and is
-  written before the next frame, while a receive waits, or at close: the frame is accepted,
-  as if the kernel buffer were larger, and is never cut in half;
+  has started, what could not be written by the deadline is parked and written by a
+  background thread as the peer reads: the frame is accepted, as if the kernel buffer were
+  larger, and is never cut in half (``send_backlog()``/``flush()`` expose it);
 - ``close()`` from another thread wakes blocked calls (they raise ``ConnectionClosedError``),
-  and the descriptor is only closed once no call is using it (no fd-reuse race).
+  and the descriptor is only closed once no call is using it (no fd-reuse race);
+- memory for a frame is committed as its bytes arrive (at most ``_EAGER_ALLOC`` ahead), so
+  a hostile length header cannot make us allocate gigabytes up front.
 
 The descriptor itself stays in blocking mode for sockets (``MSG_DONTWAIT`` per call), because
 ``multiprocessing.reduction.send_handle`` / ``recv_handle`` use it directly; pipe ends are
@@ -44,23 +48,25 @@ _MAX_SHORT = 0x7FFFFFFF
 _JOIN_LIMIT = 16384
 # Largest single read/write call (keeps memoryview slices and syscalls bounded).
 _IO_CHUNK = 1 << 30
+# A frame's buffer never runs ahead of the bytes received by more than this.
+_EAGER_ALLOC = 16 << 20
+# Frames up to this size are read with recv() into a bytes object directly.
+_SMALL_FRAME = 65536
 
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _POLLIN = select.POLLIN | select.POLLPRI
+_POLLOUT = select.POLLOUT
 _POLLERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 _ERRNO_PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN, errno.ENOTCONN)
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 def _frame_header(size: int) -> bytes:
     if size > _MAX_SHORT:
         return _HEADER.pack(_LONG_MARK) + _LONG_HEADER.pack(size)
     return _HEADER.pack(size)
-
-
-def _remaining(deadline: Deadline) -> Optional[float]:
-    if deadline is None:
-        return None
-    return deadline - time.monotonic()
 
 
 class _RxState:
@@ -75,10 +81,6 @@ class _RxState:
         self.body: Optional[bytearray] = None
         self.body_got = 0
         self.size = -1
-
-    @property
-    def started(self) -> bool:
-        return self.header_got > 0
 
 
 class SocketTransport(Transport):
@@ -112,15 +114,19 @@ class SocketTransport(Transport):
         self._fd = fd
         self.max_message_size = max_message_size
         self._rx = _RxState()
+        # A whole frame read by poll() (TLS only) and not yet handed out.
+        self._rx_ready: Optional[bytearray] = None
+        self._rx_broken: Optional[BaseException] = None
+        # Did the last receive find its data already there? Then try reading before polling.
+        self._rx_eager = True
         self._pending: list[memoryview] = []
         self._pending_lock = threading.Lock()
+        self._flusher: Optional[threading.Thread] = None
         self._state_lock = threading.Lock()
         self._active = 0
         self._closed = False
         self._wake_fd = -1
-        self._rx_broken: Optional[BaseException] = None
 
-    # -- construction helpers -------------------------------------------------------
     @classmethod
     def from_socket(
         cls, sock: socket.socket, *, max_message_size: Optional[int] = None
@@ -158,15 +164,8 @@ class SocketTransport(Transport):
             self._release()
 
     def _release(self) -> None:
-        # Best effort: a frame that was accepted but not yet written goes out now if the
-        # peer has room; otherwise it is lost with the connection, like unread kernel data
-        # of a process that exits.
-        if self._pending and not self._is_ssl:
-            try:
-                self._flush_pending(time.monotonic(), raise_timeout=False)
-            except OSError:
-                pass
-        self._pending = []
+        # Runs once: after close(), when the last call using the descriptor has left
+        # (a background flush of a parked frame included).
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -181,9 +180,10 @@ class SocketTransport(Transport):
             os.close(self._wake_fd)
             self._wake_fd = -1
         self._fd = -1
+        self._pending = []
 
     def after_fork_in_child(self) -> None:
-        # The wake-up fd belongs to the parent's threads.
+        # The wake-up fd and the parked bytes belong to the parent's threads.
         if self._wake_fd >= 0:
             try:
                 os.close(self._wake_fd)
@@ -193,8 +193,8 @@ class SocketTransport(Transport):
         self._state_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._active = 0
-        # Parked bytes are the parent's flushing thread's to write, not ours.
         self._pending = []
+        self._flusher = None
 
     def fileno(self) -> int:
         return self._fd
@@ -207,28 +207,30 @@ class SocketTransport(Transport):
                     self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         return self._wake_fd
 
-    def _wait(self, events: int, deadline: Deadline) -> int:
-        """Wait until the fd reports ``events``; returns the events seen, 0 on timeout."""
+    def _wait(self, events: int, deadline: Deadline, *, closable: bool = True) -> int:
+        """Wait until the fd reports ``events``; returns the events seen, 0 on timeout.
+
+        ``closable=False`` (the background flush) keeps waiting after ``close()``.
+        """
         poller = select.poll()
         poller.register(self._fd, events)
-        poller.register(self._wake_descriptor(), select.POLLIN)
+        if closable:
+            poller.register(self._wake_descriptor(), select.POLLIN)
         while True:
-            if self._closed:
+            if closable and self._closed:
                 raise errors.ConnectionClosedError()
-            remaining = _remaining(deadline)
-            if remaining is None:
+            if deadline is None:
                 ms = -1
-            elif remaining <= 0:
-                ms = 0
             else:
-                ms = max(1, int(remaining * 1000 + 0.999))
+                remaining = deadline - time.monotonic()
+                ms = 0 if remaining <= 0 else max(1, int(remaining * 1000 + 0.999))
             ready = poller.poll(ms)
-            if self._closed:
+            if closable and self._closed:
                 raise errors.ConnectionClosedError()
             for fd, ev in ready:
                 if fd == self._fd:
                     return ev
-            if ms == 0 or (remaining is not None and time.monotonic() >= deadline):  # type: ignore[operator]
+            if ms == 0 or (deadline is not None and time.monotonic() >= deadline):
                 return 0
 
     # -- raw non-blocking I/O ---------------------------------------------------------
@@ -238,9 +240,9 @@ class SocketTransport(Transport):
             if self._is_ssl:
                 return self._sock.recv_into(view)  # type: ignore[union-attr]
             if self._sock is not None:
-                return self._sock.recv_into(view, len(view), socket.MSG_DONTWAIT)
+                return self._sock.recv_into(view, len(view), _DONTWAIT)
             return os.readv(self._fd, [view])
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _WOULD_BLOCK:
             return -1
         except ConnectionResetError:
             return 0
@@ -252,10 +254,10 @@ class SocketTransport(Transport):
                 return self._sock.send(views[0])  # type: ignore[union-attr]
             if self._sock is not None:
                 if len(views) == 1:
-                    return self._sock.send(views[0], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-                return self._sock.sendmsg(views, (), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    return self._sock.send(views[0], _SEND_FLAGS)
+                return self._sock.sendmsg(views, (), _SEND_FLAGS)
             return os.writev(self._fd, views)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _WOULD_BLOCK:
             return 0
         except OSError as exc:
             if exc.errno in _ERRNO_PEER_GONE:
@@ -264,13 +266,12 @@ class SocketTransport(Transport):
 
     # -- sending --------------------------------------------------------------------
     def _write_views(
-        self, views: list[memoryview], deadline: Deadline, *, may_pend: bool
+        self, views: list[memoryview], deadline: Deadline, *, may_park: bool, closable: bool = True
     ) -> None:
-        """Write ``views`` completely, or (``may_pend``) park the rest when the deadline passes.
+        """Write ``views`` completely (consuming the list), or park the rest at the deadline.
 
-        Raises TimeoutError only if nothing at all was written.
+        Raises TimeoutError only if nothing at all was written, or if parking is not allowed.
         """
-        total = sum(len(v) for v in views)
         written = 0
         while views:
             n = self._write_some([v[:_IO_CHUNK] for v in views[:64]])
@@ -285,90 +286,99 @@ class SocketTransport(Transport):
                     n = 0
             if not views:
                 return
-            ev = self._wait(select.POLLOUT, deadline)
-            if ev & select.POLLOUT:
-                continue
-            if ev & _POLLERR:
-                # Let the next write report the error (EPIPE -> BrokenPipeError).
-                if self._write_some([views[0][:1]]) == 0:
-                    raise errors.BrokenPipeError()
-                written += 1
-                views[0] = views[0][1:]
-                if not len(views[0]):
-                    views.pop(0)
-                continue
-            # Timed out.
+            ev = self._wait(_POLLOUT, deadline, closable=closable)
+            if ev & (_POLLOUT | _POLLERR):
+                continue  # writable, or the next write reports the error (EPIPE)
             if written == 0:
                 raise errors.TimeoutError("send timed out before any data was written")
-            if not may_pend:
-                raise errors.TimeoutError(
-                    f"send timed out after {written} of {total} bytes"
-                )
+            if not may_park:
+                raise errors.TimeoutError(f"send timed out with {written} bytes written")
             # Accept the frame: keep a private copy of what is left and let a thread
             # write it as the peer reads, so the peer never waits on our next call.
             self._pending.extend(memoryview(bytes(v)) for v in views)
-            threading.Thread(
-                target=self._flush_in_background, name="hyperpipe-flush", daemon=True
-            ).start()
+            self._start_flusher()
             return
 
-    def _flush_pending(self, deadline: Deadline, *, raise_timeout: bool = True) -> bool:
-        """Write parked bytes; True when none are left."""
-        with self._pending_lock:
-            try:
-                self._flush_pending_locked(deadline)
-            except errors.TimeoutError:
-                if raise_timeout:
-                    raise
-                return False
-            return True
-
-    def _flush_pending_locked(self, deadline: Deadline) -> None:
-        if not self._pending:
-            return
-        views = self._pending
-        self._pending = []
-        try:
-            self._write_views(views, deadline, may_pend=False)
-        except errors.TimeoutError as exc:
-            # Partly written views were advanced in place; keep what is left.
-            self._pending = views
-            raise errors.TimeoutError("send timed out behind an earlier message") from exc
-        except BaseException:
-            self._pending = views
-            raise
+    def _start_flusher(self) -> None:
+        with self._state_lock:
+            self._active += 1  # the flusher holds the descriptor open until it is done
+        self._flusher = threading.Thread(
+            target=self._flush_in_background, name="hyperpipe-flush", daemon=True
+        )
+        self._flusher.start()
 
     def _flush_in_background(self) -> None:
         try:
-            self._enter()
-        except errors.ConnectionClosedError:
+            with self._pending_lock:
+                try:
+                    # Consumed in place, so send_backlog() sees what is left.
+                    self._write_views(self._pending, None, may_park=False, closable=False)
+                except OSError:
+                    # Broken: the next send reports it; the parked bytes are dropped.
+                    self._pending = []
+        finally:
+            self._leave()
+
+    def send_backlog(self) -> int:
+        """Bytes of accepted frames not yet written to the descriptor."""
+        return sum(len(v) for v in self._pending)
+
+    def _acquire_pending_lock(self, deadline: Deadline) -> None:
+        # In slices, so that close() from another thread is noticed (a lock wait cannot be
+        # interrupted); only a send behind a parked frame ever waits here.
+        lock = self._pending_lock
+        if lock.acquire(blocking=False):
             return
+        while True:
+            if self._closed:
+                raise errors.ConnectionClosedError()
+            if deadline is None:
+                slice_ = 0.05
+            else:
+                slice_ = min(0.05, deadline - time.monotonic())
+                if slice_ <= 0:
+                    raise errors.TimeoutError("send timed out behind an earlier message")
+            if lock.acquire(timeout=slice_):
+                return
+
+    def flush(self, deadline: Deadline) -> None:
+        """Wait until every accepted frame is written (TimeoutError at the deadline)."""
+        self._enter()
         try:
-            self._flush_pending(None)
-        except OSError:
-            # Closed or broken: the next send reports it; the parked bytes are dropped.
-            self._pending = []
+            self._acquire_pending_lock(deadline)
+            self._pending_lock.release()
         finally:
             self._leave()
 
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
+        size = len(data)
+        if size <= _JOIN_LIMIT:
+            self._send_views([memoryview(_frame_header(size) + data)], deadline)
+        else:
+            self._send_views([memoryview(_frame_header(size)), data], deadline)
+
+    def send_frames(self, frames: list[memoryview], deadline: Deadline) -> None:
+        """Send several frames with one write sequence: all are accepted, or none."""
+        views: list[memoryview] = []
+        for data in frames:
+            size = len(data)
+            if size <= _JOIN_LIMIT:
+                views.append(memoryview(_frame_header(size) + data))
+            else:
+                views += [memoryview(_frame_header(size)), data]
+        self._send_views(views, deadline)
+
+    def _send_views(self, views: list[memoryview], deadline: Deadline) -> None:
         self._enter()
         try:
-            size = len(data)
-            header = _frame_header(size)
-            if size <= _JOIN_LIMIT:
-                views = [memoryview(header + bytes(data))]
-            else:
-                views = [memoryview(header), data]
-            # The lock is held by the flushing thread while a parked frame is written.
-            if deadline is None:
-                self._pending_lock.acquire()
-            elif not self._pending_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise errors.TimeoutError("send timed out behind an earlier message")
+            # Held by the background flush while a parked frame is still being written.
+            self._acquire_pending_lock(deadline)
             try:
                 if self._pending:
-                    self._flush_pending_locked(deadline)
-                self._write_views(views, deadline, may_pend=deadline is not None)
+                    # A parked frame whose flushing thread has not taken the lock yet
+                    # must go first. If it cannot finish in time, ours is not started.
+                    self._write_views(self._pending, deadline, may_park=False)
+                self._write_views(views, deadline, may_park=deadline is not None)
             finally:
                 self._pending_lock.release()
         finally:
@@ -376,12 +386,19 @@ class SocketTransport(Transport):
 
     # -- receiving ------------------------------------------------------------------
     def _fill(self, view: memoryview, deadline: Deadline, in_frame: bool) -> int:
-        """Read into ``view`` until full. Returns bytes read; stops early at deadline or EOF.
+        """Read into ``view`` until full. Returns bytes read; stops early at the deadline.
 
         At EOF raises PeerClosedError (nothing of a frame read yet) or ProtocolError.
         """
         got = 0
         need = len(view)
+        if not in_frame and not self._rx_eager:
+            # The last frame had to be waited for: poll first rather than make a read
+            # that fails. If the poll returned at once, read first next time.
+            start = time.monotonic()
+            if self._wait(_POLLIN, deadline) == 0:
+                return 0
+            self._rx_eager = time.monotonic() - start < 20e-6
         while got < need:
             n = self._read_some(view[got:])
             if n > 0:
@@ -391,19 +408,27 @@ class SocketTransport(Transport):
                 if in_frame or got:
                     raise errors.ProtocolError("got end of file during message")
                 raise errors.PeerClosedError()
-            ev = self._wait(_POLLIN, deadline)
-            if ev == 0:
+            if not in_frame:
+                self._rx_eager = False
+            if self._wait(_POLLIN, deadline) == 0:
                 return got
         return got
 
     def _receive(self, maxlength: Optional[int], deadline: Deadline) -> Any:
-        """Advance the frame state machine; returns the body or None on timeout."""
+        """Advance the frame state machine; returns the body, or None at the deadline."""
         if self._rx_broken is not None:
             raise self._rx_broken
+        ready = self._rx_ready
+        if ready is not None:
+            self._rx_ready = None
+            if maxlength is not None and len(ready) > maxlength:
+                self._rx_broken = errors.MessageTooLongError()
+                raise errors.MessageTooLongError()
+            return ready
         rx = self._rx
         hv = memoryview(rx.header)
         while rx.header_got < rx.header_need:
-            n = self._fill(hv[rx.header_got : rx.header_need], deadline, rx.started)
+            n = self._fill(hv[rx.header_got : rx.header_need], deadline, rx.header_got > 0)
             rx.header_got += n
             if rx.header_got < rx.header_need:
                 return None
@@ -423,23 +448,38 @@ class SocketTransport(Transport):
                 # As the stdlib: the body is not read; the caller stops reading.
                 self._rx_broken = errors.MessageTooLongError()
                 raise errors.MessageTooLongError()
-            if self.max_message_size is not None and size > self.max_message_size:
+            limit = self.max_message_size
+            if limit is not None and size > limit:
                 self._break_rx(
                     errors.MessageTooLongError(
-                        f"message of {size} bytes exceeds max_message_size={self.max_message_size}"
+                        f"message of {size} bytes exceeds max_message_size={limit}"
                     )
                 )
-            try:
+            if size <= _SMALL_FRAME and self._sock is not None and not self._is_ssl:
+                # Usually the whole body is already there: one recv() into a bytes object.
+                try:
+                    data = self._sock.recv(size, _DONTWAIT)
+                except BlockingIOError:
+                    data = b""
+                except ConnectionResetError:
+                    raise errors.ProtocolError("got end of file during message") from None
+                if len(data) == size:
+                    self._rx = _RxState()
+                    return data
                 rx.body = bytearray(size)
-            except (MemoryError, OverflowError):
-                self._break_rx(
-                    errors.MessageTooLongError(f"message of {size} bytes cannot be allocated")
-                )
+                rx.body[: len(data)] = data
+                rx.body_got = len(data)
+            else:
+                rx.body = bytearray(min(size, _EAGER_ALLOC))
         body = rx.body
-        assert body is not None
-        if rx.body_got < size:
-            rx.body_got += self._fill(memoryview(body)[rx.body_got :], deadline, True)
-            if rx.body_got < size:
+        while rx.body_got < size:
+            if rx.body_got == len(body):
+                # Commit more memory only as the data arrives (doubling, capped at size).
+                body.extend(bytes(min(len(body), size - len(body))))
+            want = len(body) - rx.body_got
+            got = self._fill(memoryview(body)[rx.body_got :], deadline, True)
+            rx.body_got += got
+            if got < want:
                 return None
         self._rx = _RxState()
         return body
@@ -461,12 +501,28 @@ class SocketTransport(Transport):
     def poll(self, timeout: Optional[float]) -> bool:
         self._enter()
         try:
-            if self._rx_broken is not None:
-                return True
-            if self._is_ssl and self._sock.pending():  # type: ignore[union-attr]
+            if self._rx_broken is not None or self._rx_ready is not None:
                 return True
             deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-            return bool(self._wait(_POLLIN, deadline))
+            if not self._is_ssl:
+                return bool(self._wait(_POLLIN, deadline))
+            # TLS: readable bytes may be protocol records (e.g. session tickets) and not a
+            # message, so read what is there and answer for a whole frame.
+            while True:
+                try:
+                    body = self._receive(None, time.monotonic())
+                except (EOFError, OSError) as exc:
+                    if isinstance(exc, errors.ConnectionClosedError):
+                        raise
+                    self._rx_broken = exc
+                    return True
+                if body is not None:
+                    self._rx_ready = body
+                    return True
+                if self._sock.pending():  # type: ignore[union-attr]
+                    continue
+                if not self._wait(_POLLIN, deadline):
+                    return False
         finally:
             self._leave()
 
@@ -479,7 +535,7 @@ class SocketTransport(Transport):
         return _rebuild_socket_transport, (reduction.DupFd(self._fd), self.max_message_size)
 
     def statistics(self) -> dict:
-        return {"transport": self.name, "pending_bytes": sum(len(v) for v in self._pending)}
+        return {"transport": self.name, "send_backlog": self.send_backlog()}
 
 
 def _rebuild_socket_transport(dupfd: Any, max_message_size: Optional[int]) -> SocketTransport:

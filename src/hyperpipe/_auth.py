@@ -1,0 +1,413 @@
+"""The authkey handshake, wire-compatible with every ``multiprocessing.connection``.
+
+Two protocols are spoken and told apart on the wire, exactly as CPython 3.12+ does:
+
+- **modern** (3.12+): the challenge is ``#CHALLENGE#{sha256}`` + 40 random bytes and the
+  answer is ``{digest}`` + HMAC(authkey, whole challenge) — the MAC covers the digest
+  name, so a man in the middle cannot downgrade it.
+- **legacy** (3.11 and older): a 20-byte challenge and a raw 16-byte HMAC-MD5 answer.
+  A legacy peer answers our modern challenge with HMAC-MD5 over all of it, which we
+  accept (16 bytes is no valid modern length); a 20-byte challenge from a legacy peer
+  gets a raw HMAC-MD5 answer.
+
+Hardening over the 3.11 code: every handshake frame is bounded (256 bytes, checked from
+the header before anything is read), digests are compared with ``hmac.compare_digest``,
+no ``assert`` guards the protocol, and every read and write has a deadline.
+
+The protocol itself is written once, as generators that do no I/O ("sans-IO"): they
+yield ``bytes`` to send, or ``None`` to ask for the next frame, which the driver sends
+back in. Three drivers run them: ``run_on_connection`` (any object with
+``send_bytes``/``recv_bytes``, the standard-library API), ``run_on_socket`` (a blocking
+socket, with a deadline; used by ``Client``) and ``HandshakeReader`` plus the accept loop
+of ``Listener`` (non-blocking, so one silent client cannot hold up the others).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import socket
+import struct
+import time
+from typing import Any, Generator, Optional
+
+from .errors import AuthenticationError
+from .errors import TimeoutError as HyperpipeTimeoutError
+
+__all__ = [
+    "deliver_challenge",
+    "answer_challenge",
+    "server_handshake",
+    "client_handshake",
+    "run_on_connection",
+    "run_on_socket",
+    "HandshakeReader",
+    "MAX_HANDSHAKE_FRAME",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+]
+
+CHALLENGE = b"#CHALLENGE#"
+WELCOME = b"#WELCOME#"
+FAILURE = b"#FAILURE#"
+MESSAGE_LENGTH = 40  # random bytes in a modern challenge; must be > 20
+
+#: No handshake frame may be longer (the standard library's ``recv_bytes(256)``).
+MAX_HANDSHAKE_FRAME = 256
+#: Seconds a peer gets to finish the handshake (the stdlib's CONNECTION_TIMEOUT is 20).
+DEFAULT_HANDSHAKE_TIMEOUT = 20.0
+DEFAULT_DIGEST = "sha256"
+
+ALLOWED_DIGESTS = frozenset({b"md5", b"sha256", b"sha384", b"sha3_256", b"sha3_384"})
+_MAX_DIGEST_NAME = max(len(name) for name in ALLOWED_DIGESTS)
+# A legacy challenge is 20 bytes and a legacy answer 16: no modern message has either length.
+_LEGACY_CHALLENGE_LENGTH = 20
+_MD5_DIGEST_LENGTH = 16
+_LEGACY_LENGTHS = (_LEGACY_CHALLENGE_LENGTH, _MD5_DIGEST_LENGTH)
+
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+
+# What the generators yield: bytes to send, or None to receive one frame.
+Step = Generator[Optional[bytes], Optional[bytes], None]
+
+
+def check_authkey(authkey: Any) -> None:
+    if not isinstance(authkey, bytes):
+        raise ValueError(f"Authkey must be bytes, not {type(authkey)!s}")
+
+
+def _digest_name_and_payload(message: bytes) -> tuple[str, bytes]:
+    """``("", message)`` for the legacy protocol, else ``(digest_name, payload)``."""
+    if len(message) in _LEGACY_LENGTHS:
+        return "", message
+    if message.startswith(b"{"):
+        curly = message.find(b"}", 1, _MAX_DIGEST_NAME + 2)
+        if curly > 0:
+            digest = message[1:curly]
+            if digest in ALLOWED_DIGESTS:
+                return digest.decode("ascii"), message[curly + 1 :]
+    raise AuthenticationError(
+        f"unsupported message length ({len(message)} bytes), missing digest prefix "
+        "or unsupported digest in the authentication handshake"
+    )
+
+
+def _create_response(authkey: bytes, message: bytes) -> bytes:
+    digest_name = _digest_name_and_payload(message)[0]
+    if not digest_name:
+        try:
+            return hmac.new(authkey, message, "md5").digest()
+        except ValueError:  # no MD5 (FIPS mode): a legacy peer will refuse this
+            digest_name = DEFAULT_DIGEST
+    mac = hmac.new(authkey, message, digest_name).digest()
+    return b"{%s}%s" % (digest_name.encode("ascii"), mac)
+
+
+def _verify_response(authkey: bytes, message: bytes, response: bytes) -> None:
+    digest_name, mac = _digest_name_and_payload(response)
+    digest_name = digest_name or "md5"
+    try:
+        expected = hmac.new(authkey, message, digest_name).digest()
+    except ValueError:
+        raise AuthenticationError(f"digest {digest_name!r} is not available here") from None
+    if len(expected) != len(mac):
+        raise AuthenticationError(
+            f"expected a {digest_name!r} digest of {len(expected)} bytes, got {len(mac)}"
+        )
+    if not hmac.compare_digest(expected, mac):
+        raise AuthenticationError("digest received was wrong")
+
+
+# -- the protocol, without I/O ---------------------------------------------------------
+
+
+def deliver_steps(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
+    """Challenge the peer and check its answer (the serving side speaks first)."""
+    if digest_name.encode("ascii") not in ALLOWED_DIGESTS:
+        raise ValueError(f"unsupported digest {digest_name!r}")
+    message = b"{%s}%s" % (digest_name.encode("ascii"), os.urandom(MESSAGE_LENGTH))
+    yield CHALLENGE + message
+    response = yield None
+    assert response is not None
+    try:
+        _verify_response(authkey, message, response)
+    except AuthenticationError:
+        yield FAILURE
+        raise
+    yield WELCOME
+
+
+def answer_steps(authkey: bytes) -> Step:
+    """Answer the peer's challenge and read its verdict."""
+    message = yield None
+    assert message is not None
+    if not message.startswith(CHALLENGE):
+        raise AuthenticationError(
+            "protocol error: expected an authentication challenge "
+            f"(the peer sent {message[:20]!r}...; does it use an authkey?)"
+        )
+    message = message[len(CHALLENGE) :]
+    if len(message) < _LEGACY_CHALLENGE_LENGTH:
+        raise AuthenticationError(f"challenge too short: {len(message)} bytes")
+    yield _create_response(authkey, message)
+    verdict = yield None
+    if verdict != WELCOME:
+        raise AuthenticationError("digest sent was rejected")
+
+
+def server_handshake(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
+    """What ``Listener.accept`` runs: challenge, then answer (mutual authentication)."""
+    yield from deliver_steps(authkey, digest_name)
+    yield from answer_steps(authkey)
+
+
+def client_handshake(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
+    """What ``Client`` runs: answer, then challenge."""
+    yield from answer_steps(authkey)
+    yield from deliver_steps(authkey, digest_name)
+
+
+# -- framing ---------------------------------------------------------------------------
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """The stdlib framing; handshake frames are always short."""
+    return _HEADER.pack(len(payload)) + payload
+
+
+def _checked_length(length: int) -> int:
+    if length < 0 or length > MAX_HANDSHAKE_FRAME:
+        raise AuthenticationError(
+            f"handshake message of {length} bytes refused (at most {MAX_HANDSHAKE_FRAME}); "
+            "is the peer using an authkey?"
+        )
+    return length
+
+
+# -- driver 1: a stdlib-style connection object ----------------------------------------
+
+
+def run_on_connection(steps: Step, connection: Any) -> None:
+    """Run a handshake over ``connection.send_bytes`` / ``connection.recv_bytes(256)``."""
+    reply: Optional[bytes] = None
+    try:
+        request = steps.send(None)
+        while True:
+            if request is None:
+                try:
+                    reply = connection.recv_bytes(MAX_HANDSHAKE_FRAME)
+                except EOFError:
+                    raise AuthenticationError(
+                        "the peer closed the connection during the authentication handshake"
+                    ) from None
+            else:
+                connection.send_bytes(request)
+                reply = None
+            request = steps.send(reply)
+    except StopIteration:
+        return
+
+
+def deliver_challenge(connection: Any, authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> None:
+    """Same as ``multiprocessing.connection.deliver_challenge`` (3.12+), hardened."""
+    check_authkey(authkey)
+    run_on_connection(deliver_steps(authkey, digest_name), connection)
+
+
+def answer_challenge(connection: Any, authkey: bytes) -> None:
+    """Same as ``multiprocessing.connection.answer_challenge`` (3.12+), hardened."""
+    check_authkey(authkey)
+    run_on_connection(answer_steps(authkey), connection)
+
+
+# -- driver 2: a blocking socket with a deadline ----------------------------------------
+
+
+def _remaining(deadline: Optional[float], what: str) -> Optional[float]:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise HyperpipeTimeoutError(f"{what} timed out")
+    return left
+
+
+def _recv_exactly(sock: socket.socket, size: int, deadline: Optional[float], what: str) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        sock.settimeout(_remaining(deadline, what))
+        try:
+            chunk = sock.recv(size - len(chunks))
+        except socket.timeout:
+            raise HyperpipeTimeoutError(f"{what} timed out") from None
+        if not chunk:
+            raise AuthenticationError(
+                f"the peer closed the connection during the {what} "
+                "(a wrong key, or an authkey on one side only?)"
+            )
+        chunks += chunk
+    return bytes(chunks)
+
+
+def _recv_handshake_frame(sock: socket.socket, deadline: Optional[float], what: str) -> bytes:
+    (length,) = _HEADER.unpack(_recv_exactly(sock, 4, deadline, what))
+    if length == -1:
+        (length,) = _LONG_HEADER.unpack(_recv_exactly(sock, 8, deadline, what))
+    return _recv_exactly(sock, _checked_length(length), deadline, what)
+
+
+def run_on_socket(steps: Step, sock: socket.socket, deadline: Optional[float]) -> None:
+    """Run a handshake on a connected socket; ``deadline`` bounds all of it.
+
+    Leaves the socket blocking (no timeout). Raises ``AuthenticationError`` on a protocol
+    failure and ``hyperpipe.TimeoutError`` when the deadline passes.
+    """
+    what = "authentication handshake"
+    try:
+        request = steps.send(None)
+        while True:
+            if request is None:
+                reply: Optional[bytes] = _recv_handshake_frame(sock, deadline, what)
+            else:
+                sock.settimeout(_remaining(deadline, what))
+                try:
+                    sock.sendall(encode_frame(request))
+                except socket.timeout:
+                    raise HyperpipeTimeoutError(f"{what} timed out") from None
+                reply = None
+            request = steps.send(reply)
+    except StopIteration:
+        pass
+    finally:
+        try:
+            sock.settimeout(None)
+        except OSError:
+            pass
+
+
+# -- driver 3: non-blocking, for Listener.accept ----------------------------------------
+
+
+class HandshakeReader:
+    """Drives handshake steps on a non-blocking socket as far as it can without blocking.
+
+    ``advance()`` returns True once the handshake is complete, False when it must wait
+    for the socket (``wants_write`` says for which direction) and raises when it fails.
+    Reads are exact (header, then at most 256 bytes of body), so nothing that follows
+    the handshake is consumed.
+    """
+
+    def __init__(self, sock: socket.socket, steps: Optional[Step]) -> None:
+        self._sock = sock
+        self._steps = steps
+        self._outgoing = b""
+        self._incoming = bytearray()
+        self._need = 4  # bytes wanted before the next decision
+        self._stage = "header"  # header | long_header | body
+        self._waiting_for_frame = False
+        self.wants_write = False
+        self._done = steps is None
+        self._started = False
+
+    def advance(self) -> bool:
+        if self._done:
+            return True
+        if not self._started:
+            self._started = True
+            self._feed(None)
+        while not self._done:
+            if self._outgoing:
+                if not self._flush():
+                    return False
+                self._feed(None)
+                continue
+            if self._waiting_for_frame:
+                frame = self._read_frame()
+                if frame is None:
+                    return False
+                self._feed(frame)
+        return True
+
+    def _feed(self, reply: Optional[bytes]) -> None:
+        assert self._steps is not None
+        try:
+            request = self._steps.send(reply)
+        except StopIteration:
+            self._done = True
+            self._waiting_for_frame = False
+            return
+        if request is None:
+            self._waiting_for_frame = True
+        else:
+            self._waiting_for_frame = False
+            self._outgoing = encode_frame(request)
+
+    def _flush(self) -> bool:
+        self.wants_write = False
+        while self._outgoing:
+            try:
+                sent = self._sock.send(self._outgoing)
+            except (BlockingIOError, InterruptedError):
+                self.wants_write = True
+                return False
+            except OSError as exc:
+                if _ssl_wants(exc) == "write":
+                    self.wants_write = True
+                    return False
+                if _ssl_wants(exc) == "read":
+                    return False
+                raise
+            self._outgoing = self._outgoing[sent:]
+        return True
+
+    def _read_frame(self) -> Optional[bytes]:
+        while True:
+            missing = self._need - len(self._incoming)
+            while missing > 0:
+                try:
+                    chunk = self._sock.recv(missing)
+                except (BlockingIOError, InterruptedError):
+                    return None
+                except OSError as exc:
+                    if _ssl_wants(exc) == "write":
+                        self.wants_write = True
+                        return None
+                    if _ssl_wants(exc) == "read":
+                        return None
+                    raise
+                if not chunk:
+                    raise AuthenticationError(
+                        "the peer closed the connection during the authentication handshake"
+                    )
+                self._incoming += chunk
+                missing -= len(chunk)
+            data = bytes(self._incoming)
+            self._incoming.clear()
+            if self._stage == "header":
+                (length,) = _HEADER.unpack(data)
+                if length == -1:
+                    self._stage, self._need = "long_header", 8
+                else:
+                    self._stage, self._need = "body", _checked_length(length)
+            elif self._stage == "long_header":
+                (length,) = _LONG_HEADER.unpack(data)
+                self._stage, self._need = "body", _checked_length(length)
+            else:
+                self._stage, self._need = "header", 4
+                return data
+            if self._stage == "body" and self._need == 0:
+                self._stage, self._need = "header", 4
+                return b""
+
+
+def _ssl_wants(exc: BaseException) -> Optional[str]:
+    """'read'/'write' for the ssl module's want-read/want-write errors, else None."""
+    try:
+        import ssl
+    except ImportError:  # pragma: no cover - Python built without ssl
+        return None
+    if isinstance(exc, ssl.SSLWantReadError):
+        return "read"
+    if isinstance(exc, ssl.SSLWantWriteError):
+        return "write"
+    return None

@@ -1,0 +1,761 @@
+/* _core.c - the one binding file: Python objects around csrc/hp_endpoint.c.
+ *
+ * Owns: the Endpoint type, buffer protocol access, GIL release around every wait,
+ * and errno/status -> exception mapping. The exception classes are hyperpipe's own,
+ * handed over once by _shm_transport via _set_errors().
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "hp_endpoint.h"
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+enum { KIND_DATA = 1 };
+
+static PyObject *Err_Timeout, *Err_Closed, *Err_PeerClosed, *Err_BrokenPipe, *Err_Protocol,
+    *Err_TooLong, *Err_BufferTooShort;
+
+/* A mapping of one heap region (hp_heap.h). Outlives the Endpoint while blocks use it. */
+typedef struct {
+    PyObject_HEAD
+    hp_heap heap;
+    pid_t pid; /* blocks free their granules only in the process that received them */
+} HeapMapObject;
+
+/* One received block of a heap: a buffer exporter; its granules are freed when it dies. */
+typedef struct {
+    PyObject_HEAD
+    HeapMapObject *map;
+    uint64_t offset, nbytes;
+    int readonly;
+} HeapBlockObject;
+
+typedef struct {
+    PyObject_HEAD
+    hp_endpoint ep;
+    int opened;
+    HeapMapObject *tx_heap, *rx_heap; /* mapped on first use */
+} EndpointObject;
+
+static PyTypeObject HeapMapType, HeapBlockType;
+
+static void HeapMap_dealloc(HeapMapObject *self) {
+    hp_heap_unmap(&self->heap);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static void HeapBlock_dealloc(HeapBlockObject *self) {
+    if (self->map) {
+        if (self->map->pid == getpid()) hp_heap_free(self->map->heap.bits, self->offset, self->nbytes);
+        Py_DECREF(self->map);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int HeapBlock_getbuffer(HeapBlockObject *self, Py_buffer *view, int flags) {
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->map->heap.data + self->offset,
+                             (Py_ssize_t)self->nbytes, self->readonly, flags);
+}
+
+static Py_ssize_t HeapBlock_len(HeapBlockObject *self) { return (Py_ssize_t)self->nbytes; }
+
+static PyBufferProcs HeapBlock_as_buffer = {(getbufferproc)HeapBlock_getbuffer, NULL};
+static PySequenceMethods HeapBlock_as_sequence = {.sq_length = (lenfunc)HeapBlock_len};
+
+static PyTypeObject HeapMapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "hyperpipe._core.HeapMap",
+    .tp_basicsize = sizeof(HeapMapObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A mapping of one heap region of a pipe's segment.",
+    .tp_dealloc = (destructor)HeapMap_dealloc,
+};
+
+static PyTypeObject HeapBlockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "hyperpipe._core.HeapBlock",
+    .tp_basicsize = sizeof(HeapBlockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A received buffer in the pipe's shared heap; freed when the last view dies.",
+    .tp_dealloc = (destructor)HeapBlock_dealloc,
+    .tp_as_buffer = &HeapBlock_as_buffer,
+    .tp_as_sequence = &HeapBlock_as_sequence,
+};
+
+static int64_t to_deadline_ns(PyObject *deadline, int *ok) {
+    *ok = 1;
+    if (deadline == NULL || deadline == Py_None) return -1;
+    double d = PyFloat_AsDouble(deadline);
+    if (d == -1.0 && PyErr_Occurred()) {
+        *ok = 0;
+        return 0;
+    }
+    if (d <= 0) return 1; /* already passed: do not wait, but not "no limit" */
+    if (d > 9.0e9) return -1;
+    return (int64_t)(d * 1e9);
+}
+
+/* Set the Python exception for an hp status; returns NULL for convenience. */
+static PyObject *raise_status(int rc) {
+    switch (rc) {
+    case HP_TIMEOUT: PyErr_SetNone(Err_Timeout ? Err_Timeout : PyExc_TimeoutError); break;
+    case HP_CLOSED: PyErr_SetString(Err_Closed ? Err_Closed : PyExc_OSError, "handle is closed"); break;
+    case HP_EOF: PyErr_SetNone(Err_PeerClosed ? Err_PeerClosed : PyExc_EOFError); break;
+    case HP_EPIPE: PyErr_SetNone(Err_BrokenPipe ? Err_BrokenPipe : PyExc_BrokenPipeError); break;
+    case HP_ECORRUPT:
+        PyErr_SetString(Err_Protocol ? Err_Protocol : PyExc_OSError, "corrupt shared-memory frame");
+        break;
+    case HP_ETOOBIG: PyErr_SetString(PyExc_ValueError, "frame too large for the ring"); break;
+    default: PyErr_SetFromErrno(PyExc_OSError); break;
+    }
+    return NULL;
+}
+
+static int check_open(EndpointObject *self) {
+    if (!self->opened || !hp_enter(&self->ep)) {
+        raise_status(HP_CLOSED);
+        return 0;
+    }
+    return 1;
+}
+
+/* check_open plus the direction: 'r' needs the incoming ring, 'w' the outgoing one. */
+static int check_dir(EndpointObject *self, char dir) {
+    if (!check_open(self)) return 0;
+    if (dir == 'r' ? self->ep.has_rx : self->ep.has_tx) return 1;
+    hp_leave(&self->ep);
+    PyErr_SetString(PyExc_OSError, dir == 'r' ? "connection is write-only" : "connection is read-only");
+    return 0;
+}
+
+/* -- construction ----------------------------------------------------------------- */
+
+static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"memfd", "sock", "rx_efd", "tx_efd", "rx_index", "tx_index", NULL};
+    int memfd, sock, rx_efd, tx_efd, rx_index, tx_index;
+    if (self->opened) {
+        PyErr_SetString(PyExc_RuntimeError, "Endpoint already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiii", kwlist, &memfd, &sock, &rx_efd, &tx_efd,
+                                     &rx_index, &tx_index))
+        return -1;
+    const char *err = NULL;
+    if (hp_endpoint_open(&self->ep, memfd, sock, rx_efd, tx_efd, rx_index, tx_index, &err) < 0) {
+        if (err) PyErr_SetString(Err_Protocol ? Err_Protocol : PyExc_ValueError, err);
+        else PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->opened = 1;
+    return 0;
+}
+
+static void Endpoint_dealloc(EndpointObject *self) {
+    Py_CLEAR(self->tx_heap);
+    Py_CLEAR(self->rx_heap);
+    if (self->opened) {
+        hp_endpoint_shutdown(&self->ep);
+        hp_endpoint_release(&self->ep);
+        self->opened = 0;
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Endpoint_configure(EndpointObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"spin_ns", "max_inflight_bytes", "max_inflight_fds", NULL};
+    long long spin = -1, bytes = -1, fds = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|LLL", kwlist, &spin, &bytes, &fds)) return NULL;
+    if (spin >= 0) {
+        self->ep.spin_max_ns = (uint64_t)spin;
+        self->ep.spin_min_ns = (uint64_t)(spin < 2000 ? spin : 2000);
+        self->ep.spin_ns = (uint64_t)spin;
+    }
+    if (bytes > 0) self->ep.max_inflight_bytes = (uint64_t)bytes;
+    if (fds > 0) self->ep.max_inflight_msgs = (uint64_t)fds;
+    Py_RETURN_NONE;
+}
+
+/* Returns an hp status, or -1 with a Python exception set (a signal handler raised). */
+static int wait_frame(EndpointObject *self, int64_t deadline, hp_frame *frame) {
+    int rc;
+    if (hp_ring_readable(&self->ep.rx) || deadline == 1)
+        return hp_recv_wait(&self->ep, deadline == 1 ? 0 : deadline, frame);
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = hp_recv_wait(&self->ep, deadline, frame);
+        Py_END_ALLOW_THREADS
+        if (rc != HP_EINTR) return rc;
+        if (PyErr_CheckSignals() < 0) return -1; /* e.g. KeyboardInterrupt */
+    }
+}
+
+/* hp_send with the GIL released, running signal handlers between sleeps. */
+static int send_blocking(EndpointObject *self, uint8_t kind, uint16_t flags, const void *const *parts,
+                         const uint64_t *lens, int nparts, const int *fds, int nfds,
+                         uint64_t oob_bytes, int64_t deadline) {
+    int rc;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = hp_send(&self->ep, kind, flags, parts, lens, nparts, fds, nfds, oob_bytes, deadline);
+        Py_END_ALLOW_THREADS
+        if (rc != HP_EINTR) return rc;
+        if (PyErr_CheckSignals() < 0) return -1;
+    }
+}
+
+/* -- sending ---------------------------------------------------------------------- */
+
+static PyObject *Endpoint_send(EndpointObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "send(data, deadline=None)");
+        return NULL;
+    }
+    int ok;
+    int64_t deadline = to_deadline_ns(nargs > 1 ? args[1] : NULL, &ok);
+    if (!ok) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (!check_dir(self, 'w')) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const void *parts[1] = {view.buf};
+    uint64_t lens[1] = {(uint64_t)view.len};
+    int rc = hp_try_send(&self->ep, KIND_DATA, 0, parts, lens, 1);
+    if (rc == HP_TIMEOUT && deadline != 1) {
+        rc = send_blocking(self, KIND_DATA, 0, parts, lens, 1, NULL, 0, 0, deadline);
+    }
+    hp_leave(&self->ep);
+    PyBuffer_Release(&view);
+    if (rc == -1) return NULL;
+    if (rc != HP_OK) return raise_status(rc);
+    Py_RETURN_NONE;
+}
+
+/* send_many(frames, deadline): every frame inline, in order; stops at the first error
+ * (frames before it were sent). Returns the number sent. */
+static PyObject *Endpoint_send_many(EndpointObject *self, PyObject *args) {
+    PyObject *seq, *deadline_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O", &seq, &deadline_obj)) return NULL;
+    int ok;
+    int64_t deadline = to_deadline_ns(deadline_obj, &ok);
+    if (!ok) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "send_many() needs a sequence of buffers");
+    if (!fast) return NULL;
+    if (!check_dir(self, 'w')) {
+        Py_DECREF(fast);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), i;
+    int rc = HP_OK;
+    for (i = 0; i < n && rc == HP_OK; i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &view, PyBUF_SIMPLE) < 0) {
+            rc = -1;
+            break;
+        }
+        const void *parts[1] = {view.buf};
+        uint64_t lens[1] = {(uint64_t)view.len};
+        rc = hp_try_send(&self->ep, KIND_DATA, 0, parts, lens, 1);
+        if (rc == HP_TIMEOUT && deadline != 1) {
+            rc = send_blocking(self, KIND_DATA, 0, parts, lens, 1, NULL, 0, 0, deadline);
+        }
+        PyBuffer_Release(&view);
+        if (rc != HP_OK) break;
+    }
+    hp_leave(&self->ep);
+    Py_DECREF(fast);
+    if (rc == -1) return NULL;
+    if (rc != HP_OK) return raise_status(rc);
+    return PyLong_FromSsize_t(i);
+}
+
+/* send_parts(kind, flags, head, body, fds, oob_bytes, deadline): one frame whose payload
+ * is head + body (body may be None), preceded on the socket by fds. */
+static PyObject *Endpoint_send_parts(EndpointObject *self, PyObject *args) {
+    int kind, flags;
+    Py_buffer head, body = {0};
+    PyObject *body_obj, *fds_obj, *deadline_obj;
+    unsigned long long oob_bytes;
+    if (!PyArg_ParseTuple(args, "iiy*OOKO", &kind, &flags, &head, &body_obj, &fds_obj, &oob_bytes,
+                          &deadline_obj))
+        return NULL;
+    int ok, fds[HP_MAX_FDS], nfds = 0, have_body = 0;
+    PyObject *ret = NULL;
+    int64_t deadline = to_deadline_ns(deadline_obj, &ok);
+    if (!ok) goto done;
+    if (kind < 1 || kind > 254) {
+        PyErr_SetString(PyExc_ValueError, "bad frame kind");
+        goto done;
+    }
+    if (body_obj != Py_None) {
+        if (PyObject_GetBuffer(body_obj, &body, PyBUF_SIMPLE) < 0) goto done;
+        have_body = 1;
+    }
+    PyObject *fast = PySequence_Fast(fds_obj, "fds must be a sequence");
+    if (!fast) goto done;
+    nfds = (int)PySequence_Fast_GET_SIZE(fast);
+    if (nfds > HP_MAX_FDS) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "too many fds for one frame");
+        goto done;
+    }
+    for (int i = 0; i < nfds; i++) fds[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+    Py_DECREF(fast);
+    if (PyErr_Occurred()) goto done;
+    if (!check_dir(self, 'w')) goto done;
+    const void *parts[2] = {head.buf, have_body ? body.buf : NULL};
+    uint64_t lens[2] = {(uint64_t)head.len, have_body ? (uint64_t)body.len : 0};
+    int rc;
+    rc = send_blocking(self, (uint8_t)kind, (uint16_t)flags, parts, lens, 2, fds, nfds, oob_bytes,
+                       deadline);
+    hp_leave(&self->ep);
+    if (rc == HP_OK) ret = Py_NewRef(Py_None);
+    else if (rc != -1) raise_status(rc);
+done:
+    PyBuffer_Release(&head);
+    if (have_body) PyBuffer_Release(&body);
+    return ret;
+}
+
+/* -- receiving -------------------------------------------------------------------- */
+
+/* Wait for a frame with the GIL released only when one is not already there. */
+/* Non-DATA frames start with their logical size (u64): what maxlength is checked
+ * against, and what counts toward the in-flight byte cap. */
+static uint64_t frame_logical_size(const hp_frame *f) {
+    uint64_t n = 0;
+    if (f->kind != KIND_DATA && f->len >= 8) memcpy(&n, f->payload, 8);
+    return n;
+}
+
+static uint64_t frame_oob_bytes(const hp_frame *f) { return frame_logical_size(f); }
+
+/* A non-DATA frame -> (kind, flags, payload, [fds]); consumes it. */
+static PyObject *special_frame(EndpointObject *self, hp_frame *frame) {
+    int fds[HP_MAX_FDS];
+    if (frame->nfds > HP_MAX_FDS) return raise_status(HP_ECORRUPT);
+    int rc = frame->nfds ? hp_take_fds(&self->ep, frame->nfds, fds) : HP_OK;
+    uint64_t oob = frame_oob_bytes(frame);
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)frame->payload, frame->len);
+    hp_recv_finish(&self->ep, frame, oob); /* consumed even on error: the stream stays in step */
+    if (rc != HP_OK || !payload) {
+        if (rc == HP_OK)
+            for (int i = 0; i < frame->nfds; i++) close(fds[i]);
+        Py_XDECREF(payload);
+        return rc != HP_OK ? raise_status(rc) : NULL;
+    }
+    PyObject *list = PyList_New(frame->nfds);
+    for (int i = 0; i < frame->nfds; i++) {
+        PyObject *v = list ? PyLong_FromLong(fds[i]) : NULL;
+        if (!v) { /* no leak even when out of memory */
+            for (int j = i; j < frame->nfds; j++) close(fds[j]);
+            Py_XDECREF(list);
+            Py_DECREF(payload);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, v);
+    }
+    return Py_BuildValue("(iiNN)", frame->kind, frame->flags, payload, list);
+}
+
+static PyObject *Endpoint_recv(EndpointObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t maxlength = -1;
+    if (nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "recv(maxlength=None, deadline=None)");
+        return NULL;
+    }
+    if (nargs > 0 && args[0] != Py_None) {
+        maxlength = PyLong_AsSsize_t(args[0]);
+        if (maxlength == -1 && PyErr_Occurred()) return NULL;
+    }
+    int ok;
+    int64_t deadline = to_deadline_ns(nargs > 1 ? args[1] : NULL, &ok);
+    if (!ok) return NULL;
+    if (!check_dir(self, 'r')) return NULL;
+    hp_frame frame;
+    PyObject *ret = NULL;
+    int rc = wait_frame(self, deadline, &frame);
+    if (rc != HP_OK) {
+        if (rc != -1) raise_status(rc);
+    } else {
+        uint64_t size = frame.kind == KIND_DATA ? frame.len : frame_logical_size(&frame);
+        if (maxlength >= 0 && size > (uint64_t)maxlength) {
+            hp_reader_exit(&self->ep); /* not consumed */
+            PyErr_SetString(Err_TooLong ? Err_TooLong : PyExc_OSError, "bad message length");
+        } else if (frame.kind == KIND_DATA) {
+            ret = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+            if (ret) hp_recv_finish(&self->ep, &frame, 0);
+            else hp_reader_exit(&self->ep);
+        } else {
+            ret = special_frame(self, &frame);
+        }
+    }
+    hp_leave(&self->ep);
+    return ret;
+}
+
+/* recv_many(maxcount, deadline): waits for one frame, then takes every DATA frame
+ * already there (up to maxcount). Never returns a non-DATA frame: it stops before it. */
+static PyObject *Endpoint_recv_many(EndpointObject *self, PyObject *args) {
+    Py_ssize_t maxcount;
+    PyObject *deadline_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "n|O", &maxcount, &deadline_obj)) return NULL;
+    int ok;
+    int64_t deadline = to_deadline_ns(deadline_obj, &ok);
+    if (!ok) return NULL;
+    if (maxcount < 1) {
+        PyErr_SetString(PyExc_ValueError, "maxcount must be >= 1");
+        return NULL;
+    }
+    if (!check_dir(self, 'r')) return NULL;
+    hp_frame frame;
+    PyObject *list = PyList_New(0);
+    int rc = list ? wait_frame(self, deadline, &frame) : -1;
+    while (rc == HP_OK) {
+        if (frame.kind != KIND_DATA) {
+            if (PyList_GET_SIZE(list) == 0) { /* the caller gets it alone, as a tuple */
+                PyObject *sp = special_frame(self, &frame);
+                if (!sp || PyList_Append(list, sp) < 0) Py_CLEAR(list);
+                Py_XDECREF(sp);
+            } else {
+                hp_reader_exit(&self->ep);
+            }
+            break;
+        }
+        PyObject *b = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+        if (!b || PyList_Append(list, b) < 0) {
+            Py_XDECREF(b);
+            hp_reader_exit(&self->ep);
+            Py_CLEAR(list);
+            break;
+        }
+        Py_DECREF(b);
+        hp_recv_finish(&self->ep, &frame, 0);
+        if (PyList_GET_SIZE(list) >= maxcount) break;
+        int r = hp_ring_peek(&self->ep.rx, &frame);
+        if (r <= 0) break;
+    }
+    hp_leave(&self->ep);
+    if (rc != HP_OK) {
+        Py_XDECREF(list);
+        return rc == -1 ? NULL : raise_status(rc);
+    }
+    return list;
+}
+
+static PyObject *Endpoint_recv_into(EndpointObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t offset;
+    PyObject *deadline_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "w*n|O", &buf, &offset, &deadline_obj)) return NULL;
+    int ok;
+    PyObject *ret = NULL;
+    int64_t deadline = to_deadline_ns(deadline_obj, &ok);
+    if (!ok) goto out;
+    if (offset < 0 || offset > buf.len) {
+        PyErr_SetString(PyExc_ValueError, "offset out of range");
+        goto out;
+    }
+    if (!check_dir(self, 'r')) goto out;
+    hp_frame frame;
+    int rc = wait_frame(self, deadline, &frame);
+    if (rc != HP_OK) {
+        if (rc != -1) raise_status(rc);
+    } else if (frame.kind != KIND_DATA) {
+        ret = special_frame(self, &frame);
+    } else if ((uint64_t)offset + frame.len > (uint64_t)buf.len) {
+        PyObject *b = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+        if (b) {
+            hp_recv_finish(&self->ep, &frame, 0);
+            PyErr_SetObject(Err_BufferTooShort ? Err_BufferTooShort : PyExc_ValueError, b);
+            Py_DECREF(b);
+        } else {
+            hp_reader_exit(&self->ep);
+        }
+    } else {
+        memcpy((char *)buf.buf + offset, frame.payload, frame.len);
+        ret = PyLong_FromUnsignedLong(frame.len);
+        hp_recv_finish(&self->ep, &frame, 0);
+    }
+    hp_leave(&self->ep);
+out:
+    PyBuffer_Release(&buf);
+    return ret;
+}
+
+static PyObject *Endpoint_poll(EndpointObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int ok;
+    int64_t deadline = to_deadline_ns(nargs > 0 ? args[0] : NULL, &ok);
+    if (!ok) return NULL;
+    if (!check_dir(self, 'r')) return NULL;
+    hp_frame frame;
+    int rc = wait_frame(self, deadline, &frame);
+    if (rc == HP_OK) hp_reader_exit(&self->ep);
+    hp_leave(&self->ep);
+    if (rc == HP_OK || rc == HP_EOF || rc == HP_ECORRUPT) Py_RETURN_TRUE;
+    if (rc == HP_TIMEOUT) Py_RETURN_FALSE;
+    return rc == -1 ? NULL : raise_status(rc);
+}
+
+/* -- the shared heap ------------------------------------------------------------------- */
+
+/* The heap of ring `index`, mapped on first use. Caller is inside (hp_enter). */
+static HeapMapObject *get_heap(EndpointObject *self, HeapMapObject **slot, int index) {
+    if (*slot) return *slot;
+    if (!self->ep.heap_size || index < 0) {
+        PyErr_SetString(PyExc_ValueError, "this pipe has no shared heap");
+        return NULL;
+    }
+    HeapMapObject *m = PyObject_New(HeapMapObject, &HeapMapType);
+    if (!m) return NULL;
+    uint64_t off = self->ep.heap_offset + (uint64_t)index * (hp_heap_meta_size(self->ep.heap_size) + self->ep.heap_size);
+    if (hp_heap_map(&m->heap, self->ep.memfd, off, self->ep.heap_size) < 0) {
+        m->heap.map = NULL;
+        m->heap.touched = NULL;
+        Py_DECREF(m);
+        return (HeapMapObject *)PyErr_SetFromErrno(PyExc_OSError);
+    }
+    m->pid = getpid();
+    *slot = m;
+    return m;
+}
+
+static PyObject *Endpoint_heap_alloc(EndpointObject *self, PyObject *arg) {
+    unsigned long long nbytes = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    if (!check_dir(self, 'w')) return NULL;
+    PyObject *ret = NULL;
+    if (!self->ep.heap_size) {
+        ret = PyLong_FromLong(-1);
+    } else {
+        HeapMapObject *m = get_heap(self, &self->tx_heap, self->ep.tx_index);
+        if (m) {
+            int64_t off = hp_heap_alloc(&m->heap, nbytes);
+            if (off == -2) PyErr_SetFromErrno(PyExc_OSError);
+            else ret = PyLong_FromLongLong(off);
+        }
+    }
+    hp_leave(&self->ep);
+    return ret;
+}
+
+static PyObject *Endpoint_heap_write(EndpointObject *self, PyObject *args) {
+    unsigned long long offset;
+    Py_buffer src;
+    if (!PyArg_ParseTuple(args, "Ky*", &offset, &src)) return NULL;
+    PyObject *ret = NULL;
+    if (!check_dir(self, 'w')) goto out;
+    HeapMapObject *m = self->tx_heap;
+    if (!m || offset > self->ep.heap_size || (uint64_t)src.len > self->ep.heap_size - offset) {
+        PyErr_SetString(PyExc_ValueError, "heap_write out of range");
+    } else {
+        unsigned char *dst = m->heap.data + offset;
+        if (src.len >= (1 << 20)) {
+            Py_INCREF(m);
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(dst, src.buf, (size_t)src.len);
+            Py_END_ALLOW_THREADS
+            Py_DECREF(m);
+        } else {
+            memcpy(dst, src.buf, (size_t)src.len);
+        }
+        ret = Py_NewRef(Py_None);
+    }
+    hp_leave(&self->ep);
+out:
+    PyBuffer_Release(&src);
+    return ret;
+}
+
+static PyObject *Endpoint_heap_free(EndpointObject *self, PyObject *args) {
+    unsigned long long offset, nbytes;
+    if (!PyArg_ParseTuple(args, "KK", &offset, &nbytes)) return NULL;
+    if (self->tx_heap && offset < self->ep.heap_size && nbytes <= self->ep.heap_size - offset)
+        hp_heap_free(self->tx_heap->heap.bits, offset, nbytes);
+    Py_RETURN_NONE;
+}
+
+/* heap_block(offset, nbytes, readonly): the received block at offset (rx heap). */
+static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
+    unsigned long long offset, nbytes;
+    int readonly;
+    if (!PyArg_ParseTuple(args, "KKp", &offset, &nbytes, &readonly)) return NULL;
+    if (!check_dir(self, 'r')) return NULL;
+    PyObject *ret = NULL;
+    HeapMapObject *m = get_heap(self, &self->rx_heap, self->ep.rx_index);
+    if (m) {
+        if (offset > self->ep.heap_size || nbytes > self->ep.heap_size - offset ||
+            offset % HP_HEAP_GRANULE) {
+            PyErr_SetString(Err_Protocol ? Err_Protocol : PyExc_OSError, "heap block out of range");
+        } else {
+            HeapBlockObject *b = PyObject_New(HeapBlockObject, &HeapBlockType);
+            if (b) {
+                b->map = (HeapMapObject *)Py_NewRef(m);
+                b->offset = offset;
+                b->nbytes = nbytes;
+                b->readonly = readonly;
+                ret = (PyObject *)b;
+            }
+        }
+    }
+    hp_leave(&self->ep);
+    return ret;
+}
+
+/* -- lifetime and introspection ------------------------------------------------------ */
+
+static PyObject *Endpoint_fileno(EndpointObject *self, PyObject *unused) {
+    if (!check_open(self)) return NULL;
+    int fd = hp_fileno(&self->ep);
+    hp_leave(&self->ep);
+    if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
+    if (!self->opened) Py_RETURN_NONE;
+    hp_endpoint_shutdown(&self->ep);
+    int waited = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* Woken calls leave promptly; never unmap under one that is still inside. */
+    while (atomic_load(&self->ep.active) > 0 && waited < 50000) {
+        usleep(100);
+        waited++;
+    }
+    Py_END_ALLOW_THREADS
+    if (atomic_load(&self->ep.active) == 0) hp_endpoint_release(&self->ep);
+    self->opened = 0;
+    Py_CLEAR(self->tx_heap); /* live blocks keep their own reference to the mapping */
+    Py_CLEAR(self->rx_heap);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Endpoint_after_fork(EndpointObject *self, PyObject *unused) {
+    /* New heap mappings here: blocks inherited from the parent stay the parent's to free. */
+    Py_CLEAR(self->tx_heap);
+    Py_CLEAR(self->rx_heap);
+    if (self->opened && hp_endpoint_after_fork(&self->ep) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Endpoint_fds(EndpointObject *self, PyObject *unused) {
+    if (!self->opened) return raise_status(HP_CLOSED);
+    return Py_BuildValue("(iiii)", self->ep.memfd, self->ep.sock, self->ep.rx_efd, self->ep.tx_efd);
+}
+
+static PyObject *Endpoint_stats(EndpointObject *self, PyObject *unused) {
+    hp_endpoint *ep = &self->ep;
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsKsKsK}", "messages_sent", ep->msgs_sent, "messages_received",
+        ep->msgs_recv, "bytes_sent", ep->bytes_sent, "bytes_received", ep->bytes_recv, "sleeps",
+        ep->sleeps, "wakeups_sent", ep->wakes_sent, "writer_waits", ep->writer_waits,
+        "oob_sent", ep->oob_sent, "oob_received", ep->oob_recv, "spin_ns", ep->spin_ns,
+        "ring_capacity", self->opened ? (ep->has_rx ? ep->rx.capacity : ep->tx.capacity) : 0ULL);
+}
+
+static PyObject *Endpoint_get_max_payload(EndpointObject *self, void *unused) {
+    if (!self->opened) return PyLong_FromLong(0);
+    hp_ring *r = self->ep.has_tx ? &self->ep.tx : &self->ep.rx;
+    return PyLong_FromUnsignedLongLong(hp_ring_max_payload(r));
+}
+
+static PyObject *Endpoint_get_closed(EndpointObject *self, void *unused) {
+    return PyBool_FromLong(!self->opened);
+}
+
+static PyMethodDef Endpoint_methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))Endpoint_configure, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"send", (PyCFunction)(void (*)(void))Endpoint_send, METH_FASTCALL, NULL},
+    {"send_many", (PyCFunction)Endpoint_send_many, METH_VARARGS, NULL},
+    {"send_parts", (PyCFunction)Endpoint_send_parts, METH_VARARGS, NULL},
+    {"recv", (PyCFunction)(void (*)(void))Endpoint_recv, METH_FASTCALL, NULL},
+    {"recv_many", (PyCFunction)Endpoint_recv_many, METH_VARARGS, NULL},
+    {"recv_into", (PyCFunction)Endpoint_recv_into, METH_VARARGS, NULL},
+    {"poll", (PyCFunction)(void (*)(void))Endpoint_poll, METH_FASTCALL, NULL},
+    {"fileno", (PyCFunction)Endpoint_fileno, METH_NOARGS, NULL},
+    {"close", (PyCFunction)Endpoint_close, METH_NOARGS, NULL},
+    {"after_fork", (PyCFunction)Endpoint_after_fork, METH_NOARGS, NULL},
+    {"fds", (PyCFunction)Endpoint_fds, METH_NOARGS, NULL},
+    {"heap_alloc", (PyCFunction)Endpoint_heap_alloc, METH_O, NULL},
+    {"heap_write", (PyCFunction)Endpoint_heap_write, METH_VARARGS, NULL},
+    {"heap_free", (PyCFunction)Endpoint_heap_free, METH_VARARGS, NULL},
+    {"heap_block", (PyCFunction)Endpoint_heap_block, METH_VARARGS, NULL},
+    {"stats", (PyCFunction)Endpoint_stats, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Endpoint_getset[] = {
+    {"max_payload", (getter)Endpoint_get_max_payload, NULL, NULL, NULL},
+    {"closed", (getter)Endpoint_get_closed, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EndpointType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "hyperpipe._core.Endpoint",
+    .tp_basicsize = sizeof(EndpointObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One end of a shared-memory pipe (rings, wakeups, fd passing).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Endpoint_init,
+    .tp_dealloc = (destructor)Endpoint_dealloc,
+    .tp_methods = Endpoint_methods,
+    .tp_getset = Endpoint_getset,
+};
+
+/* -- module functions ----------------------------------------------------------------- */
+
+static PyObject *core_segment_create(PyObject *mod, PyObject *args) {
+    unsigned long long capacity, heap_size = 0;
+    unsigned int nrings;
+    if (!PyArg_ParseTuple(args, "KI|K", &capacity, &nrings, &heap_size)) return NULL;
+    int fd = hp_segment_create(capacity, nrings, heap_size);
+    if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *core_set_errors(PyObject *mod, PyObject *args) {
+    PyObject *e[7];
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &e[0], &e[1], &e[2], &e[3], &e[4], &e[5], &e[6])) return NULL;
+    PyObject **slots[7] = {&Err_Timeout, &Err_Closed, &Err_PeerClosed, &Err_BrokenPipe,
+                           &Err_Protocol, &Err_TooLong, &Err_BufferTooShort};
+    for (int i = 0; i < 7; i++) {
+        Py_INCREF(e[i]);
+        Py_XSETREF(*slots[i], e[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef core_methods[] = {
+    {"segment_create", core_segment_create, METH_VARARGS,
+     "segment_create(capacity, nrings, heap_size=0) -> memfd of a new, initialised segment"},
+    {"_set_errors", core_set_errors, METH_VARARGS,
+     "_set_errors(timeout, closed, peer_closed, broken_pipe, protocol, too_long, buffer_too_short)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "hyperpipe._core",
+    .m_doc = "hyperpipe's shared-memory core.",
+    .m_size = -1,
+    .m_methods = core_methods,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    if (PyType_Ready(&EndpointType) < 0 || PyType_Ready(&HeapMapType) < 0 ||
+        PyType_Ready(&HeapBlockType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&core_module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Endpoint", (PyObject *)&EndpointType) < 0 ||
+        PyModule_AddObjectRef(m, "HeapBlock", (PyObject *)&HeapBlockType) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_GRANULE", (long)HP_HEAP_GRANULE) < 0 ||
+        PyModule_AddIntConstant(m, "VERSION", HP_VERSION) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_FDS", HP_MAX_FDS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,79 @@
+"""Stub of hyperpipe._core, the C binding of the shared-memory transport (src/hyperpipe/_core.c)."""
+
+from typing import Any, Optional, Sequence, Union
+
+from typing_extensions import Buffer
+
+VERSION: int
+MAX_FDS: int
+HEAP_GRANULE: int
+
+def segment_create(capacity: int, nrings: int, heap_size: int = 0, /) -> int:
+    """A new memfd holding an initialised segment (rings of `capacity` bytes, heaps)."""
+
+def _set_errors(
+    timeout: type[BaseException],
+    closed: type[BaseException],
+    peer_closed: type[BaseException],
+    broken_pipe: type[BaseException],
+    protocol: type[BaseException],
+    too_long: type[BaseException],
+    buffer_too_short: type[BaseException],
+    /,
+) -> None: ...
+
+class HeapBlock:
+    """A received block of the sender's heap (buffer protocol); freed when it dies."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+# (kind, flags, payload, fds) of a frame that is not plain data
+SpecialFrame = tuple[int, int, bytes, list[int]]
+
+class Endpoint:
+    """One end of a shared-memory pipe. Takes ownership of every fd it is given."""
+
+    def __init__(
+        self, memfd: int, sock: int, rx_efd: int, tx_efd: int, rx_index: int, tx_index: int
+    ) -> None: ...
+    @property
+    def max_payload(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def configure(
+        self, spin_ns: int = ..., max_inflight_bytes: int = ..., max_inflight_fds: int = ...
+    ) -> None: ...
+    def send(self, data: Buffer, deadline: Optional[float] = None, /) -> None: ...
+    def send_many(self, frames: Sequence[Buffer], deadline: Optional[float] = None, /) -> int: ...
+    def send_parts(
+        self,
+        kind: int,
+        flags: int,
+        head: Buffer,
+        body: Optional[Buffer],
+        fds: Sequence[int],
+        oob_bytes: int,
+        deadline: Optional[float],
+        /,
+    ) -> None: ...
+    def recv(
+        self, maxlength: Optional[int] = None, deadline: Optional[float] = None, /
+    ) -> Union[bytes, SpecialFrame]: ...
+    def recv_many(
+        self, maxcount: int, deadline: Optional[float] = None, /
+    ) -> list[Any]:  # bytes, or one SpecialFrame alone
+        ...
+    def recv_into(
+        self, buf: Buffer, offset: int, deadline: Optional[float] = None, /
+    ) -> Union[int, SpecialFrame]: ...
+    def poll(self, deadline: Optional[float] = None, /) -> bool: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+    def after_fork(self) -> None: ...
+    def fds(self) -> tuple[int, int, int, int]: ...
+    def stats(self) -> dict[str, int]: ...
+    def heap_alloc(self, nbytes: int, /) -> int: ...
+    def heap_write(self, offset: int, data: Buffer, /) -> None: ...
+    def heap_free(self, offset: int, nbytes: int, /) -> None: ...
+    def heap_block(self, offset: int, nbytes: int, readonly: bool, /) -> HeapBlock: ...

@@ -1,0 +1,586 @@
+"""The shared-memory transport: C rings for small frames, memfd buffers for big ones.
+
+One ``Pipe()`` = one anonymous memfd segment holding a ring per direction (see
+``csrc/hp_ring.h``), one ``AF_UNIX``/``SOCK_SEQPACKET`` socketpair (out-of-band buffer
+fds travel over it with ``SCM_RIGHTS``; its hang-up is how a peer's close or death is
+seen) and one eventfd per direction (the reader's wake-up, also what ``fileno()``
+reports through a small epoll set). docs/design.md describes the layout, the memory
+orderings, the wakeup protocol and the out-of-band buffers.
+
+Frames on a ring:
+
+- ``KIND_DATA``        the payload itself (``send_bytes`` or a pickle with no big buffer);
+- ``KIND_HEAP_BLOB``   ``<QQ size, offset>``: the bytes are a block of the sender's heap
+  (a region of the segment mapped once by both ends, see ``csrc/hp_heap.h``);
+- ``KIND_HEAP_OBJECT`` a protocol-5 pickle whose big buffers (and, if large, the stream
+  itself) are in one heap block: ``<QQII total, base, nbuf, 0>`` +
+  ``nbuf * <QQ offset, size>`` + ``<QQ stream_offset, stream_size>``
+  (``stream_offset == INLINE``: the stream follows in the frame);
+- ``KIND_BLOB`` / ``KIND_OBJECT`` the same, in a memfd passed over the socket just before
+  the frame (``base`` is 0): used when the heap is full or disabled, and for
+  ``allocate_buffer`` buffers (``FLAG_SHARED``).
+The first 8 bytes of every frame but ``KIND_DATA`` hold its logical size.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import socket
+import struct
+import sys
+import time
+import weakref
+from multiprocessing import reduction, util
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Optional
+
+from . import errors
+from ._transport import Deadline, Transport
+
+try:
+    from . import _core
+except ImportError:  # the optional C extension was not built
+    _core = None  # type: ignore[assignment]
+
+KIND_DATA = 1
+KIND_BLOB = 2
+KIND_OBJECT = 3
+KIND_HEAP_BLOB = 4
+KIND_HEAP_OBJECT = 5
+#: the sender keeps a writable mapping of the buffer (allocate_buffer): copy=True copies
+FLAG_SHARED = 1
+
+_INLINE = (1 << 64) - 1
+_PAGE = mmap.PAGESIZE
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+_Q = struct.Struct("<Q")
+_OBJ_HEAD = struct.Struct("<QQII")
+_PAIR = struct.Struct("<QQ")
+
+DEFAULT_OPTIONS: dict[str, int] = {
+    "ring_size": 1 << 20,  # bytes per direction, a power of two
+    "heap_size": 1 << 30,  # shared heap per direction for big buffers (sparse), 0: none
+    "oob_threshold": 64 << 10,  # frames/buffers at least this big go out of band
+    "max_inflight_bytes": 64 << 20,  # out-of-band bytes sent but not yet received
+    "max_inflight_fds": 64,  # out-of-band messages sent but not yet received
+    "spin_us": 50,  # how long a waiting receiver/sender spins before sleeping
+}
+
+if _core is not None:
+    _core._set_errors(
+        errors.TimeoutError,
+        errors.ConnectionClosedError,
+        errors.PeerClosedError,
+        errors.BrokenPipeError,
+        errors.ProtocolError,
+        errors.MessageTooLongError,
+        errors.BufferTooShort,
+    )
+
+_available: Optional[bool] = None
+
+
+def available() -> bool:
+    """True when the C core is built and the kernel has what it needs (Linux, memfd)."""
+    global _available
+    if _available is None:
+        ok = _core is not None and sys.platform.startswith("linux") and hasattr(os, "memfd_create")
+        if ok:
+            try:
+                os.close(_core.segment_create(4096, 1))
+            except OSError:
+                ok = False
+        _available = ok
+    return _available
+
+
+def _page_align(n: int) -> int:
+    return (n + _PAGE - 1) & ~(_PAGE - 1)
+
+
+class SharedBuffer(mmap.mmap):
+    """A writable buffer in shared memory (from ``allocate_buffer``).
+
+    Sending it whole (``send_bytes(buf)``, or ``send`` of an object whose single big
+    buffer is all of it, e.g. ``np.frombuffer(buf)``) passes its memfd: no copy. The
+    receiver of ``recv(copy=True)`` still gets a private copy, since this process keeps
+    a writable mapping; ``copy=False`` gives read-only views of the same pages.
+    """
+
+    _hp_fd: int
+
+    @classmethod
+    def _create(cls, nbytes: int) -> "SharedBuffer":
+        fd = _new_memfd(nbytes)
+        try:
+            buf = cls(fd, nbytes, flags=_MAP_FLAGS)
+        except BaseException:
+            os.close(fd)
+            raise
+        buf._hp_fd = fd
+        weakref.finalize(buf, os.close, fd)
+        return buf
+
+
+def _new_memfd(nbytes: int) -> int:
+    """A memfd of ``nbytes`` whose pages are allocated now (ENOSPC here, never SIGBUS later)."""
+    fd = os.memfd_create("hyperpipe-buffer", os.MFD_CLOEXEC)
+    try:
+        if nbytes:
+            os.ftruncate(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _shared_origin(obj: Any, nbytes: int) -> Optional[SharedBuffer]:
+    """The SharedBuffer that ``obj`` (a buffer exporter) views entirely, if any."""
+    for _ in range(4):
+        if isinstance(obj, SharedBuffer):
+            return obj if len(obj) == nbytes else None
+        nxt = getattr(obj, "base", None)
+        if nxt is None:
+            nxt = getattr(obj, "obj", None)
+        if nxt is None or nxt is obj:
+            return None
+        obj = nxt
+    return None
+
+
+def _map_received(fd: int, size: int, writable: bool = True) -> mmap.mmap:
+    """Map a received memfd and close the fd (the mapping keeps the pages)."""
+    try:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=prot)
+    finally:
+        os.close(fd)
+
+
+class ShmTransport(Transport):
+    """One end of a shared-memory pipe (see the module docstring)."""
+
+    name = "shm"
+
+    def __init__(self, endpoint: Any, rx_index: int, tx_index: int, options: dict[str, int]) -> None:
+        self._ep = endpoint
+        self._rx_index = rx_index
+        self._tx_index = tx_index
+        self._options = options
+        endpoint.configure(
+            spin_ns=options["spin_us"] * 1000,
+            max_inflight_bytes=options["max_inflight_bytes"],
+            max_inflight_fds=options["max_inflight_fds"],
+        )
+        self._inline = min(options["oob_threshold"] - 1, endpoint.max_payload)
+        self._heap = options["heap_size"] > 0
+        self._heap_sent = 0
+        self._heap_received = 0
+        self._oob_threshold = self._inline + 1
+        self._send = endpoint.send
+        self._recv = endpoint.recv
+        self._reset_pickler()
+        # Closed at process exit, also in fork/forkserver children (which skip atexit):
+        # the peer's next send then sees the close at once, not after the 10 ms liveness
+        # check that covers crashes.
+        self._finalizer = util.Finalize(self, endpoint.close, exitpriority=10)
+        # A child's Process._bootstrap clears the finalizers it inherited or unpickled,
+        # then runs the after-fork hooks: register again there.
+        util.register_after_fork(self, ShmTransport._renew_finalizer)
+        _live.add(self)
+
+    def _renew_finalizer(self) -> None:
+        self._finalizer = util.Finalize(self, self._ep.close, exitpriority=10)
+
+    # -- pickling -------------------------------------------------------------------
+    def _reset_pickler(self) -> None:
+        self._pickle_file = io.BytesIO()
+        self._oob_buffers: list[pickle_buffer] = []
+        self._pickler = ForkingPickler(self._pickle_file, 5, True, self._buffer_callback)
+
+    def _buffer_callback(self, buf: "pickle_buffer") -> bool:
+        with buf.raw() as raw:
+            if raw.nbytes < self._oob_threshold:
+                return True  # in band
+        self._oob_buffers.append(buf)
+        return False
+
+    def _dumps(self) -> tuple[io.BytesIO, list]:
+        f = self._pickle_file
+        f.seek(0)
+        f.truncate()
+        self._oob_buffers = []
+        self._pickler.clear_memo()
+        return f, self._oob_buffers
+
+    # -- sending --------------------------------------------------------------------
+    def send_frame(self, data: memoryview, deadline: Deadline) -> None:
+        if len(data) <= self._inline:
+            self._send(data, deadline)
+        else:
+            self._send_blob(data, deadline)
+
+    def send_frames(self, frames: list, deadline: Deadline) -> None:
+        inline = self._inline
+        start = 0
+        for i, frame in enumerate(frames):
+            if len(frame) > inline:
+                if start < i:
+                    self._ep.send_many(frames[start:i], deadline)
+                self._send_blob(frame, deadline)
+                start = i + 1
+        if start < len(frames):
+            self._ep.send_many(frames[start:] if start else frames, deadline)
+
+    def _send_blob(self, data: memoryview, deadline: Deadline) -> None:
+        size = len(data)
+        origin = _shared_origin(data.obj, size) if data.contiguous else None
+        if origin is not None:
+            self._ep.send_parts(KIND_BLOB, FLAG_SHARED, _Q.pack(size), None, (origin._hp_fd,), size, deadline)
+            return
+        ep = self._ep
+        offset = ep.heap_alloc(size) if self._heap else -1
+        if offset >= 0:
+            try:
+                ep.heap_write(offset, data)
+                ep.send_parts(KIND_HEAP_BLOB, 0, _PAIR.pack(size, offset), None, (), size, deadline)
+                self._heap_sent += 1
+            except BaseException:
+                ep.heap_free(offset, size)  # the frame was not sent: the block is still ours
+                raise
+            return
+        fd = _new_memfd(size)
+        try:
+            with mmap.mmap(fd, size, flags=_MAP_FLAGS) as mm:
+                mm[:] = data
+            ep.send_parts(KIND_BLOB, 0, _Q.pack(size), None, (fd,), size, deadline)
+        finally:
+            os.close(fd)
+
+    def send_object(self, obj: Any, deadline: Deadline) -> None:
+        f, buffers = self._dumps()
+        try:
+            self._pickler.dump(obj)
+        except BaseException:
+            self._reset_pickler()  # a half-written pickler is not reusable
+            raise
+        stream = f.getbuffer()
+        try:
+            if not buffers:
+                if len(stream) <= self._inline:
+                    self._send(stream, deadline)
+                else:
+                    self._send_object_oob(stream, [], deadline)
+            else:
+                self._send_object_oob(stream, buffers, deadline)
+        finally:
+            stream.release()
+            self._oob_buffers = []
+
+    def _send_object_oob(self, stream: memoryview, buffers: list, deadline: Deadline) -> None:
+        raws = [b.raw() for b in buffers]
+        ep = self._ep
+        try:
+            if len(raws) == 1 and len(stream) <= self._inline - 64:
+                origin = _shared_origin(raws[0].obj, raws[0].nbytes)
+                if origin is not None:  # zero-copy: pass the user's own shared pages
+                    size = raws[0].nbytes
+                    head = _OBJ_HEAD.pack(size, 0, 1, 0) + _PAIR.pack(0, size) + _PAIR.pack(_INLINE, len(stream))
+                    ep.send_parts(KIND_OBJECT, FLAG_SHARED, head, stream, (origin._hp_fd,), size, deadline)
+                    return
+            table = []
+            offset = 0
+            for raw in raws:
+                table.append((offset, raw.nbytes))
+                offset = _page_align(offset + raw.nbytes)
+            stream_inline = len(stream) <= self._inline - 64 - 16 * len(raws)
+            if stream_inline:
+                stream_at = _INLINE
+            else:
+                stream_at = offset
+                offset += len(stream)
+            total = max(offset, 1)
+            base = ep.heap_alloc(total) if self._heap else -1
+            parts = [_OBJ_HEAD.pack(total, max(base, 0), len(raws), 0)]
+            parts += [_PAIR.pack(o, n) for o, n in table]
+            parts.append(_PAIR.pack(stream_at, len(stream)))
+            head = b"".join(parts)
+            body = stream if stream_inline else None
+            if base >= 0:
+                try:
+                    for (o, n), raw in zip(table, raws):
+                        ep.heap_write(base + o, raw)
+                    if not stream_inline:
+                        ep.heap_write(base + stream_at, stream)
+                    ep.send_parts(KIND_HEAP_OBJECT, 0, head, body, (), total, deadline)
+                    self._heap_sent += 1
+                except BaseException:
+                    ep.heap_free(base, total)
+                    raise
+                return
+            fd = _new_memfd(total)
+            try:
+                with mmap.mmap(fd, total, flags=_MAP_FLAGS) as mm:
+                    for (o, n), raw in zip(table, raws):
+                        mm[o : o + n] = raw
+                    if not stream_inline:
+                        mm[stream_at : stream_at + len(stream)] = stream
+                ep.send_parts(KIND_OBJECT, 0, head, body, (fd,), total, deadline)
+            finally:
+                os.close(fd)
+        finally:
+            for raw in raws:
+                raw.release()
+
+    def allocate_buffer(self, nbytes: int) -> Any:
+        if nbytes == 0:
+            return bytearray()
+        return SharedBuffer._create(nbytes)
+
+    # -- receiving ------------------------------------------------------------------
+    def recv_frame(self, maxlength: Optional[int], deadline: Deadline) -> Any:
+        r = self._recv(maxlength, deadline)
+        if type(r) is bytes:
+            return r
+        return self._special_frame(r)
+
+    def recv_frames(self, maxcount: int, deadline: Deadline) -> list:
+        frames = self._ep.recv_many(maxcount, deadline)
+        if frames and type(frames[0]) is tuple:
+            frames[0] = self._special_frame(frames[0])
+        return frames
+
+    def _special_frame(self, r: tuple) -> Any:
+        kind, flags, payload, fds = r
+        if kind == KIND_HEAP_BLOB:
+            size, offset = _PAIR.unpack_from(payload)
+            self._heap_received += 1
+            return memoryview(self._ep.heap_block(offset, size, True))
+        if kind == KIND_BLOB:
+            (size,) = _Q.unpack_from(payload)
+            return memoryview(_map_received(fds[0], size, writable=False))
+        if kind == KIND_OBJECT or kind == KIND_HEAP_OBJECT:
+            # recv_bytes of something sent with send(): the stdlib gives the pickle bytes,
+            # so give an in-band pickle of the same object.
+            return ForkingPickler.dumps(self._load_object(kind, flags, payload, fds, True), 5)
+        self._close_fds(fds)
+        raise errors.ProtocolError(f"unknown shared-memory frame kind {kind}")
+
+    @staticmethod
+    def _close_fds(fds: list) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
+        r = self._ep.recv_into(buf, offset, deadline)
+        if type(r) is int:
+            return r
+        frame = self._special_frame(r)
+        size = len(frame)
+        if offset + size > len(buf):
+            raise errors.BufferTooShort(bytes(frame))
+        buf[offset : offset + size] = frame
+        return size
+
+    def recv_object(self, deadline: Deadline, copy: bool = True) -> Any:
+        r = self._recv(None, deadline)
+        if type(r) is bytes:
+            return ForkingPickler.loads(r)
+        kind, flags, payload, fds = r
+        if kind == KIND_HEAP_OBJECT or kind == KIND_OBJECT:
+            return self._load_object(kind, flags, payload, fds, copy)
+        return ForkingPickler.loads(self._special_frame(r))
+
+    def _load_object(self, kind: int, flags: int, payload: bytes, fds: list, copy: bool) -> Any:
+        try:
+            total, base, nbuf, _ = _OBJ_HEAD.unpack_from(payload)
+            pos = _OBJ_HEAD.size
+            table = [_PAIR.unpack_from(payload, pos + 16 * i) for i in range(nbuf)]
+            pos += 16 * nbuf
+            stream_at, stream_len = _PAIR.unpack_from(payload, pos)
+            pos += 16
+        except struct.error:
+            self._close_fds(fds)
+            raise errors.ProtocolError("corrupt out-of-band object frame") from None
+        if any(o + n > total for o, n in table) or (stream_at != _INLINE and stream_at + stream_len > total):
+            self._close_fds(fds)
+            raise errors.ProtocolError("out-of-band buffer beyond its block")
+        shared = bool(flags & FLAG_SHARED)
+        if kind == KIND_HEAP_OBJECT:
+            # A heap block is ours until its last view dies: writable and independent of
+            # the sender, which reuses it only after that.
+            view = memoryview(self._ep.heap_block(base, total, not copy))
+            self._heap_received += 1
+        else:
+            if len(fds) != 1:
+                self._close_fds(fds)
+                raise errors.ProtocolError("out-of-band object frame without its buffer")
+            # A private memfd handed over by the sender (which unmapped it) is ours alone.
+            # A shared one (allocate_buffer) is copied unless the caller asked for views.
+            view = memoryview(_map_received(fds[0], total, writable=not shared))
+        if stream_at == _INLINE:
+            stream: Any = memoryview(payload)[pos : pos + stream_len]
+        else:
+            stream = view[stream_at : stream_at + stream_len]
+        buffers: list[Any]
+        if not copy:
+            buffers = [view[o : o + n].toreadonly() for o, n in table]
+        elif shared:
+            buffers = [bytearray(view[o : o + n]) for o, n in table]
+        else:
+            buffers = [view[o : o + n] for o, n in table]
+        return ForkingPickler.loads(stream, buffers=buffers)
+
+    # -- readiness and lifetime -------------------------------------------------------
+    def poll(self, timeout: Optional[float]) -> bool:
+        if timeout is None:
+            return self._ep.poll(None)
+        if timeout <= 0:
+            return self._ep.poll(0.0)
+        return self._ep.poll(time.monotonic() + timeout)
+
+    def fileno(self) -> int:
+        return self._ep.fileno()
+
+    def close(self) -> None:
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._ep.closed
+
+    def after_fork_in_child(self) -> None:
+        self._ep.after_fork()
+        self._reset_pickler()
+
+    def reduce(self) -> tuple:
+        memfd, sock, rx_efd, tx_efd = self._ep.fds()
+        dup = reduction.DupFd
+        return _rebuild_shm_transport, (
+            dup(memfd),
+            dup(sock),
+            dup(rx_efd) if rx_efd >= 0 else None,
+            dup(tx_efd) if tx_efd >= 0 else None,
+            self._rx_index,
+            self._tx_index,
+            self._options,
+        )
+
+    def statistics(self) -> dict:
+        stats = dict(self._ep.stats()) if not self._ep.closed else {}
+        stats["heap_sent"] = self._heap_sent
+        stats["heap_received"] = self._heap_received
+        stats["transport"] = self.name
+        return stats
+
+
+pickle_buffer = Any  # pickle.PickleBuffer, spelled loosely for 3.9 typing
+
+_live: "weakref.WeakSet[ShmTransport]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Every fork, multiprocessing's or not: the close eventfds and the heap mappings'
+    # owner belong to the parent.
+    for transport in list(_live):
+        try:
+            transport.after_fork_in_child()
+        except Exception:  # noqa: BLE001 - a closed end has nothing to renew
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _rebuild_shm_transport(
+    memfd: Any, sock: Any, rx: Any, tx: Any, rx_index: int, tx_index: int, options: dict
+) -> ShmTransport:
+    fds = [memfd.detach(), sock.detach(), rx.detach() if rx is not None else -1, tx.detach() if tx is not None else -1]
+    return _make_end(fds, rx_index, tx_index, options)
+
+
+def _make_end(fds: list, rx_index: int, tx_index: int, options: dict) -> ShmTransport:
+    assert _core is not None
+    try:
+        ep = _core.Endpoint(fds[0], fds[1], fds[2], fds[3], rx_index, tx_index)
+    except BaseException:
+        # the Endpoint closes what it was given when it fails; nothing else to release
+        raise
+    return ShmTransport(ep, rx_index, tx_index, options)
+
+
+def _check_options(options: dict) -> dict[str, int]:
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected shared-memory pipe option(s): {sorted(unknown)}")
+    merged = dict(DEFAULT_OPTIONS)
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{key} must be an int, not {type(value).__name__}")
+        merged[key] = value
+    ring = merged["ring_size"]
+    if ring < 4096 or ring > (1 << 30) or ring & (ring - 1):
+        raise ValueError("ring_size must be a power of two between 4 KiB and 1 GiB")
+    heap = merged["heap_size"]
+    if heap < 0 or heap > (1 << 36) or heap % _core.HEAP_GRANULE:
+        raise ValueError(f"heap_size must be a multiple of {_core.HEAP_GRANULE} up to 64 GiB (0: no heap)")
+    if merged["oob_threshold"] < 1:
+        raise ValueError("oob_threshold must be positive")
+    if merged["max_inflight_bytes"] < 1 or merged["max_inflight_fds"] < 1:
+        raise ValueError("max_inflight_bytes and max_inflight_fds must be positive")
+    if merged["spin_us"] < 0:
+        raise ValueError("spin_us must be >= 0")
+    return merged
+
+
+def shm_pipe(duplex: bool = True, **options: Any) -> tuple[ShmTransport, ShmTransport]:
+    """Two connected shared-memory transports, like ``multiprocessing.Pipe(duplex)``.
+
+    With ``duplex=False`` the first end only receives and the second only sends.
+    Options: see ``DEFAULT_OPTIONS``.
+    """
+    if not available():
+        raise OSError("the shared-memory transport is not available here")
+    opts = _check_options(options)
+    owned: list[int] = []
+    try:
+        memfd = _core.segment_create(opts["ring_size"], 2 if duplex else 1, opts["heap_size"])
+        owned.append(memfd)
+        s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        owned += [s1.detach(), s2.detach()]
+        flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+        efd0 = os.eventfd(0, flags)  # ring 0: end2 -> end1
+        owned.append(efd0)
+        efd1 = -1
+        if duplex:
+            efd1 = os.eventfd(0, flags)  # ring 1: end1 -> end2
+            owned.append(efd1)
+        memfd2 = os.dup(memfd)
+        owned.append(memfd2)
+        efd0b = os.dup(efd0)
+        owned.append(efd0b)
+        efd1b = os.dup(efd1) if duplex else -1
+        if duplex:
+            owned.append(efd1b)
+    except BaseException:
+        for fd in owned:
+            os.close(fd)
+        raise
+    sock1, sock2 = owned[1], owned[2]
+    end2_fds = [memfd2, sock2, efd1b, efd0b]
+    try:
+        end1 = _make_end([memfd, sock1, efd0, efd1], 0, 1 if duplex else -1, opts)
+    except BaseException:
+        for fd in end2_fds:
+            if fd >= 0:
+                os.close(fd)
+        raise
+    try:
+        end2 = _make_end(end2_fds, 1 if duplex else -1, 0, opts)
+    except BaseException:
+        end1.close()
+        raise
+    return end1, end2

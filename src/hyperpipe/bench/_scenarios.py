@@ -1,0 +1,361 @@
+"""What is measured, and how one measurement runs in two fresh worker processes.
+
+Every measurement starts two new processes from the orchestrator: ``a`` (initiator /
+sender) and ``b`` (responder / receiver). Both open their end, meet at a barrier, run the
+scenario, meet again and close. Timestamps are ``time.perf_counter_ns()``
+(CLOCK_MONOTONIC on Linux), so a time taken in ``a`` and one taken in ``b`` can be
+subtracted. The orchestrator waits for both results with a deadline and kills the workers
+when anything goes wrong: a failed or hung measurement becomes a failed row, never a hang.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import resource
+import time
+import traceback
+from array import array
+from typing import Any, Callable, Optional
+
+from ._impls import Impl
+
+clock = time.perf_counter_ns
+
+LAT_BYTES_MSG = b"\x5a" * 64
+LAT_OBJ_MSG = (42, "hello", 3.14)
+STREAM_MSG = b"\xa5" * 100
+STREAM_LAST = b"\x3c" * 100
+PAGE_FLOATS = 4096 // 8  # float64 elements per 4 KiB page
+
+
+def _maxrss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _vm_hwm_kib() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _placement() -> dict:
+    """Which CPU this process is on now, and its context switches so far (for the JSON).
+
+    Two workers sharing one vCPU explain slow spinning round trips.
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"voluntary_switches": usage.ru_nvcsw, "involuntary_switches": usage.ru_nivcsw}
+    try:
+        with open("/proc/self/stat") as f:
+            out["cpu"] = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39, "processor"
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- scenarios (run in the workers) -------------------------------------------------------
+
+
+def latency(impl: Impl, conn: Any, role: str, p: dict, barrier: Any) -> dict:
+    """Round trips: ``a`` sends, ``b`` echoes, ``a`` times each one separately.
+
+    With ``gap_s`` > 0 ``a`` sleeps that long before each round trip, so ``b`` has gone
+    past any spin window and sleeps in the kernel when the message arrives.
+    """
+    n, warmup, gap = p["iters"], p["warmup"], p.get("gap_s", 0.0)
+    msg: Any
+    if p["payload"] == "bytes":
+        msg, send, recv = LAT_BYTES_MSG, conn.send_bytes, conn.recv_bytes
+    else:
+        msg, send, recv = LAT_OBJ_MSG, conn.send, conn.recv
+    if role == "b":
+        for _ in range(warmup + n):
+            send(recv())
+        return {}
+    for _ in range(warmup):
+        send(msg)
+        recv()
+    samples = array("q", bytes(8 * n))
+    reply: Any = None
+    sleep = time.sleep
+    start = clock()
+    for i in range(n):
+        if gap:
+            sleep(gap)
+        t0 = clock()
+        send(msg)
+        reply = recv()
+        samples[i] = clock() - t0
+    total = clock() - start
+    ok = (bytes(reply) == msg) if p["payload"] == "bytes" else (reply == msg)
+    return {"lat_ns": samples.tobytes(), "total_ns": total, "ok": ok, "why": "" if ok else "echo differs"}
+
+
+def stream(impl: Impl, conn: Any, role: str, p: dict, barrier: Any) -> dict:
+    """One-way stream of 100-byte messages, one call per message on both sides."""
+    n, warmup = p["msgs"], p["warmup"]
+    if role == "a":
+        send = conn.send_bytes
+        for _ in range(warmup):
+            send(STREAM_MSG)
+        barrier.wait()
+        t0 = clock()
+        for _ in range(n - 1):
+            send(STREAM_MSG)
+        send(STREAM_LAST)
+        return {"t0": t0, "t_sent": clock()}
+    recv = conn.recv_bytes
+    for _ in range(warmup):
+        recv()
+    barrier.wait()
+    nbytes = 0
+    for _ in range(n - 1):
+        nbytes += len(recv())
+    last = recv()
+    t1 = clock()
+    ok = bytes(last) == STREAM_LAST and nbytes == 100 * (n - 1)
+    return {"t1": t1, "ok": ok, "why": "" if ok else "stream content differs"}
+
+
+def stream_batch(impl: Impl, conn: Any, role: str, p: dict, barrier: Any) -> dict:
+    """The same stream through ``send_bytes_many`` / ``recv_bytes_many``."""
+    n, warmup, batch = p["msgs"], p["warmup"], p["batch"]
+    if role == "a":
+        send_many = conn.send_bytes_many
+        full = [STREAM_MSG] * batch
+        for _ in range(max(1, warmup // batch)):
+            send_many(full)
+        barrier.wait()
+        t0 = clock()
+        left = n
+        while left > batch:
+            send_many(full)
+            left -= batch
+        send_many([STREAM_MSG] * (left - 1) + [STREAM_LAST])
+        return {"t0": t0, "t_sent": clock()}
+    recv_many = conn.recv_bytes_many
+    got = 0
+    while got < max(1, warmup // batch) * batch:
+        got += len(recv_many(batch))
+    barrier.wait()
+    got, nbytes, last = 0, 0, b""
+    while got < n:
+        msgs = recv_many(batch)
+        got += len(msgs)
+        for m in msgs:
+            nbytes += len(m)
+        if msgs:
+            last = msgs[-1]
+    t1 = clock()
+    ok = got == n and bytes(last) == STREAM_LAST and nbytes == 100 * n
+    return {"t1": t1, "ok": ok, "why": "" if ok else f"got {got} messages / {nbytes} bytes, last differs"}
+
+
+def large(impl: Impl, conn: Any, role: str, p: dict, barrier: Any) -> dict:
+    """One-way float64 arrays; the receiver reads every page before the clock stops.
+
+    Per repetition the sender stamps the first and last element with the repetition
+    number only after the receiver is done with the previous one (some peers' send returns
+    before the data was copied), takes t0 and sends. The receiver takes t1 once ``recv``
+    returned and it summed every 512th element (one read per 4 KiB page: a lazily mapped
+    view pays for its page faults as a copy does), then checks dtype, shape, the stamps and
+    that sum.
+    """
+    import numpy as np
+
+    nbytes, reps, zero_copy = p["nbytes"], p["reps"], p.get("zero_copy", False)
+    n = nbytes // 8
+    if role == "a":
+        arr = np.arange(n, dtype=np.float64)  # written, so its pages are in before timing
+        t0s = []
+        for rep in range(reps):
+            barrier.wait()
+            arr[0] = rep
+            arr[-1] = rep
+            t0 = clock()
+            impl.send_array(conn, arr)
+            t0s.append(t0)
+        barrier.wait()
+        return {"t0": t0s}
+    pages = (n + PAGE_FLOATS - 1) // PAGE_FLOATS
+    # sum of x[::512] for arange with x[0] = rep (x[-1] is never a multiple of 512 here)
+    base_sum = float(PAGE_FLOATS * pages * (pages - 1) // 2)
+    last_on_page = (n - 1) % PAGE_FLOATS == 0
+    t1s: list[int] = []
+    ok, why = True, ""
+    for rep in range(reps):
+        barrier.wait()
+        x = impl.recv_array(conn, zero_copy)
+        touched = float(x[::PAGE_FLOATS].sum())
+        t1 = clock()
+        t1s.append(t1)
+        expected = base_sum + rep
+        if last_on_page and n > 1:
+            expected += rep - (n - 1)
+        good = (
+            isinstance(x, np.ndarray)
+            and x.dtype == np.float64
+            and x.shape == (n,)
+            and x[0] == rep
+            and x[-1] == rep
+            and touched == expected
+        )
+        if not good and ok:
+            ok, why = False, f"rep {rep}: received array differs ({type(x).__name__} {getattr(x, 'shape', None)})"
+        del x
+    barrier.wait()
+    return {"t1": t1s, "ok": ok, "why": why}
+
+
+def idle(impl: Impl, conn: Any, role: str, p: dict, barrier: Any) -> dict:
+    """CPU used by a receiver blocked in ``recv`` while nothing arrives for ``idle_s``.
+
+    One message first (so everything is warm), then the sender sleeps ``idle_s`` and sends
+    the next one. The receiver measures its own CPU time (all threads) and wall time across
+    that one blocking ``recv``; the spin window, if any, is included.
+    """
+    idle_s = p["idle_s"]
+    if role == "a":
+        conn.send_bytes(LAT_BYTES_MSG)
+        time.sleep(idle_s)
+        conn.send_bytes(STREAM_LAST)
+        return {}
+    conn.recv_bytes()
+    cpu0, t0 = _cpu_seconds(), clock()
+    msg = conn.recv_bytes()
+    t1, cpu1 = clock(), _cpu_seconds()
+    ok = bytes(msg) == STREAM_LAST
+    return {"cpu_s": cpu1 - cpu0, "wall_s": (t1 - t0) / 1e9, "ok": ok, "why": "" if ok else "message differs"}
+
+
+SCENARIOS: dict[str, Callable[..., dict]] = {
+    "latency": latency,
+    "stream": stream,
+    "stream_batch": stream_batch,
+    "large": large,
+    "idle": idle,
+}
+
+
+def _worker(impl: Impl, end: Any, role: str, scenario: str, params: dict, barrier: Any, results: Any) -> None:
+    try:
+        start_rss = {"maxrss_kib": _maxrss_kib(), "vmhwm_kib": _vm_hwm_kib()}
+        if role == "a":  # a opens first (a zmq socket binds before the peer connects)
+            conn = impl.open(end, role, params)
+            barrier.wait()
+            barrier.wait()
+        else:
+            barrier.wait()
+            conn = impl.open(end, role, params)
+            barrier.wait()
+        before = _placement()
+        out = SCENARIOS[scenario](impl, conn, role, params, barrier) or {}
+        out["placement"] = {"before": before, "after": _placement()}
+        out["rss"] = {"start": start_rss, "end": {"maxrss_kib": _maxrss_kib(), "vmhwm_kib": _vm_hwm_kib()}}
+        statistics = getattr(conn, "statistics", None)  # hyperpipe's counters (sleeps, wake-ups, ...)
+        if callable(statistics):
+            try:
+                out["conn_statistics"] = {k: v for k, v in statistics().items() if isinstance(v, (int, float, str))}
+            except Exception as exc:
+                out["conn_statistics"] = {"error": repr(exc)}
+        barrier.wait()  # both done: nothing is in flight when the ends close
+        impl.close(conn)
+        results.put((role, "ok", out))
+    except BaseException:
+        try:
+            barrier.abort()
+        except Exception:
+            pass
+        results.put((role, "error", traceback.format_exc(limit=8)))
+
+
+# -- orchestrator side ---------------------------------------------------------------------
+
+
+def _stop(proc: Any) -> None:
+    """End one worker: a polite SIGTERM, then SIGKILL."""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout=2)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout=2)
+
+
+def run_pair(impl: Impl, scenario: str, params: dict, *, timeout: float, start_method: str = "fork") -> dict:
+    """Run one measurement in two fresh workers; return both results or why it failed.
+
+    Returns ``{"ok": True, "a": {...}, "b": {...}, "wall_s": ...}`` or
+    ``{"ok": False, "error": "...", "wall_s": ...}``. Never blocks much past ``timeout``:
+    on a timeout, an error or a worker that died, both workers are killed.
+    """
+    ctx: Any = multiprocessing.get_context(start_method)
+    begin = time.monotonic()
+    try:
+        end_a, end_b = impl.pair(ctx, scenario, params)
+    except Exception:
+        return {"ok": False, "error": "creating the channel failed:\n" + traceback.format_exc(limit=4), "wall_s": 0.0}
+    barrier = ctx.Barrier(2, timeout=timeout)
+    results = ctx.Queue()
+    procs = {
+        role: ctx.Process(
+            target=_worker,
+            args=(impl, end, role, scenario, params, barrier, results),
+            name=f"hyperpipe-bench-{impl.name}-{scenario}-{role}",
+            daemon=True,
+        )
+        for role, end in (("a", end_a), ("b", end_b))
+    }
+    got: dict[str, tuple[str, Any]] = {}
+    try:
+        for proc in procs.values():
+            proc.start()
+        impl.parent_release(end_a, end_b)
+        deadline = begin + timeout
+        dead_since: Optional[float] = None
+        while len(got) < 2 and time.monotonic() < deadline:
+            try:
+                role, status, payload = results.get(timeout=0.1)
+            except queue.Empty:
+                pass
+            else:
+                got[role] = (status, payload)
+                if status != "ok":
+                    break  # the other worker is stuck at a broken barrier or in recv: stop it
+                continue
+            gone = [r for r, proc in procs.items() if r not in got and proc.exitcode is not None]
+            if gone:
+                dead_since = dead_since or time.monotonic()
+                if time.monotonic() - dead_since > 2.0:  # its last result may still be in the pipe
+                    for r in gone:
+                        got[r] = ("error", f"worker {r} exited with code {procs[r].exitcode} without a result")
+                    break
+    finally:
+        complete = len(got) == 2 and all(status == "ok" for status, _ in got.values())
+        for proc in procs.values():
+            proc.join(timeout=5 if complete else 0.2)
+            _stop(proc)
+        try:
+            impl.cleanup(end_a, end_b)
+        except Exception:
+            pass
+        results.close()
+        results.join_thread()
+    wall = time.monotonic() - begin
+    errors = [f"[{role}] {payload}" for role, (status, payload) in sorted(got.items()) if status != "ok"]
+    if len(got) < 2 and not errors:
+        errors.append(f"timed out after {timeout:.0f} s (results from: {sorted(got) or 'none'})")
+    if errors:
+        return {"ok": False, "error": "\n".join(errors), "wall_s": wall}
+    return {"ok": True, "a": got["a"][1], "b": got["b"][1], "wall_s": wall}

@@ -1,0 +1,579 @@
+/* hp_endpoint.c - waits, wakes and fd passing around the rings of hp_ring.c. */
+#include "hp_endpoint.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+int64_t hp_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+/* Milliseconds for poll() until the deadline, rounded up, capped at `cap_ms`. */
+static int poll_timeout_ms(int64_t deadline_ns, int cap_ms) {
+    if (deadline_ns < 0) return cap_ms;
+    int64_t left = deadline_ns - hp_now_ns();
+    if (left <= 0) return 0;
+    int64_t ms = (left + 999999) / 1000000;
+    return ms > cap_ms && cap_ms >= 0 ? cap_ms : (int)ms;
+}
+
+static void efd_signal(int fd) {
+    uint64_t one = 1;
+    ssize_t r;
+    do r = write(fd, &one, sizeof one); while (r < 0 && errno == EINTR);
+}
+
+static void efd_drain(int fd) {
+    uint64_t v;
+    ssize_t r;
+    do r = read(fd, &v, sizeof v); while (r < 0 && errno == EINTR);
+}
+
+static int futex_wait(_Atomic uint32_t *addr, uint32_t expected, int64_t timeout_ns) {
+    struct timespec ts = {(time_t)(timeout_ns / 1000000000LL), (long)(timeout_ns % 1000000000LL)};
+    return (int)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
+}
+
+static void futex_wake(_Atomic uint32_t *addr) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* -- segment ----------------------------------------------------------------- */
+
+int hp_segment_create(uint64_t capacity, uint32_t nrings, uint64_t heap_size) {
+    if (capacity < HP_MIN_CAPACITY || capacity > HP_MAX_CAPACITY || (capacity & (capacity - 1)) ||
+        nrings < 1 || nrings > 2 || heap_size > HP_MAX_HEAP || heap_size % HP_HEAP_GRANULE) {
+        errno = EINVAL;
+        return -1;
+    }
+    uint64_t rings = hp_segment_rings_size(capacity, nrings);
+    int fd = memfd_create("hyperpipe-ring", MFD_CLOEXEC);
+    if (fd < 0) return -1;
+    /* Allocate the rings and heap bitmaps now: a full /dev/shm or memory limit is an
+       error here, never a SIGBUS later. Heap data pages are allocated on first use. */
+    int rc = ftruncate(fd, (off_t)hp_segment_size(capacity, nrings, heap_size));
+    if (rc == 0) rc = posix_fallocate(fd, 0, (off_t)rings);
+    for (uint32_t i = 0; rc == 0 && heap_size && i < nrings; i++)
+        rc = posix_fallocate(fd, (off_t)hp_segment_heap_offset(capacity, nrings, heap_size, i),
+                             (off_t)hp_heap_meta_size(heap_size));
+    if (rc > 0) {
+        errno = rc;
+        rc = -1;
+    }
+    void *base = rc == 0 ? mmap(NULL, rings, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+    if (base == MAP_FAILED) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    hp_segment_init(base, capacity, nrings, heap_size);
+    munmap(base, rings);
+    return fd;
+}
+
+/* -- lifetime ---------------------------------------------------------------- */
+
+int hp_endpoint_open(hp_endpoint *ep, int memfd, int sock, int rx_efd, int tx_efd,
+                     int rx_index, int tx_index, const char **err) {
+    memset(ep, 0, sizeof *ep);
+    ep->memfd = memfd;
+    ep->sock = sock;
+    ep->rx_efd = rx_efd;
+    ep->tx_efd = tx_efd;
+    ep->close_efd = -1;
+    ep->epoll_fd = -1;
+    ep->base = MAP_FAILED;
+    *err = 0;
+    struct stat st;
+    if (fstat(memfd, &st) < 0) goto fail;
+    if (st.st_size < 4096) {
+        *err = "segment smaller than its header";
+        goto fail;
+    }
+    /* the header first, to learn how much to map */
+    hp_seg_header head;
+    if (pread(memfd, &head, sizeof head, 0) != (ssize_t)sizeof head) goto fail;
+    /* checked on a private copy: the peer cannot change what we go on to use */
+    if ((*err = hp_segment_check(&head, UINT64_MAX)) != 0) goto fail;
+    if (head.total_size > (uint64_t)st.st_size) {
+        *err = "segment larger than its memfd";
+        goto fail;
+    }
+    uint64_t rings = hp_segment_rings_size(head.capacity, head.nrings);
+    ep->base = mmap(NULL, rings, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (ep->base == MAP_FAILED) goto fail;
+    ep->map_size = rings;
+    uint32_t nrings = head.nrings;
+    if (rx_index >= (int)nrings || tx_index >= (int)nrings || (rx_index < 0 && tx_index < 0) ||
+        (rx_index >= 0 && rx_efd < 0) || (tx_index >= 0 && tx_efd < 0)) {
+        *err = "ring index out of range for this segment";
+        goto fail;
+    }
+    ep->rx_index = rx_index;
+    ep->tx_index = tx_index;
+    ep->heap_size = head.heap_size;
+    ep->heap_offset = head.heap_offset;
+    if (rx_index >= 0) {
+        ep->has_rx = 1;
+        hp_ring_attach(&ep->rx, ep->base, &head, (uint32_t)rx_index);
+    }
+    if (tx_index >= 0) {
+        ep->has_tx = 1;
+        hp_ring_attach(&ep->tx, ep->base, &head, (uint32_t)tx_index);
+    }
+    ep->close_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (ep->close_efd < 0) goto fail;
+    ep->owner_pid = getpid();
+    ep->spin_min_ns = 2000;
+    ep->spin_max_ns = 50000;
+    ep->spin_ns = ep->spin_max_ns;
+    ep->max_inflight_bytes = UINT64_C(1) << 29;
+    ep->max_inflight_msgs = 64;
+    ep->last_peer_check = hp_now_ns();
+    if (ep->has_tx) ep->seen_consumer_closes = atomic_load(&ep->tx.ctrl->consumer_closes);
+    return 0;
+fail:;
+    int saved = errno;
+    hp_endpoint_release(ep);
+    errno = saved;
+    return -1;
+}
+
+void hp_endpoint_shutdown(hp_endpoint *ep) {
+    if (atomic_exchange(&ep->closed, 1)) return;
+    /* close_efd is inherited across fork until hp_endpoint_after_fork replaces it:
+       never wake another process's threads */
+    if (ep->close_efd >= 0 && getpid() == ep->owner_pid) efd_signal(ep->close_efd);
+    if (ep->has_tx) futex_wake(&ep->tx.ctrl->space_seq);
+}
+
+void hp_endpoint_release(hp_endpoint *ep) {
+    atomic_store(&ep->closed, 1);
+    close_fd(&ep->sock);
+    /* after the socket: a producer that sees the new count and polls sees our HUP too
+       (when this was the last copy of our end) */
+    if (ep->has_rx) atomic_fetch_add_explicit(&ep->rx.ctrl->consumer_closes, 1, memory_order_release);
+    if (ep->base != MAP_FAILED && ep->base != NULL) munmap(ep->base, ep->map_size);
+    ep->base = MAP_FAILED;
+    ep->has_rx = ep->has_tx = 0;
+    close_fd(&ep->memfd);
+    close_fd(&ep->sock);
+    close_fd(&ep->rx_efd);
+    close_fd(&ep->tx_efd);
+    close_fd(&ep->close_efd);
+    close_fd(&ep->epoll_fd);
+}
+
+int hp_endpoint_after_fork(hp_endpoint *ep) {
+    /* The parent's threads do not exist here; its close_efd and epoll are shared
+       kernel objects that a close() in the parent would signal, so make our own. */
+    atomic_store(&ep->active, 0);
+    close_fd(&ep->close_efd);
+    close_fd(&ep->epoll_fd);
+    ep->owner_pid = getpid();
+    if (atomic_load(&ep->closed)) return 0;
+    ep->close_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return ep->close_efd < 0 ? -1 : 0;
+}
+
+int hp_enter(hp_endpoint *ep) {
+    atomic_fetch_add_explicit(&ep->active, 1, memory_order_acq_rel);
+    if (atomic_load_explicit(&ep->closed, memory_order_acquire)) {
+        atomic_fetch_sub_explicit(&ep->active, 1, memory_order_acq_rel);
+        return 0;
+    }
+    return 1;
+}
+
+void hp_leave(hp_endpoint *ep) { atomic_fetch_sub_explicit(&ep->active, 1, memory_order_acq_rel); }
+
+int hp_fileno(hp_endpoint *ep) {
+    if (ep->epoll_fd >= 0) return ep->epoll_fd;
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) return -1;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    if (ep->has_rx) {
+        ev.events = EPOLLIN;
+        if (epoll_ctl(fd, EPOLL_CTL_ADD, ep->rx_efd, &ev) < 0) goto fail;
+    }
+    ev.events = EPOLLRDHUP; /* HUP/ERR are always reported */
+    if (epoll_ctl(fd, EPOLL_CTL_ADD, ep->sock, &ev) < 0) goto fail;
+    ep->epoll_fd = fd;
+    return fd;
+fail:;
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+}
+
+/* -- peer liveness --------------------------------------------------------- */
+
+/* 1 if the socket reports that every copy of the peer's end is closed. */
+static int sock_hup(int sock) {
+    struct pollfd p = {sock, POLLRDHUP, 0};
+    int r;
+    do r = poll(&p, 1, 0); while (r < 0 && errno == EINTR);
+    return r > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL));
+}
+
+static int sender_peer_gone(hp_endpoint *ep, int force) {
+    if (ep->peer_gone) return 1;
+    uint32_t closes = atomic_load_explicit(&ep->tx.ctrl->consumer_closes, memory_order_relaxed);
+    if (closes != ep->seen_consumer_closes) {
+        ep->seen_consumer_closes = closes;
+        force = 1;
+    }
+    int64_t now = hp_now_ns();
+    if (!force && now - ep->last_peer_check < HP_PEER_CHECK_NS) return 0;
+    ep->last_peer_check = now;
+    ep->peer_gone = sock_hup(ep->sock);
+    return ep->peer_gone;
+}
+
+/* -- sending ------------------------------------------------------------------ */
+
+static int inflight_ok(const hp_endpoint *ep, uint64_t oob_bytes, int nfds) {
+    if (!oob_bytes && !nfds) return 1;
+    const hp_ring_ctrl *c = ep->tx.ctrl;
+    uint64_t bytes = atomic_load_explicit(&c->oob_bytes_sent, memory_order_relaxed) -
+                     atomic_load_explicit(&c->oob_bytes_recv, memory_order_acquire);
+    uint64_t msgs = atomic_load_explicit(&c->oob_msgs_sent, memory_order_relaxed) -
+                    atomic_load_explicit(&c->oob_msgs_recv, memory_order_acquire);
+    if (msgs == 0 && bytes == 0) return 1; /* one message always goes, whatever its size */
+    return bytes + oob_bytes <= ep->max_inflight_bytes && msgs + 1 <= ep->max_inflight_msgs;
+}
+
+static int writable(const hp_endpoint *ep, uint32_t len, uint64_t oob_bytes, int nfds) {
+    return hp_ring_can_write(&ep->tx, len) && inflight_ok(ep, oob_bytes, nfds);
+}
+
+static int wait_writable(hp_endpoint *ep, uint32_t len, uint64_t oob_bytes, int nfds,
+                         int64_t deadline_ns) {
+    hp_ring_ctrl *c = ep->tx.ctrl;
+    int64_t spin_end = hp_now_ns() + (int64_t)ep->spin_ns;
+    while (hp_now_ns() < spin_end) {
+        for (int i = 0; i < 64; i++) {
+            if (writable(ep, len, oob_bytes, nfds)) return HP_OK;
+            hp_cpu_relax();
+        }
+        sched_yield(); /* the peer may be waiting for this very core */
+        if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) return HP_CLOSED;
+    }
+    ep->writer_waits++;
+    for (;;) {
+        atomic_store_explicit(&c->writer_waiting, 1, memory_order_relaxed);
+        atomic_thread_fence(memory_order_seq_cst); /* Dekker pair with hp_ring_release */
+        uint32_t seq = atomic_load_explicit(&c->space_seq, memory_order_acquire);
+        if (writable(ep, len, oob_bytes, nfds)) return HP_OK;
+        if (atomic_load(&ep->closed)) return HP_CLOSED;
+        if (sender_peer_gone(ep, 1)) return HP_EPIPE;
+        int64_t slice = HP_PEER_CHECK_NS;
+        if (deadline_ns >= 0) {
+            int64_t left = deadline_ns - hp_now_ns();
+            if (left <= 0) return HP_TIMEOUT;
+            if (left < slice) slice = left;
+        }
+        if (futex_wait(&c->space_seq, seq, slice) < 0 && errno == EINTR) return HP_EINTR;
+    }
+}
+
+static int send_fds(hp_endpoint *ep, const int *fds, int nfds, int64_t deadline_ns) {
+    char byte = 'F';
+    struct iovec iov = {&byte, 1};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * HP_MAX_FDS)];
+        struct cmsghdr align;
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    memcpy(CMSG_DATA(cm), fds, sizeof(int) * nfds);
+    for (;;) {
+        ssize_t r = sendmsg(ep->sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r >= 0) return HP_OK;
+        if (errno == EINTR) continue;
+        if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN) {
+            ep->peer_gone = 1;
+            return HP_EPIPE;
+        }
+        if (errno != EAGAIN) return HP_ERRNO;
+        struct pollfd p[2] = {{ep->sock, POLLOUT, 0}, {ep->close_efd, POLLIN, 0}};
+        int ms = poll_timeout_ms(deadline_ns, 10);
+        if (deadline_ns >= 0 && ms == 0 && hp_now_ns() >= deadline_ns) return HP_TIMEOUT;
+        if (poll(p, 2, ms) < 0 && errno != EINTR) return HP_ERRNO;
+        if (atomic_load(&ep->closed)) return HP_CLOSED;
+    }
+}
+
+static void publish(hp_endpoint *ep, uint8_t kind, uint8_t nfds, uint16_t flags,
+                    const void *const *parts, const uint64_t *lens, int nparts) {
+    hp_ring_write(&ep->tx, kind, nfds, flags, parts, lens, nparts);
+    if (hp_ring_take_reader_token(&ep->tx)) {
+        efd_signal(ep->tx_efd);
+        ep->wakes_sent++;
+    }
+    ep->msgs_sent++;
+}
+
+static uint64_t total_len(const uint64_t *lens, int nparts) {
+    uint64_t n = 0;
+    for (int i = 0; i < nparts; i++) n += lens[i];
+    return n;
+}
+
+int hp_try_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
+                const uint64_t *lens, int nparts) {
+    uint64_t len = total_len(lens, nparts);
+    if (len > hp_ring_max_payload(&ep->tx)) return HP_ETOOBIG;
+    if (sender_peer_gone(ep, 0)) return HP_EPIPE;
+    if (!hp_ring_can_write(&ep->tx, (uint32_t)len)) return HP_TIMEOUT;
+    publish(ep, kind, 0, flags, parts, lens, nparts);
+    ep->bytes_sent += len;
+    return HP_OK;
+}
+
+int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
+            const uint64_t *lens, int nparts, const int *fds, int nfds, uint64_t oob_bytes,
+            int64_t deadline_ns) {
+    uint64_t len = total_len(lens, nparts);
+    if (len > hp_ring_max_payload(&ep->tx) || nfds > HP_MAX_FDS || nfds < 0) return HP_ETOOBIG;
+    if (sender_peer_gone(ep, nfds > 0)) return HP_EPIPE;
+    if (!writable(ep, (uint32_t)len, oob_bytes, nfds)) {
+        if (deadline_ns == 0) return HP_TIMEOUT;
+        int rc = wait_writable(ep, (uint32_t)len, oob_bytes, nfds, deadline_ns);
+        if (rc != HP_OK) return rc;
+    }
+    hp_ring_ctrl *c = ep->tx.ctrl;
+    if (nfds > 0) {
+        int rc = send_fds(ep, fds, nfds, deadline_ns);
+        if (rc != HP_OK) return rc;
+        /* producer-owned counters; the consumer only reads its own *_recv ones */
+        atomic_store_explicit(&c->oob_msgs_sent,
+                              atomic_load_explicit(&c->oob_msgs_sent, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+        ep->oob_sent++;
+    }
+    if (oob_bytes)
+        atomic_store_explicit(&c->oob_bytes_sent,
+                              atomic_load_explicit(&c->oob_bytes_sent, memory_order_relaxed) + oob_bytes,
+                              memory_order_relaxed);
+    publish(ep, kind, (uint8_t)nfds, flags, parts, lens, nparts);
+    ep->bytes_sent += len + oob_bytes;
+    return HP_OK;
+}
+
+/* -- receiving ---------------------------------------------------------------- */
+
+/* Take the wake token so that the writer does not signal while we are active. */
+static void reader_enter(hp_endpoint *ep) {
+    _Atomic uint32_t *armed = &ep->rx.ctrl->reader_armed;
+    if (!atomic_load_explicit(armed, memory_order_relaxed) ||
+        atomic_exchange_explicit(armed, 0, memory_order_acq_rel) == 0)
+        ep->pending_signal = 1; /* the writer took it: rx_efd has (or will have) a count */
+}
+
+/* Leave the invariant for sleepers outside of recv: ring non-empty <=> rx_efd readable;
+ * ring empty <=> token armed and rx_efd drained. */
+void hp_reader_exit(hp_endpoint *ep) {
+    _Atomic uint32_t *armed = &ep->rx.ctrl->reader_armed;
+    if (hp_ring_readable(&ep->rx)) {
+        if (!ep->pending_signal) efd_signal(ep->rx_efd);
+        ep->pending_signal = 1;
+        return;
+    }
+    if (ep->pending_signal) {
+        efd_drain(ep->rx_efd);
+        ep->pending_signal = 0;
+    }
+    atomic_store_explicit(armed, 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_seq_cst); /* Dekker pair with hp_ring_take_reader_token */
+    if (hp_ring_readable(&ep->rx)) {
+        if (atomic_exchange_explicit(armed, 0, memory_order_acq_rel) == 1) efd_signal(ep->rx_efd);
+        ep->pending_signal = 1;
+    }
+}
+
+static int peek_or_eof(hp_endpoint *ep, hp_frame *frame) {
+    int r = hp_ring_peek(&ep->rx, frame);
+    if (r > 0) return HP_OK;
+    if (r < 0) return HP_ECORRUPT;
+    return -1;
+}
+
+/* After a spin that failed: if the frame came soon after all, spinning a little longer
+ * would have caught it (and spared two system calls), so spin the full window again;
+ * if it came late (an idle peer), spin less, so an idle receiver burns little. A rule
+ * that only shrank the window on failure could lock both sides of a ping-pong into
+ * sleeping, each too slow for the other's shorter window. */
+static void adapt_spin(hp_endpoint *ep, int64_t wait_start) {
+    if (wait_start == 0) return;
+    if (hp_now_ns() - wait_start < 4 * (int64_t)ep->spin_max_ns) ep->spin_ns = ep->spin_max_ns;
+    else ep->spin_ns = ep->spin_ns / 2 < ep->spin_min_ns ? ep->spin_min_ns : ep->spin_ns / 2;
+}
+
+int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
+    int64_t wait_start = 0;
+    reader_enter(ep);
+    int rc = peek_or_eof(ep, frame);
+    if (rc >= 0) return rc;
+    if (ep->peer_eof) goto eof;
+    if (deadline_ns != 0) {
+        /* spin: the sender is often microseconds away */
+        int64_t start = hp_now_ns();
+        int64_t spin_end = start + (int64_t)ep->spin_ns;
+        if (deadline_ns > 0 && deadline_ns < spin_end) spin_end = deadline_ns;
+        do {
+            for (int i = 0; i < 64; i++) {
+                if (hp_ring_readable(&ep->rx)) {
+                    /* success: grow the window back toward its maximum */
+                    ep->spin_ns = ep->spin_ns * 2 > ep->spin_max_ns ? ep->spin_max_ns : ep->spin_ns * 2;
+                    rc = peek_or_eof(ep, frame);
+                    return rc >= 0 ? rc : HP_ECORRUPT;
+                }
+                hp_cpu_relax();
+            }
+            /* On a busy machine the peer may be runnable on this very core: spinning
+               without yielding would keep it from sending what we wait for. */
+            sched_yield();
+            if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) {
+                hp_reader_exit(ep);
+                return HP_CLOSED;
+            }
+        } while (hp_now_ns() < spin_end);
+        wait_start = start;
+    }
+    for (;;) {
+        hp_reader_exit(ep); /* arms the token (or signals) with a re-check of the ring */
+        if (ep->pending_signal) { /* the ring got data meanwhile */
+            rc = peek_or_eof(ep, frame);
+            if (rc >= 0) return rc;
+        }
+        if (atomic_load(&ep->closed)) return HP_CLOSED;
+        int ms = poll_timeout_ms(deadline_ns, -1);
+        struct pollfd p[3] = {{ep->rx_efd, POLLIN, 0}, {ep->sock, POLLRDHUP, 0}, {ep->close_efd, POLLIN, 0}};
+        int n = 0;
+        if (deadline_ns != 0 && !(deadline_ns > 0 && ms == 0)) {
+            ep->sleeps++;
+            n = poll(p, 3, ms);
+            if (n < 0 && errno != EINTR) return HP_ERRNO;
+        }
+        reader_enter(ep);
+        if (n < 0) { /* EINTR */
+            rc = peek_or_eof(ep, frame);
+            if (rc >= 0) return rc;
+            hp_reader_exit(ep);
+            return HP_EINTR;
+        }
+        if (n > 0 && (p[0].revents & POLLIN)) adapt_spin(ep, wait_start);
+        if (n > 0 && (p[0].revents & POLLIN)) ep->pending_signal = 1; /* drain even a stale count */
+        if (atomic_load(&ep->closed) || (n > 0 && (p[2].revents & POLLIN))) {
+            hp_reader_exit(ep);
+            return HP_CLOSED;
+        }
+        rc = peek_or_eof(ep, frame);
+        if (rc >= 0) return rc;
+        if (sock_hup(ep->sock)) {
+            ep->peer_eof = 1;
+            goto eof;
+        }
+        if (deadline_ns == 0 || (deadline_ns > 0 && hp_now_ns() >= deadline_ns)) {
+            hp_reader_exit(ep);
+            return HP_TIMEOUT;
+        }
+    }
+eof:
+    /* Everything the peer published happened before its sockets closed. */
+    rc = peek_or_eof(ep, frame);
+    if (rc >= 0) return rc;
+    hp_reader_exit(ep);
+    return HP_EOF;
+}
+
+void hp_recv_finish(hp_endpoint *ep, const hp_frame *frame, uint64_t oob_bytes) {
+    hp_ring_ctrl *c = ep->rx.ctrl;
+    /* consumer-owned counters, read by the producer (acquire) for its caps */
+    if (oob_bytes)
+        atomic_store_explicit(&c->oob_bytes_recv,
+                              atomic_load_explicit(&c->oob_bytes_recv, memory_order_relaxed) + oob_bytes,
+                              memory_order_release);
+    if (frame->nfds) {
+        atomic_store_explicit(&c->oob_msgs_recv,
+                              atomic_load_explicit(&c->oob_msgs_recv, memory_order_relaxed) + 1,
+                              memory_order_release);
+        ep->oob_recv++;
+    }
+    ep->msgs_recv++;
+    ep->bytes_recv += frame->len + oob_bytes;
+    if (hp_ring_release(&ep->rx, frame)) {
+        atomic_fetch_add_explicit(&c->space_seq, 1, memory_order_release);
+        futex_wake(&c->space_seq);
+    }
+    hp_reader_exit(ep);
+}
+
+int hp_take_fds(hp_endpoint *ep, int n, int *out) {
+    char byte;
+    struct iovec iov = {&byte, 1};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * HP_MAX_FDS)];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = sizeof ctl.buf;
+    ssize_t r;
+    do r = recvmsg(ep->sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC); while (r < 0 && errno == EINTR);
+    if (r < 0 && errno != EAGAIN) return HP_ERRNO;
+    int got = 0;
+    if (r > 0) {
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+            int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            int tmp[HP_MAX_FDS];
+            memcpy(tmp, CMSG_DATA(cm), sizeof(int) * (size_t)(k > HP_MAX_FDS ? HP_MAX_FDS : k));
+            for (int i = 0; i < k && i < HP_MAX_FDS; i++) {
+                if (got < n) out[got++] = tmp[i];
+                else close(tmp[i]);
+            }
+        }
+    }
+    if (got != n || (msg.msg_flags & MSG_CTRUNC)) {
+        for (int i = 0; i < got; i++) close(out[i]);
+        return HP_ECORRUPT;
+    }
+    return HP_OK;
+}

@@ -1,0 +1,105 @@
+/* hp_endpoint.h - one end of a shared-memory pipe: rings + wait/wake + fd passing.
+ *
+ * Pure C11 + POSIX/Linux, no Python. A duplex end owns:
+ *   memfd     the segment (kept so the end can be passed to another process)
+ *   sock      its end of an AF_UNIX SOCK_SEQPACKET socketpair: carries out-of-band
+ *             buffer fds (SCM_RIGHTS) and reports the peer's death/close as HUP
+ *   rx_efd    eventfd shared with the peer: readable <=> our incoming ring has data
+ *   tx_efd    the peer's rx_efd (we signal it when we publish and it is armed)
+ *   close_efd a process-local eventfd that close() from another thread signals
+ *   epoll_fd  created on first fileno(): rx_efd (IN) + sock (RDHUP), for select/poll users
+ * The wakeup protocol is described in docs/design.md ("Wakeup protocol").
+ */
+#ifndef HP_ENDPOINT_H
+#define HP_ENDPOINT_H
+
+#include "hp_heap.h"
+#include "hp_ring.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+enum {
+    HP_OK = 0,
+    HP_TIMEOUT = 1,   /* deadline passed; nothing consumed or sent */
+    HP_CLOSED = 2,    /* this end was closed (possibly from another thread) */
+    HP_EOF = 3,       /* peer gone and the ring is empty */
+    HP_EPIPE = 4,     /* sending to a peer that is gone */
+    HP_ECORRUPT = 5,  /* the ring or the control socket holds something invalid */
+    HP_ETOOBIG = 6,   /* payload larger than the ring can ever hold */
+    HP_ERRNO = 7,     /* a system call failed: errno is set */
+    HP_EINTR = 8,     /* a signal interrupted a sleep: let the caller run handlers, retry */
+};
+
+#define HP_MAX_FDS 8
+#define HP_PEER_CHECK_NS 10000000LL /* a sender looks at the peer's liveness every 10 ms */
+
+typedef struct hp_endpoint {
+    void *base;
+    uint64_t map_size;
+    int memfd, sock, rx_efd, tx_efd, close_efd, epoll_fd;
+    int has_rx, has_tx;
+    int owner_pid;             /* the process whose close_efd this is */
+    int rx_index, tx_index;
+    uint64_t heap_size, heap_offset; /* per-ring heap regions (hp_heap.h), 0: none */
+    hp_ring rx, tx;
+    _Atomic int closed;        /* process-local: set by close() */
+    _Atomic int active;        /* process-local: calls inside the endpoint (close waits) */
+    int pending_signal;        /* reader-local: rx_efd holds (or is about to hold) a count */
+    int peer_eof;              /* reader-local: sock reported HUP */
+    int64_t last_peer_check;   /* sender-local */
+    int peer_gone;             /* sender-local, sticky */
+    uint32_t seen_consumer_closes; /* sender-local */
+    uint64_t spin_ns, spin_min_ns, spin_max_ns;
+    uint64_t max_inflight_bytes, max_inflight_msgs;
+    /* statistics, process-local */
+    uint64_t msgs_sent, msgs_recv, bytes_sent, bytes_recv;
+    uint64_t sleeps, wakes_sent, writer_waits, oob_sent, oob_recv;
+} hp_endpoint;
+
+int64_t hp_now_ns(void);
+
+/* Create a zeroed, initialised segment; returns its memfd or -1 (errno). */
+int hp_segment_create(uint64_t capacity, uint32_t nrings, uint64_t heap_size);
+
+/* Map and check `memfd`, take ownership of every fd passed (also on failure: they are
+ * closed). rx_index/tx_index: ring numbers or -1. Returns 0, or -1 with *err set
+ * (a static message) or errno (when *err is NULL). */
+int hp_endpoint_open(hp_endpoint *ep, int memfd, int sock, int rx_efd, int tx_efd,
+                     int rx_index, int tx_index, const char **err);
+/* Mark closed, wake blocked calls (callable from another thread). */
+void hp_endpoint_shutdown(hp_endpoint *ep);
+/* Release everything; call once no other thread is inside (active == 0). */
+void hp_endpoint_release(hp_endpoint *ep);
+/* In a forked child: fresh close_efd/epoll, no thread inside. */
+int hp_endpoint_after_fork(hp_endpoint *ep);
+
+/* Enter/leave guards for close(): enter returns 0 if closed. */
+int hp_enter(hp_endpoint *ep);
+void hp_leave(hp_endpoint *ep);
+
+/* Sender: one frame made of `nparts` parts, preceded on the socket by `nfds` fds.
+ * `oob_bytes` (the frame's out-of-band size, heap or memfd) counts toward the in-flight
+ * byte cap until the consumer takes the frame; frames with fds toward the fd cap.
+ * Blocks (spin then sleep) for space. */
+int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
+            const uint64_t *lens, int nparts, const int *fds, int nfds, uint64_t oob_bytes,
+            int64_t deadline_ns);
+/* Sender: non-blocking attempt; HP_TIMEOUT when it would block. */
+int hp_try_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
+                const uint64_t *lens, int nparts);
+
+/* Receiver: wait for a frame (peeked, not consumed). HP_OK, HP_EOF, HP_TIMEOUT,
+ * HP_CLOSED or HP_ECORRUPT. deadline_ns < 0: no limit; 0: do not wait. */
+int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame);
+/* Receiver: consume a frame returned by hp_recv_wait; `oob_bytes` as the sender passed. */
+void hp_recv_finish(hp_endpoint *ep, const hp_frame *frame, uint64_t oob_bytes);
+/* Receiver: restore the wake protocol after a wait that consumed nothing. */
+void hp_reader_exit(hp_endpoint *ep);
+/* Receiver: take the `n` fds sent before the current frame. */
+int hp_take_fds(hp_endpoint *ep, int n, int *out);
+
+/* fd that select()/poll() see readable when a frame or EOF is pending. */
+int hp_fileno(hp_endpoint *ep);
+
+#endif

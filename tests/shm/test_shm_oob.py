@@ -1,0 +1,242 @@
+"""Out-of-band buffers: big frames and pickle-5 buffers through memfds, views, zero-copy send."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import time
+from typing import Any
+
+import pytest
+from shm_helpers import join_or_kill
+
+import hyperpipe
+from hyperpipe._shm_transport import shm_pipe
+
+np = pytest.importorskip("numpy")
+
+MiB = 1 << 20
+
+
+def soon(seconds: float = 30.0) -> float:
+    return time.monotonic() + seconds
+
+
+def test_big_frame_round_trip_and_into(pair: Any, resources: Any) -> None:
+    a, b = pair
+    data = os.urandom(3 * MiB + 5)
+    a.send_frame(memoryview(data), None)
+    frame = b.recv_frame(None, soon())
+    assert bytes(frame) == data
+    a.send_frame(memoryview(data), None)
+    buf = bytearray(len(data) + 10)
+    assert b.recv_frame_into(memoryview(buf), 10, soon()) == len(data)
+    assert buf[10:] == data
+    a.send_frame(memoryview(data), None)
+    with pytest.raises(hyperpipe.BufferTooShort) as info:
+        b.recv_frame_into(memoryview(bytearray(100)), 0, soon())
+    assert info.value.args[0] == data
+    del frame, info
+    a.send_frame(memoryview(data), None)
+    with pytest.raises(hyperpipe.MessageTooLongError):
+        b.recv_frame(1000, soon())  # maxlength is checked against the real size
+
+
+def test_numpy_arrays_copy_true_are_ordinary(pair: Any) -> None:
+    a, b = pair
+    arrays = {"f": np.arange(2 * MiB // 8, dtype=np.float64), "i": np.ones((512, 1024), np.int32)}
+    a.send_object({"arrays": arrays, "small": np.arange(10), "tag": "t"}, None)
+    got = b.recv_object(soon())
+    assert got["tag"] == "t" and (got["small"] == np.arange(10)).all()
+    for key, arr in arrays.items():
+        assert got["arrays"][key].dtype == arr.dtype and got["arrays"][key].shape == arr.shape
+        assert (got["arrays"][key] == arr).all()
+        assert got["arrays"][key].flags.writeable
+    got["arrays"]["f"][:] = -1  # ours alone: the sender's array is untouched
+    assert arrays["f"][5] == 5.0
+    stats = b.statistics()
+    assert stats["heap_received"] == 1 and stats["oob_received"] == 0  # one block, both buffers
+
+
+def test_copy_false_gives_read_only_views_released_with_last_reference() -> None:
+    a, b = shm_pipe(True, heap_size=4 * MiB)
+    try:
+        arr = np.arange(MiB // 4, dtype=np.float64)  # 2 MiB
+        a.send_object(arr, None)
+        view = b.recv_object(soon(), copy=False)
+        assert not view.flags.writeable
+        assert (view == arr).all()
+        with pytest.raises(ValueError):
+            view[0] = 1.0
+        big = np.ones(3 * MiB // 8)
+        a.send_object(big, None)  # the heap is busy with the live view: a memfd instead
+        assert b.recv_object(soon()).sum() == big.sum()
+        assert b.statistics()["oob_received"] == 1
+        del view  # the last reference: the block goes back to the sender
+        a.send_object(big, None)
+        assert b.recv_object(soon()).sum() == big.sum()
+        assert b.statistics()["oob_received"] == 1 and b.statistics()["heap_received"] == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_memfd_path_views_unmapped_with_last_reference() -> None:
+    import gc
+
+    from shm_helpers import memfd_mappings
+
+    a, b = shm_pipe(True, heap_size=0)
+    try:
+        arr = np.arange(MiB, dtype=np.float64)
+        a.send_object(arr, None)
+        view = b.recv_object(soon(), copy=False)
+        assert not view.flags.writeable and (view == arr).all()
+        gc.collect()
+        before = memfd_mappings()
+        del view
+        gc.collect()
+        assert memfd_mappings() == before - 1
+        assert b.statistics()["oob_received"] == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_big_pickle_stream_without_buffers(pair: Any) -> None:
+    a, b = pair
+    obj = {"ints": list(range(200_000)), "blob": b"b" * (2 * MiB)}
+    a.send_object(obj, None)
+    assert b.recv_object(soon()) == obj
+
+
+def test_recv_bytes_of_an_object_sent_with_buffers_is_a_valid_pickle(pair: Any) -> None:
+    a, b = pair
+    arr = np.arange(MiB // 8, dtype=np.float64)
+    a.send_object(arr, None)
+    frame = b.recv_frame(None, soon())
+    assert (pickle.loads(frame) == arr).all()
+
+
+def test_allocate_buffer_zero_copy_send(pair: Any) -> None:
+    a, b = pair
+    buf = a.allocate_buffer(4 * MiB)
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    arr[:] = 7
+    a.send_frame(memoryview(buf).cast("B"), None)  # send_bytes(buf)
+    frame = b.recv_frame(None, soon())
+    assert len(frame) == 4 * MiB and frame[0] == 7 and frame[-1] == 7
+    # send(obj) of an array over the whole shared buffer: the same pages go across
+    shared = np.frombuffer(buf, dtype=np.float64)
+    shared[:] = 1.5
+    a.send_object(shared, None)
+    view = b.recv_object(soon(), copy=False)
+    shared[0] = 99.0  # the sender still writes to the pages: a view sees it (no copy made)
+    assert view[0] == 99.0 and view[1] == 1.5
+    a.send_object(shared, None)
+    private = b.recv_object(soon())  # copy=True: a private copy, independent of the sender
+    shared[1] = 42.0
+    assert private[1] == 1.5 and private[0] == 99.0 and private.flags.writeable
+    assert a.allocate_buffer(0) == bytearray()
+
+
+def test_inflight_cap_blocks_until_deadline_then_resumes() -> None:
+    reader, writer = shm_pipe(False, max_inflight_fds=2, max_inflight_bytes=8 * MiB, heap_size=0)
+    try:
+        big = memoryview(b"c" * (3 * MiB))
+        writer.send_frame(big, soon())
+        writer.send_frame(big, soon())  # 6 MiB in flight: under the byte cap, at the fd cap
+        with pytest.raises(hyperpipe.TimeoutError):
+            writer.send_frame(big, time.monotonic() + 0.1)
+        assert bytes(reader.recv_frame(None, soon())) == bytes(big)
+        writer.send_frame(big, soon())  # room again
+        assert bytes(reader.recv_frame(None, soon())) == bytes(big)
+        assert bytes(reader.recv_frame(None, soon())) == bytes(big)
+        assert not reader.poll(0)  # the refused one left nothing behind
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_one_message_above_the_byte_cap_still_goes() -> None:
+    reader, writer = shm_pipe(False, max_inflight_bytes=MiB, heap_size=0)
+    try:
+        writer.send_frame(memoryview(b"d" * (4 * MiB)), soon())
+        assert len(reader.recv_frame(None, soon())) == 4 * MiB
+    finally:
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("heap_size", [0, 8 * MiB])
+def test_no_leaks_after_many_oob_messages(resources: Any, heap_size: int) -> None:
+    a, b = shm_pipe(True, heap_size=heap_size)
+    arr = np.arange(MiB // 8, dtype=np.float64)
+    for i in range(50):
+        a.send_object(arr, None)
+        a.send_frame(memoryview(b"e" * (MiB + i)), None)
+        assert (b.recv_object(soon()) == arr).all()
+        assert len(b.recv_frame(None, soon())) == MiB + i
+    for _ in range(5):  # unread ones die with the ends
+        a.send_object(arr, None)
+    a.close()
+    b.close()
+    resources.assert_released()
+
+
+def _cross_sender(reduced: tuple, nbytes: int) -> None:
+    rebuild, args = reduced
+    t = rebuild(*args)
+    payload = np.full(nbytes // 8, 2.0)
+    t.send_object(payload, soon(120))  # before receiving anything
+    got = t.recv_object(soon(120))
+    t.send_object(float(got.sum()), soon(120))
+    t.close()
+
+
+def test_no_deadlock_when_both_send_200_mib_first() -> None:
+    nbytes = 200 * MiB
+    a, b = shm_pipe(True)
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=_cross_sender, args=(b.reduce(), nbytes))
+    p.start()
+    b.close()
+    code = None
+    try:
+        a.send_object(np.full(nbytes // 8, 1.0), soon(120))  # both sending at once
+        got = a.recv_object(soon(120))
+        assert got.shape == (nbytes // 8,) and got[0] == 2.0 and got[-1] == 2.0
+        assert a.recv_object(soon(120)) == float(nbytes // 8)
+    finally:
+        code = join_or_kill(p, 120)
+        a.close()
+    assert code == 0
+
+
+def _echo_array(reduced: tuple) -> None:
+    rebuild, args = reduced
+    t = rebuild(*args)
+    arr = t.recv_object(soon())
+    arr *= 2  # ours: writable
+    t.send_object(arr, soon())
+    t.send_frame(memoryview(b"blob" * (MiB // 4)), soon())
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_big_buffers_through_an_end_passed_to_a_child(method: str) -> None:
+    a, b = shm_pipe(True)
+    ctx = multiprocessing.get_context(method)
+    p = ctx.Process(target=_echo_array, args=(b.reduce(),))
+    p.start()
+    b.close()
+    try:
+        arr = np.arange(MiB // 4, dtype=np.float64)  # 2 MiB: through the heap
+        a.send_object(arr, soon())
+        back = a.recv_object(soon())
+        assert (back == arr * 2).all()
+        assert bytes(a.recv_frame(None, soon())) == b"blob" * (MiB // 4)
+        assert a.statistics()["heap_received"] == 2
+    finally:
+        assert join_or_kill(p) == 0
+        a.close()
