@@ -47,6 +47,26 @@ def _acquire(lock: Any, deadline: Deadline, what: str) -> None:
         raise errors.TimeoutError(f"{what} timed out waiting for another thread")
 
 
+# bytes objects up to this size go to the transport as they are (the common small message).
+_SMALL = 16384
+
+
+def _slice(m: memoryview, offset: int, size: Optional[int]) -> memoryview:
+    """``m[offset:offset+size]`` with the standard library's checks and messages."""
+    n = m.nbytes
+    if offset < 0:
+        raise ValueError("offset is negative")
+    if n < offset:
+        raise ValueError("buffer length < offset")
+    if size is None:
+        size = n - offset
+    elif size < 0:
+        raise ValueError("size is negative")
+    elif offset + size > n:
+        raise ValueError("buffer length < offset + size")
+    return m[offset : offset + size]
+
+
 def _byte_view(buf: Any) -> memoryview:
     m = memoryview(buf)
     if m.ndim != 1 or m.format not in ("B", "b", "c"):
@@ -192,21 +212,19 @@ class Connection(Generic[_SendT, _RecvT]):
         timeout: Optional[float] = None,
     ) -> None:
         """Send the bytes data from a bytes-like object (``buf[offset:offset+size]``)."""
-        transport = self._for_sending()
-        m = _byte_view(buf)
-        if offset or size is not None:
-            n = m.nbytes
-            if offset < 0:
-                raise ValueError("offset is negative")
-            if n < offset:
-                raise ValueError("buffer length < offset")
-            if size is None:
-                size = n - offset
-            elif size < 0:
-                raise ValueError("size is negative")
-            elif offset + size > n:
-                raise ValueError("buffer length < offset + size")
-            m = m[offset : offset + size]
+        transport = self._transport
+        if transport is None or not self._writable:
+            transport = self._for_sending()
+        if type(buf) is bytes and not offset and size is None and len(buf) <= _SMALL:
+            m: Any = buf  # the hot path: no memoryview, no checks needed
+        else:
+            m = _byte_view(buf)
+            if offset or size is not None:
+                m = _slice(m, offset, size)
+        if timeout is None:
+            with self._send_lock:
+                transport.send_frame(m, None)
+            return
         deadline = _deadline(timeout)
         lock = self._send_lock
         _acquire(lock, deadline, "send_bytes")
@@ -217,9 +235,17 @@ class Connection(Generic[_SendT, _RecvT]):
 
     def send(self, obj: _SendT, *, timeout: Optional[float] = None) -> None:
         """Send a picklable object (or one the connection's codec can encode)."""
-        transport = self._for_sending()
-        deadline = _deadline(timeout)
+        transport = self._transport
+        if transport is None or not self._writable:
+            transport = self._for_sending()
         codec = self._codec
+        if codec is None and timeout is None:
+            # The transport pickles completely before writing: an unpicklable object
+            # raises with nothing sent.
+            with self._send_lock:
+                transport.send_object(obj, None)
+            return
+        deadline = _deadline(timeout)
         # Serialize before taking the lock: an unpicklable object raises here, nothing sent.
         data = None if codec is None else _byte_view(codec.dumps(obj))
         lock = self._send_lock
@@ -267,12 +293,19 @@ class Connection(Generic[_SendT, _RecvT]):
     # -- receiving ------------------------------------------------------------------
     def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
         """Receive one message as ``bytes``; longer than ``maxlength`` -> OSError, as the stdlib."""
-        transport = self._for_receiving()
+        transport = self._transport
+        if transport is None or not self._readable:
+            transport = self._for_receiving()
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
-        deadline = _deadline(timeout)
-        lock = self._recv_lock
-        _acquire(lock, deadline, "recv_bytes")
+        if timeout is None:
+            lock = self._recv_lock
+            lock.acquire()
+            deadline = None
+        else:
+            deadline = _deadline(timeout)
+            lock = self._recv_lock
+            _acquire(lock, deadline, "recv_bytes")
         try:
             frame = transport.recv_frame(maxlength, deadline)
         except errors.MessageTooLongError:
@@ -311,9 +344,14 @@ class Connection(Generic[_SendT, _RecvT]):
         ``copy=False`` lets the shared-memory transport return large buffers (numpy
         arrays, bytes-likes) as views of the shared segment instead of private copies.
         """
-        transport = self._for_receiving()
-        deadline = _deadline(timeout)
+        transport = self._transport
+        if transport is None or not self._readable:
+            transport = self._for_receiving()
         codec = self._codec
+        if codec is None and timeout is None:
+            with self._recv_lock:
+                return transport.recv_object(None, copy)
+        deadline = _deadline(timeout)
         lock = self._recv_lock
         _acquire(lock, deadline, "recv")
         try:

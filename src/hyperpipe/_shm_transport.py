@@ -236,6 +236,8 @@ class ShmTransport(Transport):
             self._ep.send_many(frames[start:] if start else frames, deadline)
 
     def _send_blob(self, data: memoryview, deadline: Deadline) -> None:
+        if type(data) is not memoryview:
+            data = memoryview(data)
         size = len(data)
         origin = _shared_origin(data.obj, size) if data.contiguous else None
         if origin is not None:

@@ -40,7 +40,8 @@ class Transport:
 
     # -- frames -------------------------------------------------------------------
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
-        """Send one frame: ``data`` is a contiguous, 1-D, unsigned-byte memoryview."""
+        """Send one frame: ``data`` is a contiguous 1-D unsigned-byte memoryview, or a small
+        ``bytes`` object (Connection passes those as they are)."""
         raise NotImplementedError
 
     def recv_frame(self, maxlength: Optional[int], deadline: Deadline) -> Any:

@@ -113,6 +113,11 @@ def select_impls(ap: argparse.ArgumentParser, text: str, known: list[Impl]) -> t
             ap.error(f"--impl: unknown implementation {part!r} (known: {', '.join(sorted(names))}, hp, all)")
         wanted |= group
         explicit |= group
+    # A row is only meaningful beside what it is compared with.
+    for impl in known:
+        if impl.name in wanted:
+            wanted.add(impl.baseline)
+            wanted.add(getattr(impl, "sync_name", impl.baseline))
     return [i for i in known if i.name in wanted], explicit
 
 
@@ -320,7 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 reason = f"creating a pipe failed: {exc!r}"
         info = {"name": impl.name, "label": impl.label, "is_hyperpipe": impl.is_hyperpipe,
                 "available": reason is None, "reason": reason, "version": impl.version() if reason is None else None,
-                "features": features,
+                "features": features, "tests": sorted(impl.tests) if impl.tests is not None else None,
+                "baseline": impl.baseline, "kind": impl.kind,
                 # an optional peer that is not installed is left out silently unless asked for
                 "optional": impl.optional and impl.name not in explicit}
         impl_info.append(info)
@@ -334,6 +340,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for rnd in range(cfg["lat_rounds"]):  # round 1 of every implementation, then round 2, ...
         for test in lat_tests:
             for impl, _ in active:
+                if impl.tests is not None and test not in impl.tests:
+                    continue
                 if test == "lat_asleep":
                     params = {"iters": cfg["asleep_iters"], "warmup": min(100, cfg["lat_warmup"]),
                               "payload": "bytes", "gap_s": opts.asleep_ms / 1000.0, "max_msg": 4096}
@@ -344,6 +352,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for test in tests:
         for impl, features in active:
             if test.startswith("lat_"):
+                continue
+            if impl.tests is not None and test not in impl.tests:
                 continue
             if test == "stream":
                 steps.append(Step(test, impl, "stream", {"msgs": cfg["stream_msgs"], "warmup": cfg["stream_warmup"],
@@ -394,7 +404,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "config": cfg,
         "impls": impl_info,
         "records": records,
-        "targets": _report.evaluate_targets(records, hp_names, sizes),
+        "targets": _report.evaluate_targets(records, hp_names, sizes,
+                                            {impl.name: impl for impl, _ in active}),
         "notes": notes,
     }
     unicode_ok = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") in ("utf8", "utf16")

@@ -35,6 +35,12 @@ class Impl:
     label = ""
     is_hyperpipe = False
     optional = False  # a third-party peer: skipped silently when its package is missing
+    #: the implementation its ratio column compares with
+    baseline = BASELINE
+    #: which targets apply: "pipe" (issue 3's), "tcp", "async" or "" (none)
+    kind = ""
+    #: the tests it runs (None: all)
+    tests: Optional[frozenset] = None
 
     def available(self) -> Optional[str]:
         """None when it can run here, else why not."""
@@ -97,6 +103,7 @@ class MpPipe(Impl):
 
 class HyperpipePipe(Impl):
     is_hyperpipe = True
+    kind = "pipe"
 
     def __init__(self, transport: str):
         self.transport = transport
@@ -141,6 +148,76 @@ class HyperpipePipe(Impl):
 
     def pair(self, ctx: Any, scenario: str, params: dict) -> tuple:
         return self._pipe()
+
+
+class MpTcp(Impl):
+    name = "mp-tcp"
+    label = "multiprocessing.connection Listener/Client, TCP 127.0.0.1"
+    tests = frozenset({"lat_bytes", "lat_obj", "stream", "large"})
+    _stdlib = True
+
+    def version(self) -> Optional[str]:
+        return platform.python_version()
+
+    def pair(self, ctx: Any, scenario: str, params: dict) -> tuple:
+        from hyperpipe._listener import loopback_pair
+
+        return loopback_pair("AF_INET", b"bench-key", stdlib=self._stdlib)
+
+
+class HyperpipeTcp(MpTcp):
+    name = "hp-tcp"
+    label = "hyperpipe Listener/Client, TCP 127.0.0.1"
+    is_hyperpipe = True
+    baseline = "mp-tcp"
+    kind = "tcp"
+    _stdlib = False
+
+    def available(self) -> Optional[str]:
+        return HyperpipePipe("socket").available()
+
+    def version(self) -> Optional[str]:
+        return _version("hyperpipe")
+
+
+class HyperpipeAsync(HyperpipePipe):
+    """The receiving/initiating worker awaits (hyperpipe.asyncio); the peer is synchronous."""
+
+    kind = "async"
+    tests = frozenset({"lat_bytes", "lat_obj", "large"})
+
+    def __init__(self, transport: str):
+        super().__init__(transport)
+        self.name = f"hp-{transport}-async"
+        self.label = f"hyperpipe.asyncio.AsyncConnection over transport={transport!r}"
+        self.sync_name = f"hp-{transport}"
+
+    def features(self) -> dict:
+        return {"batch": False, "zero_copy": False}
+
+    def timed_round_trips(self, conn: Any, msg: Any, iters: int, warmup: int, payload: str) -> tuple:
+        from hyperpipe.asyncio import _timed_round_trips
+
+        return _timed_round_trips(conn, msg, iters, warmup=warmup, payload=payload)
+
+    def open(self, end: Any, role: str, params: dict) -> Any:
+        if role == "b":
+            import asyncio
+
+            from hyperpipe.asyncio import AsyncConnection
+
+            self._loop = asyncio.new_event_loop()
+            self._aconn = AsyncConnection(end)
+        return end
+
+    def recv_array(self, conn: Any, zero_copy: bool = False) -> Any:
+        return self._loop.run_until_complete(self._aconn.recv())
+
+    def close(self, conn: Any) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.close()
+        conn.close()
 
 
 class ZmqPair(Impl):
@@ -252,5 +329,13 @@ def all_impls() -> list[Impl]:
     impls: list[Impl] = [MpPipe()]
     for transport in ("shm", "socket"):
         impls.append(HyperpipePipe(transport))
+    impls += [HyperpipeAsync("shm"), HyperpipeAsync("socket"), MpTcp(), HyperpipeTcp()]
     impls += [ZmqPair(), FasterFifo()]
     return impls
+
+
+def baseline_of(name: str) -> str:
+    for impl in all_impls():
+        if impl.name == name:
+            return impl.baseline
+    return BASELINE

@@ -16,7 +16,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
-from ._impls import BASELINE
+from ._impls import BASELINE, baseline_of
 
 MiB = 1 << 20
 #: the size the issue's RSS and ratio targets are stated for
@@ -127,7 +127,8 @@ def ratio(records: list[dict], impl: str, test: str, size: Optional[int] = None)
     """
     key = HEADLINE_KEY[test]
     mine = value(records, impl, test, key, size)
-    base = value(records, BASELINE, {"large_zc": "large", "stream_batch": "stream"}.get(test, test), key, size)
+    base = value(records, baseline_of(impl), {"large_zc": "large", "stream_batch": "stream"}.get(test, test), key,
+                 size)
     if mine is None or base is None or mine <= 0 or base <= 0:
         return None
     return base / mine if test in LOWER_IS_BETTER else mine / base
@@ -143,6 +144,7 @@ class Target:
     measure: Callable[[list[dict], str], Optional[float]]  # (records, impl) -> number
     fmt: Callable[[float], str]
     ok: Callable[[float], bool]
+    kind: str = "pipe"  # which implementations it judges (Impl.kind)
 
 
 def _us(v: float) -> str:
@@ -223,14 +225,41 @@ def targets_for(sizes: list[int]) -> list[Target]:
                          lambda v: v <= 2.2))
     ts.append(Target("idle", "idle receiver < 1% CPU", lambda r, i: value(r, i, "idle", "cpu_percent"),
                      lambda v: f"{v:.2f}%", lambda v: v < 1.0))
+    # issue 4: the TCP Listener/Client against the stdlib's, same run
+    ts.append(Target("tcp_rt_x", "TCP RT 64 B no worse than stdlib (≥ 1.0x mp-tcp)",
+                     lambda r, i: ratio(r, i, "lat_bytes"), _x, lambda v: v >= 1.0, kind="tcp"))
+    if RSS_TARGET_SIZE in sizes:
+        ts.append(Target("tcp_large_x", "TCP 256 MiB no worse than stdlib (≥ 1.0x mp-tcp)",
+                         lambda r, i: ratio(r, i, "large", RSS_TARGET_SIZE), _x, lambda v: v >= 1.0, kind="tcp"))
+    # issue 5: awaiting costs little next to the synchronous path of the same transport
+    ts.append(Target("async_rt", "async RT 64 B ≤ 2x sync RT", _vs_sync("lat_bytes", "p50_us"), _x,
+                     lambda v: v <= 2.0, kind="async"))
+    for size in sizes:
+        ts.append(Target(f"async_large_{size}", f"async {size_label(size)} ≥ 0.9x sync GB/s",
+                         _vs_sync("large", "GBps_median", size), _x, lambda v: v >= 0.9, kind="async"))
     return ts
 
 
-def evaluate_targets(records: list[dict], impls: list[str], sizes: list[int]) -> list[dict]:
-    """One entry per (target, hyperpipe implementation) that was measured."""
+def _vs_sync(test: str, key: str, size: Optional[int] = None) -> Callable[[list[dict], str], Optional[float]]:
+    """This async row's number divided by the synchronous row of the same transport."""
+
+    def measure(records: list[dict], impl: str) -> Optional[float]:
+        mine = value(records, impl, test, key, size)
+        sync = value(records, impl.removesuffix("-async"), test, key, size)
+        return mine / sync if mine and sync else None
+
+    return measure
+
+
+def evaluate_targets(records: list[dict], impls: list[str], sizes: list[int],
+                     known: Optional[dict] = None) -> list[dict]:
+    """One entry per (target, hyperpipe implementation) that was measured and it applies to."""
     out = []
     for target in targets_for(sizes):
         for impl in impls:
+            kind = getattr((known or {}).get(impl), "kind", "pipe")
+            if kind != target.kind:
+                continue
             measured = target.measure(records, impl)
             if measured is None:
                 continue
