@@ -87,9 +87,9 @@ def latency(impl: Impl, conn: Any, role: str, p: dict, barrier: Any) -> dict:
     if timed is not None and not gap:
         # Awaited round trips, all inside one event loop (hyperpipe.asyncio).
         start = clock()
-        times, reply = timed(conn, msg, n, warmup, "bytes" if p["payload"] == "bytes" else "object")
+        times, last = timed(conn, msg, n, warmup, "bytes" if p["payload"] == "bytes" else "object")
         total = clock() - start
-        ok = (bytes(reply) == msg) if p["payload"] == "bytes" else (reply == msg)
+        ok = (bytes(last) == msg) if p["payload"] == "bytes" else (last == msg)
         return {"lat_ns": array("q", times).tobytes(), "total_ns": total, "ok": ok,
                 "why": "" if ok else "echo differs"}
     for _ in range(warmup):
