@@ -16,8 +16,6 @@ the reason, and ``pytest -m deliberate_difference --collect-only`` lists all of 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import gc
 import multiprocessing
 import multiprocessing.connection
@@ -26,8 +24,7 @@ import signal
 import sys
 import threading
 import time
-from types import ModuleType
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -37,12 +34,12 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 import helpers  # noqa: E402
+from impls import IMPLEMENTATIONS, Impl, make_impl  # noqa: E402,F401
 
 WATCHDOG_SECONDS = 60.0
 HUGE_WATCHDOG_SECONDS = 1800.0
 JOIN_TIMEOUT = 30.0
 
-IMPLEMENTATIONS = ["multiprocessing", "hyperpipe-socket", "hyperpipe-shm"]
 START_METHODS = ["fork", "spawn", "forkserver"]
 
 
@@ -54,59 +51,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Impl:
-    """One implementation under test, with the names a user would import from it."""
-
-    name: str
-    Pipe: Callable[..., Any]
-    wait: Callable[..., Any]
-    Connection: type
-    BufferTooShort: type
-    #: the class of timeout errors raised by ``timeout=`` (None for the stdlib)
-    TimeoutError: Optional[type]
-    module: ModuleType
-    transport: Optional[str]
-
-    @property
-    def is_stdlib(self) -> bool:
-        return self.name == "multiprocessing"
-
-    def __repr__(self) -> str:
-        return f"Impl({self.name})"
-
-
-def make_impl(name: str) -> Impl:
-    if name == "multiprocessing":
-        return Impl(
-            name=name,
-            Pipe=multiprocessing.Pipe,
-            wait=multiprocessing.connection.wait,
-            Connection=multiprocessing.connection.Connection,
-            BufferTooShort=multiprocessing.BufferTooShort,
-            TimeoutError=None,
-            module=multiprocessing.connection,
-            transport=None,
-        )
-    import hyperpipe
-    from hyperpipe import _transport
-
-    transport = name.split("-", 1)[1]
-    if transport not in _transport.available_transports():
-        pytest.skip(
-            f"transport {transport!r} is not available here "
-            f"(available: {_transport.available_transports()})"
-        )
-    return Impl(
-        name=name,
-        Pipe=functools.partial(hyperpipe.Pipe, transport=transport),
-        wait=hyperpipe.wait,
-        Connection=hyperpipe.Connection,
-        BufferTooShort=hyperpipe.BufferTooShort,
-        TimeoutError=hyperpipe.TimeoutError,
-        module=hyperpipe,
-        transport=transport,
-    )
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)

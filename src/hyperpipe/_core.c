@@ -37,6 +37,7 @@ typedef struct {
     PyObject_HEAD
     hp_endpoint ep;
     int opened;
+    int in_recv; /* a thread waits in hp_recv_wait with the GIL released (see fileno) */
     HeapMapObject *tx_heap, *rx_heap; /* mapped on first use */
 } EndpointObject;
 
@@ -182,9 +183,11 @@ static int wait_frame(EndpointObject *self, int64_t deadline, hp_frame *frame) {
     if (hp_ring_readable(&self->ep.rx) || deadline == 1)
         return hp_recv_wait(&self->ep, deadline == 1 ? 0 : deadline, frame);
     for (;;) {
+        self->in_recv = 1; /* both written with the GIL held */
         Py_BEGIN_ALLOW_THREADS
         rc = hp_recv_wait(&self->ep, deadline, frame);
         Py_END_ALLOW_THREADS
+        self->in_recv = 0;
         if (rc != HP_EINTR) return rc;
         if (PyErr_CheckSignals() < 0) return -1; /* e.g. KeyboardInterrupt */
     }
@@ -492,7 +495,7 @@ static PyObject *Endpoint_poll(EndpointObject *self, PyObject *const *args, Py_s
     if (!check_dir(self, 'r')) return NULL;
     hp_frame frame;
     int rc = wait_frame(self, deadline, &frame);
-    if (rc == HP_OK) hp_reader_exit(&self->ep);
+    if (rc == HP_OK) hp_reader_leave(&self->ep);
     hp_leave(&self->ep);
     if (rc == HP_OK || rc == HP_EOF || rc == HP_ECORRUPT) Py_RETURN_TRUE;
     if (rc == HP_TIMEOUT) Py_RETURN_FALSE;
@@ -609,6 +612,10 @@ static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
 static PyObject *Endpoint_fileno(EndpointObject *self, PyObject *unused) {
     if (!check_open(self)) return NULL;
     int fd = hp_fileno(&self->ep);
+    /* Outside sleepers may now watch fd. A receive running in another thread (GIL
+       released) restores the invariant itself when it leaves; otherwise do it here. */
+    if (fd >= 0 && self->ep.has_rx && !self->in_recv) hp_reader_sync(&self->ep);
+    else if (fd >= 0) atomic_store_explicit(&self->ep.readiness_exposed, 1, memory_order_release);
     hp_leave(&self->ep);
     if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(fd);

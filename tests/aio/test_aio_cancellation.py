@@ -19,7 +19,7 @@ import threading
 import pytest
 
 import helpers
-from conftest import make_impl
+from impls import make_impl
 
 from hyperpipe.asyncio import AsyncConnection
 

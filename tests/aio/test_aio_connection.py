@@ -19,7 +19,7 @@ import time
 import pytest
 
 import helpers
-from conftest import make_impl
+from impls import make_impl
 
 import hyperpipe
 from hyperpipe.asyncio import AsyncConnection, open_pipe

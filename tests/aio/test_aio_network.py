@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from conftest import make_impl
+from impls import make_impl
 
 import hyperpipe
 from hyperpipe.asyncio import AsyncConnection, connect, serve

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 import helpers
-from conftest import make_impl
+from impls import make_impl
 
 import hyperpipe
 from hyperpipe.asyncio import AsyncConnection

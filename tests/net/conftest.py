@@ -19,9 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-LOOPBACK = "127.0.0.1"
-#: Upper bound for any single wait in these tests (a bug fails instead of hanging).
-STEP_TIMEOUT = 30.0
+from net_support import LOOPBACK, STEP_TIMEOUT  # noqa: E402
 
 
 @pytest.fixture(params=["AF_INET", "AF_UNIX"])

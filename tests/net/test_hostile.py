@@ -19,7 +19,7 @@ import pytest
 import hyperpipe
 from hyperpipe import Client, Listener
 
-from conftest import STEP_TIMEOUT
+from net_support import STEP_TIMEOUT
 
 KEY = b"hostile tests"
 

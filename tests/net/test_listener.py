@@ -13,7 +13,7 @@ import pytest
 import hyperpipe
 from hyperpipe import Client, Listener, _listener
 
-from conftest import LOOPBACK, STEP_TIMEOUT
+from net_support import LOOPBACK, STEP_TIMEOUT
 
 CLOCK_RES = 0.05
 

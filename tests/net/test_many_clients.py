@@ -10,7 +10,7 @@ import pytest
 
 from hyperpipe import Client, Listener
 
-from conftest import STEP_TIMEOUT
+from net_support import STEP_TIMEOUT
 
 KEY = b"many clients"
 

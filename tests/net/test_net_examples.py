@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import STEP_TIMEOUT
+from net_support import STEP_TIMEOUT
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -15,7 +15,7 @@ import pytest
 import hyperpipe
 from hyperpipe import Client, Listener
 
-from conftest import LOOPBACK, STEP_TIMEOUT
+from net_support import LOOPBACK, STEP_TIMEOUT
 
 KEY = b"tls and hmac"
 

@@ -189,6 +189,8 @@ int hp_endpoint_after_fork(hp_endpoint *ep) {
     /* The parent's threads do not exist here; its close_efd and epoll are shared
        kernel objects that a close() in the parent would signal, so make our own. */
     atomic_store(&ep->active, 0);
+    ep->holds_token = 0; /* take it again through the shared word (parent and child share it) */
+    ep->lazy_held = 0;
     close_fd(&ep->close_efd);
     close_fd(&ep->epoll_fd);
     ep->owner_pid = getpid();
@@ -397,31 +399,46 @@ int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *pa
 
 /* Take the wake token so that the writer does not signal while we are active. */
 static void reader_enter(hp_endpoint *ep) {
+    if (ep->holds_token) return; /* kept since the last call: no shared write at all */
     _Atomic uint32_t *armed = &ep->rx.ctrl->reader_armed;
-    if (!atomic_load_explicit(armed, memory_order_relaxed) ||
-        atomic_exchange_explicit(armed, 0, memory_order_acq_rel) == 0)
+    if (atomic_exchange_explicit(armed, HP_TOKEN_READER, memory_order_acq_rel) == HP_TOKEN_WRITER)
         ep->pending_signal = 1; /* the writer took it: rx_efd has (or will have) a count */
+    ep->holds_token = 1;
 }
 
 /* Leave the invariant for sleepers outside of recv: ring non-empty <=> rx_efd readable;
  * ring empty <=> token armed and rx_efd drained. */
 void hp_reader_exit(hp_endpoint *ep) {
     _Atomic uint32_t *armed = &ep->rx.ctrl->reader_armed;
+    ep->lazy_held = 0;
     if (hp_ring_readable(&ep->rx)) {
         if (!ep->pending_signal) efd_signal(ep->rx_efd);
         ep->pending_signal = 1;
-        return;
+        return; /* the token stays taken */
     }
     if (ep->pending_signal) {
         efd_drain(ep->rx_efd);
         ep->pending_signal = 0;
     }
-    atomic_store_explicit(armed, 1, memory_order_relaxed);
+    atomic_store_explicit(armed, HP_TOKEN_ARMED, memory_order_relaxed);
+    ep->holds_token = 0;
     atomic_thread_fence(memory_order_seq_cst); /* Dekker pair with hp_ring_take_reader_token */
     if (hp_ring_readable(&ep->rx)) {
-        if (atomic_exchange_explicit(armed, 0, memory_order_acq_rel) == 1) efd_signal(ep->rx_efd);
-        ep->pending_signal = 1;
+        if (atomic_exchange_explicit(armed, HP_TOKEN_READER, memory_order_acq_rel) == HP_TOKEN_ARMED)
+            efd_signal(ep->rx_efd);
+        ep->pending_signal = 1; /* ours, or the writer's who took the token first */
+        ep->holds_token = 1;
     }
+}
+
+void hp_reader_leave(hp_endpoint *ep) {
+    if (atomic_load_explicit(&ep->readiness_exposed, memory_order_acquire)) hp_reader_exit(ep);
+    else ep->lazy_held = 1;
+}
+
+void hp_reader_sync(hp_endpoint *ep) {
+    atomic_store_explicit(&ep->readiness_exposed, 1, memory_order_release);
+    if (ep->lazy_held) hp_reader_exit(ep);
 }
 
 static int peek_or_eof(hp_endpoint *ep, hp_frame *frame) {
@@ -539,7 +556,7 @@ void hp_recv_finish(hp_endpoint *ep, const hp_frame *frame, uint64_t oob_bytes) 
         atomic_fetch_add_explicit(&c->space_seq, 1, memory_order_release);
         futex_wake(&c->space_seq);
     }
-    hp_reader_exit(ep);
+    hp_reader_leave(ep);
 }
 
 int hp_take_fds(hp_endpoint *ep, int n, int *out) {

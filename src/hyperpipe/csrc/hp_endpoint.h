@@ -46,6 +46,9 @@ typedef struct hp_endpoint {
     _Atomic int closed;        /* process-local: set by close() */
     _Atomic int active;        /* process-local: calls inside the endpoint (close waits) */
     int pending_signal;        /* reader-local: rx_efd holds (or is about to hold) a count */
+    int holds_token;           /* reader-local: reader_armed is HP_TOKEN_READER by our hand */
+    int lazy_held;             /* reader-local: left a call without restoring the fd invariant */
+    _Atomic int readiness_exposed; /* process-local: fileno() was asked for (hp_reader_sync) */
     int peer_eof;              /* reader-local: sock reported HUP */
     int64_t last_peer_check;   /* sender-local */
     int peer_gone;             /* sender-local, sticky */
@@ -101,5 +104,12 @@ int hp_take_fds(hp_endpoint *ep, int n, int *out);
 
 /* fd that select()/poll() see readable when a frame or EOF is pending. */
 int hp_fileno(hp_endpoint *ep);
+/* Leave a receive call. While nobody outside recv watches fileno() (no hp_reader_sync
+ * yet), the wake token stays taken: the writer makes no system call for the next frame.
+ * Once fileno() was exposed, restore the invariant for outside sleepers (hp_reader_exit). */
+void hp_reader_leave(hp_endpoint *ep);
+/* fileno() was handed out: from now on leave every call with the invariant restored, and
+ * restore it now. Must not run while another thread is inside a receive call. */
+void hp_reader_sync(hp_endpoint *ep);
 
 #endif

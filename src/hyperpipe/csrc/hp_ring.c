@@ -40,7 +40,7 @@ void hp_segment_init(void *base, uint64_t capacity, uint32_t nrings, uint64_t he
     for (uint32_t i = 0; i < nrings; i++) {
         hp_ring_ctrl *c = (hp_ring_ctrl *)((char *)base + ctrl_offset()) + i;
         /* Nobody is in recv yet, so the first publish must signal (see Wakeup protocol). */
-        atomic_store_explicit(&c->reader_armed, 1, memory_order_relaxed);
+        atomic_store_explicit(&c->reader_armed, HP_TOKEN_ARMED, memory_order_relaxed);
     }
     /* The magic last: a reader that sees it sees a complete header (the segment is
        only shared after this function returns, through fd passing, a full barrier). */
@@ -128,8 +128,10 @@ void hp_ring_write(hp_ring *ring, uint8_t kind, uint8_t nfds, uint16_t flags,
 int hp_ring_take_reader_token(hp_ring *ring) {
     /* StoreLoad between our head store and the reader_armed load (Dekker pair). */
     atomic_thread_fence(memory_order_seq_cst);
-    if (!atomic_load_explicit(&ring->ctrl->reader_armed, memory_order_relaxed)) return 0;
-    return atomic_exchange_explicit(&ring->ctrl->reader_armed, 0, memory_order_acq_rel) == 1;
+    if (atomic_load_explicit(&ring->ctrl->reader_armed, memory_order_relaxed) != HP_TOKEN_ARMED) return 0;
+    uint32_t expected = HP_TOKEN_ARMED;
+    return atomic_compare_exchange_strong_explicit(&ring->ctrl->reader_armed, &expected, HP_TOKEN_WRITER,
+                                                   memory_order_acq_rel, memory_order_relaxed);
 }
 
 int hp_ring_readable(const hp_ring *ring) {

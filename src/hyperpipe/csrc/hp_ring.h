@@ -10,9 +10,13 @@
  *   tail            written by the consumer only (release), read by the producer (acquire)
  *   oob_*_sent      producer only (release) / consumer reads (acquire)
  *   oob_*_recv      consumer only (release) / producer reads (acquire)
- *   reader_armed    consumer stores 1 (relaxed) then seq_cst fence then re-reads head;
- *                   producer stores head, seq_cst fence, then exchange(0) (acq_rel):
- *                   a Dekker pair, so one of the two always sees the other.
+ *   reader_armed    the reader's wake token: HP_TOKEN_ARMED (1, the reader may sleep: the
+ *                   producer must signal), HP_TOKEN_WRITER (0, the producer took it and
+ *                   signals), HP_TOKEN_READER (2, a reader is active or kept it).
+ *                   Consumer stores ARMED (relaxed) then seq_cst fence then re-reads head;
+ *                   producer stores head, seq_cst fence, then CAS ARMED->WRITER (acq_rel):
+ *                   a Dekker pair, so one of the two always sees the other. The consumer
+ *                   takes it back with exchange(READER) (acq_rel).
  *   writer_waiting  the same pattern with roles swapped (producer waits for space).
  *   space_seq       futex word, incremented (release) by the consumer when it wakes a writer.
  *   consumer_closes incremented (release) by the consumer after closing its socket; the
@@ -109,6 +113,7 @@ int hp_ring_can_write(const hp_ring *ring, uint32_t len);
 void hp_ring_write(hp_ring *ring, uint8_t kind, uint8_t nfds, uint16_t flags,
                    const void *const *parts, const uint64_t *part_lens, int nparts);
 /* Producer: after a publish, take the reader's wake token; 1 if the caller must wake it. */
+enum { HP_TOKEN_WRITER = 0, HP_TOKEN_ARMED = 1, HP_TOKEN_READER = 2 };
 int hp_ring_take_reader_token(hp_ring *ring);
 /* Consumer: non-zero when a frame is available. */
 int hp_ring_readable(const hp_ring *ring);
