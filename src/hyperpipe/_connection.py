@@ -392,7 +392,17 @@ class Connection(Generic[_SendT, _RecvT]):
         transport = self._for_receiving()
         if timeout is not None and timeout != timeout:
             raise ValueError("timeout must be a number or None")
-        return transport.poll(timeout)
+        # Under the receive lock: transports keep per-receiver state (partial frames,
+        # wake tokens) that poll() touches too.
+        deadline = _deadline(timeout)
+        lock = self._recv_lock
+        _acquire(lock, deadline, "poll")
+        try:
+            if timeout is None or timeout <= 0:
+                return transport.poll(timeout)
+            return transport.poll(max(0.0, deadline - time.monotonic()))  # type: ignore[operator]
+        finally:
+            lock.release()
 
     # -- travelling to other processes ------------------------------------------------
     def __reduce__(self) -> tuple:

@@ -126,6 +126,7 @@ class SocketTransport(Transport):
         self._active = 0
         self._closed = False
         self._wake_fd = -1
+        self._pollers: dict = {}
 
     @classmethod
     def from_socket(
@@ -190,6 +191,7 @@ class SocketTransport(Transport):
             except OSError:
                 pass
             self._wake_fd = -1
+        self._pollers = {}
         self._state_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._active = 0
@@ -207,15 +209,27 @@ class SocketTransport(Transport):
                     self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         return self._wake_fd
 
+    def _poller(self, events: int, closable: bool) -> Any:
+        """A poll object for one kind of wait, made once: receiving (one thread at a time,
+        under the Connection's receive lock), sending (under ``_pending_lock``), and the
+        background flush (which must not be woken by close)."""
+        key = (events, closable)
+        poller = self._pollers.get(key)
+        if poller is None:
+            poller = select.poll()
+            poller.register(self._fd, events)
+            if closable:
+                poller.register(self._wake_descriptor(), select.POLLIN)
+            self._pollers[key] = poller
+        return poller
+
     def _wait(self, events: int, deadline: Deadline, *, closable: bool = True) -> int:
         """Wait until the fd reports ``events``; returns the events seen, 0 on timeout.
 
         ``closable=False`` (the background flush) keeps waiting after ``close()``.
         """
-        poller = select.poll()
-        poller.register(self._fd, events)
-        if closable:
-            poller.register(self._wake_descriptor(), select.POLLIN)
+        poll = self._poller(events, closable).poll
+        fd = self._fd
         while True:
             if closable and self._closed:
                 raise errors.ConnectionClosedError()
@@ -224,11 +238,11 @@ class SocketTransport(Transport):
             else:
                 remaining = deadline - time.monotonic()
                 ms = 0 if remaining <= 0 else max(1, int(remaining * 1000 + 0.999))
-            ready = poller.poll(ms)
+            ready = poll(ms)
             if closable and self._closed:
                 raise errors.ConnectionClosedError()
-            for fd, ev in ready:
-                if fd == self._fd:
+            for ready_fd, ev in ready:
+                if ready_fd == fd:
                     return ev
             if ms == 0 or (deadline is not None and time.monotonic() >= deadline):
                 return 0
