@@ -412,7 +412,9 @@ def render(result: dict, unicode_ok: bool = True) -> str:
     for note in result.get("notes") or []:
         out.append(f"Note: {note}")
     out.append(f"Targets (issue 3) are marked {mark.yes} / {mark.no} on hyperpipe rows; ratios are against `mp` in this run "
-               "(latency: mp / this, throughput: this / mp).")
+               "(latency: mp / this, throughput: this / mp), except `hp-tcp`, which is compared with the standard "
+               "library's Listener/Client (`mp-tcp`). `-async` rows await in the initiating (latency) or receiving "
+               "(arrays) worker; their targets compare them with the synchronous row of the same transport.")
 
     if tests_run & {"lat_bytes", "lat_obj", "lat_asleep"}:
         out += ["", f"## Round-trip latency, µs ({cfg['lat_iters']:,} round trips after {cfg['lat_warmup']:,} warm-up; "
