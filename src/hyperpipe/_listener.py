@@ -514,12 +514,7 @@ def Client(
     deadline = None if timeout is None else start + max(0.0, timeout)
 
     def remaining() -> Optional[float]:
-        if deadline is None:
-            return None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise HyperpipeTimeoutError(f"connecting to {address!r} timed out")
-        return left
+        return _auth._remaining(deadline, f"connecting to {address!r}")
 
     sock = socket.socket(getattr(socket, family))
     try:
