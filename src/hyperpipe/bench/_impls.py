@@ -213,6 +213,12 @@ class HyperpipeAsync(HyperpipePipe):
     def recv_array(self, conn: Any, zero_copy: bool = False) -> Any:
         return self._loop.run_until_complete(self._aconn.recv())
 
+    def run_receiver(self, coro: Any) -> Any:
+        return self._loop.run_until_complete(coro)
+
+    async def arecv_array(self, conn: Any) -> Any:
+        return await self._aconn.recv()
+
     def close(self, conn: Any) -> None:
         loop = getattr(self, "_loop", None)
         if loop is not None:
