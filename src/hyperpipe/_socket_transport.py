@@ -83,6 +83,15 @@ class _RxState:
         self.size = -1
 
 
+class _Direct:
+    """A frame received straight into the caller's buffer (recv_frame_into)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
 class SocketTransport(Transport):
     """One end of a byte stream (socket, SSL socket or pipe fd) carrying stdlib frames."""
 
@@ -428,8 +437,14 @@ class SocketTransport(Transport):
                 return got
         return got
 
-    def _receive(self, maxlength: Optional[int], deadline: Deadline) -> Any:
-        """Advance the frame state machine; returns the body, or None at the deadline."""
+    def _receive(
+        self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
+    ) -> Any:
+        """Advance the frame state machine; returns the body, or None at the deadline.
+
+        ``into=(buf, offset)``: a big frame that fits is read straight into ``buf`` and
+        ``_Direct(size)`` is returned instead of a body.
+        """
         if self._rx_broken is not None:
             raise self._rx_broken
         ready = self._rx_ready
@@ -469,6 +484,18 @@ class SocketTransport(Transport):
                         f"message of {size} bytes exceeds max_message_size={limit}"
                     )
                 )
+            if into is not None and size > _SMALL_FRAME and into[1] + size <= len(into[0]):
+                buf, offset = into
+                target = buf[offset : offset + size]
+                got = self._fill(target, deadline, True)
+                if got < size:
+                    # Keep what arrived in our own buffer: any later call finishes the frame.
+                    rx.body = bytearray(max(got, min(size, _EAGER_ALLOC)))
+                    rx.body[:got] = target[:got]
+                    rx.body_got = got
+                    return None
+                self._rx = _RxState()
+                return _Direct(size)
             if size <= _SMALL_FRAME and self._sock is not None and not self._is_ssl:
                 # Usually the whole body is already there: one recv() into a bytes object.
                 try:
@@ -497,6 +524,22 @@ class SocketTransport(Transport):
                 return None
         self._rx = _RxState()
         return body
+
+    def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
+        self._enter()
+        try:
+            body = self._receive(None, deadline, (buf, offset))
+        finally:
+            self._leave()
+        if body is None:
+            raise errors.TimeoutError("recv timed out")
+        if type(body) is _Direct:
+            return body.size
+        size = len(body)
+        if offset + size > len(buf):
+            raise errors.BufferTooShort(bytes(body))
+        buf[offset : offset + size] = body
+        return size
 
     def _break_rx(self, exc: BaseException) -> None:
         self._rx_broken = exc
