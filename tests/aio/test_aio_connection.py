@@ -24,16 +24,9 @@ from impls import make_impl
 import hyperpipe
 from hyperpipe.asyncio import AsyncConnection, open_pipe
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - depends on the environment
-    uvloop = None
-else:
-    # libuv opens a process-wide pipe with the first loop: open it now, before the fd-leak check.
-    uvloop.new_event_loop().close()
+from aio_support import LOOPS, STEP, loop_factory_for
+from aio_support import run as run_on
 
-#: Bound on every await that waits for something another task or thread does.
-STEP = 30.0
 
 
 @pytest.fixture(params=["hyperpipe-socket", "hyperpipe-shm"])
@@ -41,21 +34,11 @@ def impl(request):
     return make_impl(request.param)
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def run(request):
     """``run(coroutine_function, *args)`` on a fresh loop of the requested kind."""
-    if request.param == "uvloop":
-        if uvloop is None:
-            pytest.skip("uvloop is not installed (it belongs in the `test` extra)")
-        factory = uvloop.new_event_loop
-    else:
-        factory = asyncio.new_event_loop
-
-    def runner(fn, *args):
-        with asyncio.Runner(loop_factory=factory) as r:
-            return r.run(fn(*args))
-
-    return runner
+    factory = loop_factory_for(request.param)
+    return lambda fn, *args: run_on(factory, fn(*args))
 
 
 @pytest.fixture(params=["duplex", "oneway"])

@@ -24,15 +24,9 @@ from impls import make_impl
 import hyperpipe
 from hyperpipe.asyncio import AsyncConnection, connect, serve
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - depends on the environment
-    uvloop = None
-else:
-    # libuv opens a process-wide pipe with the first loop: open it now, before the fd-leak check.
-    uvloop.new_event_loop().close()
+from aio_support import LOOPS, STEP, loop_factory_for
+from aio_support import run as run_on
 
-STEP = 30.0
 KEY = b"secret key"
 
 
@@ -41,20 +35,10 @@ def impl():
     return make_impl("hyperpipe-socket")
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def run(request):
-    if request.param == "uvloop":
-        if uvloop is None:
-            pytest.skip("uvloop is not installed (it belongs in the `test` extra)")
-        factory = uvloop.new_event_loop
-    else:
-        factory = asyncio.new_event_loop
-
-    def runner(fn, *args):
-        with asyncio.Runner(loop_factory=factory) as r:
-            return r.run(asyncio.wait_for(fn(*args), STEP * 2))
-
-    return runner
+    factory = loop_factory_for(request.param)
+    return lambda fn, *args: run_on(factory, asyncio.wait_for(fn(*args), STEP * 2))
 
 
 @pytest.fixture(params=["AF_INET", "AF_UNIX"])

@@ -21,15 +21,8 @@ from impls import make_impl
 import hyperpipe
 from hyperpipe.asyncio import AsyncConnection
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - depends on the environment
-    uvloop = None
-else:
-    # libuv opens a process-wide pipe with the first loop: open it now, before the fd-leak check.
-    uvloop.new_event_loop().close()
+from aio_support import LOOPS, STEP, loop_factory_for, run
 
-STEP = 30.0
 
 
 @pytest.fixture(params=["hyperpipe-socket", "hyperpipe-shm"])
@@ -37,18 +30,9 @@ def impl(request):
     return make_impl(request.param)
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOPS)
 def loop_factory(request):
-    if request.param == "uvloop":
-        if uvloop is None:
-            pytest.skip("uvloop is not installed (it belongs in the `test` extra)")
-        return uvloop.new_event_loop
-    return asyncio.new_event_loop
-
-
-def run(loop_factory, coro):
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coro)
+    return loop_factory_for(request.param)
 
 
 # -- child targets (module level: importable by spawn children) ---------------------------
