@@ -343,3 +343,28 @@ def test_after_fork_in_child_keeps_working() -> None:
 def test_available_and_module_surface() -> None:
     assert _shm_transport.available() is True
     assert callable(_shm_transport.shm_pipe)
+
+
+def test_a_stale_wake_up_count_is_drained_by_poll():
+    """A late eventfd write (producer signalled, reader consumed meanwhile) leaves a count
+    with nothing to read: poll(0) must drain it, or fileno() stays readable and every
+    outside poller (select, wait, an event loop) spins."""
+    import re
+    import select
+
+    a, b = hyperpipe.Pipe(transport="shm")
+    try:
+        fd = b.fileno()
+        watched = [int(x) for x in re.findall(r"tfd:\s+(\d+)", open(f"/proc/self/fdinfo/{fd}").read())]
+        efds = [t for t in watched if os.readlink(f"/proc/self/fd/{t}").startswith("anon_inode:[eventfd")]
+        assert len(efds) == 1
+        os.eventfd_write(efds[0], 1)  # the stale count
+        assert select.select([fd], [], [], 0)[0]
+        assert b.poll(0) is False
+        assert not select.select([fd], [], [], 0)[0]
+        a.send("x")
+        assert select.select([fd], [], [], 5)[0] and b.recv() == "x"
+        assert not select.select([fd], [], [], 0)[0]
+    finally:
+        a.close()
+        b.close()

@@ -500,11 +500,12 @@ int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
         int ms = poll_timeout_ms(deadline_ns, -1);
         struct pollfd p[3] = {{ep->rx_efd, POLLIN, 0}, {ep->sock, POLLRDHUP, 0}, {ep->close_efd, POLLIN, 0}};
         int n = 0;
-        if (deadline_ns != 0 && !(deadline_ns > 0 && ms == 0)) {
-            ep->sleeps++;
-            n = poll(p, 3, ms);
-            if (n < 0 && errno != EINTR) return HP_ERRNO;
-        }
+        if (deadline_ns != 0 && !(deadline_ns > 0 && ms == 0)) ep->sleeps++;
+        else ms = 0; /* no time to sleep: still look, so that a stale wake-up count is
+                        drained (else fileno() stays readable with nothing to read and
+                        outside pollers spin) and a hang-up is seen */
+        n = poll(p, 3, ms);
+        if (n < 0 && errno != EINTR) return HP_ERRNO;
         reader_enter(ep);
         if (n < 0) { /* EINTR */
             rc = peek_or_eof(ep, frame);
