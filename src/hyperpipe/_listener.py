@@ -218,6 +218,40 @@ class _PendingClient:
             pass
 
 
+def _open_listening_socket(
+    address: Any,
+    family: Optional[str],
+    backlog: int,
+    authkey: Optional[bytes],
+    ssl_context: Optional[ssl.SSLContext],
+    max_message_size: Optional[int],
+    handshake_timeout: Optional[float],
+) -> tuple[socket.socket, Any, str]:
+    """Check a listener's arguments, then bind and listen: ``(socket, address, family)``.
+
+    Shared by ``Listener`` and ``hyperpipe.asyncio.serve``; the socket is non-blocking.
+    """
+    family = family or (address and address_type(address)) or default_family
+    address = address or arbitrary_address(family)
+    _validate_family(family)
+    _check_authkey(authkey)
+    _check_ssl_context(ssl_context, server_side=True)
+    _check_max_message_size(max_message_size)
+    if handshake_timeout is not None and handshake_timeout <= 0:
+        raise ValueError("handshake_timeout must be positive or None")
+    sock = socket.socket(getattr(socket, family))
+    try:
+        if os.name == "posix" and family != "AF_UNIX":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, address, family
+
+
 class Listener:
     """A bound, listening socket whose ``accept()`` returns hyperpipe Connections."""
 
@@ -233,32 +267,16 @@ class Listener:
         max_message_size: Optional[int] = None,
         handshake_timeout: Optional[float] = _auth.DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
-        family = family or (address and address_type(address)) or default_family
-        address = address or arbitrary_address(family)
-        _validate_family(family)
-        _check_authkey(authkey)
-        _check_ssl_context(ssl_context, server_side=True)
-        _check_max_message_size(max_message_size)
-        if handshake_timeout is not None and handshake_timeout <= 0:
-            raise ValueError("handshake_timeout must be positive or None")
         self._codec = get_codec(codec)
+        sock, address, family = _open_listening_socket(
+            address, family, backlog, authkey, ssl_context, max_message_size, handshake_timeout
+        )
         self._authkey = authkey
         self._ssl_context = ssl_context
         self._max_message_size = max_message_size
         self._handshake_timeout = handshake_timeout
         self._family = family
-
-        sock = socket.socket(getattr(socket, family))
-        try:
-            if os.name == "posix":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
-            self._address = sock.getsockname()
-        except OSError:
-            sock.close()
-            raise
+        self._address = sock.getsockname()
         self._socket: Optional[socket.socket] = sock
         self._last_accepted: Any = None
         if family == "AF_UNIX" and not _is_abstract_unix(address):

@@ -752,38 +752,14 @@ async def serve(
     closed when the handler returns; an ``EOFError`` escaping the handler is the normal end.
     """
     from ._codecs import get_codec
-    from ._listener import (
-        _check_authkey,
-        _check_max_message_size,
-        _check_ssl_context,
-        _is_abstract_unix,
-        _validate_family,
-        address_type,
-        arbitrary_address,
-        default_family,
-    )
+    from ._listener import _is_abstract_unix, _open_listening_socket
 
     if not callable(handler):
         raise TypeError("handler must be a coroutine function taking an AsyncConnection")
-    family = family or (address and address_type(address)) or default_family
-    address = address or arbitrary_address(family)
-    _validate_family(family)
-    _check_authkey(authkey)
-    _check_ssl_context(ssl_context, server_side=True)
-    _check_max_message_size(max_message_size)
-    if handshake_timeout is not None and handshake_timeout <= 0:
-        raise ValueError("handshake_timeout must be positive or None")
     codec_obj = get_codec(codec)
-    sock = socket.socket(getattr(socket, family))
-    try:
-        if os.name == "posix" and family != "AF_UNIX":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
+    sock, address, family = _open_listening_socket(
+        address, family, backlog, authkey, ssl_context, max_message_size, handshake_timeout
+    )
     unlink_path = None
     if family == "AF_UNIX" and not _is_abstract_unix(address):
         unlink_path = address
