@@ -346,15 +346,18 @@ def run_pair(impl: Impl, scenario: str, params: dict, *, timeout: float, start_m
         impl.parent_release(end_a, end_b)
         deadline = begin + timeout
         dead_since: Optional[float] = None
-        while len(got) < 2 and time.monotonic() < deadline:
+        grace_end: Optional[float] = None
+        while len(got) < 2 and time.monotonic() < (grace_end or deadline):
             try:
                 role, status, payload = results.get(timeout=0.1)
             except queue.Empty:
                 pass
             else:
                 got[role] = (status, payload)
-                if status != "ok":
-                    break  # the other worker is stuck at a broken barrier or in recv: stop it
+                if status != "ok" and grace_end is None:
+                    # The other worker is now stuck at a broken barrier or in recv, or it
+                    # failed first (the root cause): give its report a second, then stop it.
+                    grace_end = min(deadline, time.monotonic() + 1.0)
                 continue
             gone = [r for r, proc in procs.items() if r not in got and proc.exitcode is not None]
             if gone:
