@@ -204,6 +204,32 @@ def _leaked(before: dict[int, str]) -> dict[int, str]:
     }
 
 
+#: Watchdog of the tests that do not use ``impl`` (those have the guard below).
+OTHER_WATCHDOG_SECONDS = 180.0
+LONG_WATCHDOG_SECONDS = 1800.0  # opt-in stress/asan/huge runs
+
+
+def _other_alarm(signum: int, frame: Any) -> None:
+    raise WatchdogTimeout("test exceeded its watchdog (a hang?)")
+
+
+@pytest.fixture(autouse=True)
+def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every other test fails instead of hanging the suite (faulthandler only dumps stacks)."""
+    if "impl" in request.fixturenames or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    node = request.node
+    long_run = any(node.get_closest_marker(m) for m in ("huge", "stress", "asan"))
+    previous = signal.signal(signal.SIGALRM, _other_alarm)
+    signal.setitimer(signal.ITIMER_REAL, LONG_WATCHDOG_SECONDS if long_run else OTHER_WATCHDOG_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(autouse=True)
 def _conformance_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     if "impl" not in request.fixturenames:
