@@ -655,9 +655,10 @@ static PyObject *Endpoint_fds(EndpointObject *self, PyObject *unused) {
 static PyObject *Endpoint_stats(EndpointObject *self, PyObject *unused) {
     hp_endpoint *ep = &self->ep;
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsK}", "messages_sent", ep->msgs_sent, "messages_received",
+        "{sKsKsKsKsKsKsKsKsKsKsKsK}", "messages_sent", ep->msgs_sent, "messages_received",
         ep->msgs_recv, "bytes_sent", ep->bytes_sent, "bytes_received", ep->bytes_recv, "sleeps",
         ep->sleeps, "wakeups_sent", ep->wakes_sent, "writer_waits", ep->writer_waits,
+        "shared_cpu_yields", ep->shared_cpu_yields,
         "oob_sent", ep->oob_sent, "oob_received", ep->oob_recv, "spin_ns", ep->spin_ns,
         "ring_capacity", self->opened ? (ep->has_rx ? ep->rx.capacity : ep->tx.capacity) : 0ULL);
 }

@@ -11,11 +11,11 @@ when anything goes wrong: a failed or hung measurement becomes a failed row, nev
 from __future__ import annotations
 
 import multiprocessing
-import queue
 import resource
 import time
 import traceback
 from array import array
+from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable, Optional
 
 from ._impls import Impl
@@ -293,13 +293,13 @@ def _worker(impl: Impl, end: Any, role: str, scenario: str, params: dict, barrie
                 out["conn_statistics"] = {"error": repr(exc)}
         barrier.wait()  # both done: nothing is in flight when the ends close
         impl.close(conn)
-        results.put((role, "ok", out))
+        results.send((role, "ok", out))
     except BaseException:
         try:
             barrier.abort()
         except Exception:
             pass
-        results.put((role, "error", traceback.format_exc(limit=8)))
+        results.send((role, "error", traceback.format_exc(limit=8)))
 
 
 # -- orchestrator side ---------------------------------------------------------------------
@@ -329,11 +329,14 @@ def run_pair(impl: Impl, scenario: str, params: dict, *, timeout: float, start_m
     except Exception:
         return {"ok": False, "error": "creating the channel failed:\n" + traceback.format_exc(limit=4), "wall_s": 0.0}
     barrier = ctx.Barrier(2, timeout=timeout)
-    results = ctx.Queue()
+    # One result pipe per worker, and a blocking wait on them and on the workers'
+    # sentinels: the orchestrator must not wake up periodically, since a third runnable
+    # task on a 2-core machine pushes both workers onto one core and shows up in the tail.
+    pipes = {role: ctx.Pipe(duplex=False) for role in ("a", "b")}
     procs = {
         role: ctx.Process(
             target=_worker,
-            args=(impl, end, role, scenario, params, barrier, results),
+            args=(impl, end, role, scenario, params, barrier, pipes[role][1]),
             name=f"hyperpipe-bench-{impl.name}-{scenario}-{role}",
             daemon=True,
         )
@@ -343,29 +346,32 @@ def run_pair(impl: Impl, scenario: str, params: dict, *, timeout: float, start_m
     try:
         for proc in procs.values():
             proc.start()
+        for reader, writer in pipes.values():
+            writer.close()  # a worker that dies leaves EOF on its pipe
         impl.parent_release(end_a, end_b)
-        deadline = begin + timeout
-        dead_since: Optional[float] = None
-        grace_end: Optional[float] = None
-        while len(got) < 2 and time.monotonic() < (grace_end or deadline):
-            try:
-                role, status, payload = results.get(timeout=0.1)
-            except queue.Empty:
-                pass
-            else:
+        limit = begin + timeout
+        while len(got) < 2:
+            pending = [role for role in procs if role not in got]
+            watched = [pipes[role][0] for role in pending] + [procs[role].sentinel for role in pending]
+            if not mp_wait(watched, timeout=max(0.0, limit - time.monotonic())):
+                break
+            for role in pending:
+                reader, proc = pipes[role][0], procs[role]
+                status, payload = "", None
+                try:
+                    if reader.poll(0):  # a result, or EOF: the worker is gone
+                        _, status, payload = reader.recv()
+                except (EOFError, OSError):
+                    pass
+                if not status and proc.exitcode is None:
+                    continue  # still working (its sentinel did not fire)
+                if not status:  # exited, and everything it sent has been read
+                    status, payload = "error", f"worker {role} exited with code {proc.exitcode} without a result"
                 got[role] = (status, payload)
-                if status != "ok" and grace_end is None:
+                if status != "ok":
                     # The other worker is now stuck at a broken barrier or in recv, or it
                     # failed first (the root cause): give its report a second, then stop it.
-                    grace_end = min(deadline, time.monotonic() + 1.0)
-                continue
-            gone = [r for r, proc in procs.items() if r not in got and proc.exitcode is not None]
-            if gone:
-                dead_since = dead_since or time.monotonic()
-                if time.monotonic() - dead_since > 2.0:  # its last result may still be in the pipe
-                    for r in gone:
-                        got[r] = ("error", f"worker {r} exited with code {procs[r].exitcode} without a result")
-                    break
+                    limit = min(limit, time.monotonic() + 1.0)
     finally:
         complete = len(got) == 2 and all(status == "ok" for status, _ in got.values())
         for proc in procs.values():
@@ -375,8 +381,8 @@ def run_pair(impl: Impl, scenario: str, params: dict, *, timeout: float, start_m
             impl.cleanup(end_a, end_b)
         except Exception:
             pass
-        results.close()
-        results.join_thread()
+        for reader, _ in pipes.values():
+            reader.close()
     wall = time.monotonic() - begin
     errors = [f"[{role}] {payload}" for role, (status, payload) in sorted(got.items()) if status != "ok"]
     if len(got) < 2 and not errors:

@@ -23,6 +23,52 @@ int64_t hp_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* -- spinning ------------------------------------------------------------------ */
+
+/* A spinning waiter and its peer can be put on the same CPU by the scheduler (a third
+ * task took the other one, or a wake-up was affine), and stay there for milliseconds.
+ * Spinning there only delays the peer until our time slice ends, so each side tells
+ * the other where it waits (producer_cpu / consumer_cpu, a hint), and a waiter that
+ * finds the peer on its own CPU hands the CPU over at once. This is what bounds the
+ * round trip's tail on a small or busy machine. */
+static uint32_t publish_cpu(hp_endpoint *ep) {
+    int cpu = sched_getcpu(); /* glibc reads it from rseq: no system call */
+    uint32_t mine = cpu < 0 ? 0 : (uint32_t)cpu + 1;
+    if (mine != ep->published_cpu) { /* store only on change: the line is shared */
+        ep->published_cpu = mine;
+        if (ep->has_rx) atomic_store_explicit(&ep->rx.ctrl->consumer_cpu, mine, memory_order_relaxed);
+        if (ep->has_tx) atomic_store_explicit(&ep->tx.ctrl->producer_cpu, mine, memory_order_relaxed);
+    }
+    return mine;
+}
+
+static int peer_on_my_cpu(hp_endpoint *ep) {
+    uint32_t mine = publish_cpu(ep);
+    uint32_t peer = ep->has_rx ? atomic_load_explicit(&ep->rx.ctrl->producer_cpu, memory_order_relaxed)
+                               : atomic_load_explicit(&ep->tx.ctrl->consumer_cpu, memory_order_relaxed);
+    return mine != 0 && peer == mine;
+}
+
+/* One round of a spin: look at `ready` up to 64 times between pauses, or, when the peer
+ * waits on this CPU, only once before yielding it. Returns 1 as soon as ready. */
+#define HP_SPIN_ROUND(ep, ready)                                                           \
+    do {                                                                                   \
+        if (peer_on_my_cpu(ep)) {                                                          \
+            if (ready) return_ready = 1;                                                   \
+            else {                                                                         \
+                (ep)->shared_cpu_yields++;                                                 \
+                sched_yield();                                                             \
+            }                                                                              \
+        } else {                                                                           \
+            for (int i_ = 0; i_ < 64 && !return_ready; i_++) {                            \
+                if (ready) return_ready = 1;                                               \
+                else hp_cpu_relax();                                                       \
+            }                                                                              \
+            /* a third task may be runnable here: let the kernel decide */                 \
+            if (!return_ready) sched_yield();                                              \
+        }                                                                                  \
+    } while (0)
+
 static void close_fd(int *fd) {
     if (*fd >= 0) close(*fd);
     *fd = -1;
@@ -191,6 +237,7 @@ int hp_endpoint_after_fork(hp_endpoint *ep) {
     atomic_store(&ep->active, 0);
     ep->holds_token = 0; /* take it again through the shared word (parent and child share it) */
     ep->lazy_held = 0;
+    ep->rings_populated = 0; /* fork copied no page tables of the shared mapping */
     close_fd(&ep->close_efd);
     close_fd(&ep->epoll_fd);
     ep->owner_pid = getpid();
@@ -199,12 +246,28 @@ int hp_endpoint_after_fork(hp_endpoint *ep) {
     return ep->close_efd < 0 ? -1 : 0;
 }
 
+/* The ring pages exist from hp_segment_create on (fallocate), but each process maps
+ * them lazily, and fork() does not copy a shared mapping's page tables: without this,
+ * the first pass through a ring takes a page fault every 4 KiB on each side (one round
+ * trip in 57 of 64 bytes, at several µs each). One madvise per process maps them all. */
+static void populate_rings(hp_endpoint *ep) {
+    ep->rings_populated = 1;
+#ifdef MADV_POPULATE_WRITE
+    if (madvise(ep->base, ep->map_size, MADV_POPULATE_WRITE) == 0) return;
+#endif
+    /* older kernels (< 5.14): read one byte a page; shmem maps a shared writable page
+       on a read fault, so the writer takes no fault later */
+    const volatile unsigned char *p = (const volatile unsigned char *)ep->base;
+    for (uint64_t off = 0; off < ep->map_size; off += 4096) (void)p[off];
+}
+
 int hp_enter(hp_endpoint *ep) {
     atomic_fetch_add_explicit(&ep->active, 1, memory_order_acq_rel);
     if (atomic_load_explicit(&ep->closed, memory_order_acquire)) {
         atomic_fetch_sub_explicit(&ep->active, 1, memory_order_acq_rel);
         return 0;
     }
+    if (!ep->rings_populated) populate_rings(ep);
     return 1;
 }
 
@@ -277,11 +340,9 @@ static int wait_writable(hp_endpoint *ep, uint32_t len, uint64_t oob_bytes, int 
     hp_ring_ctrl *c = ep->tx.ctrl;
     int64_t spin_end = hp_now_ns() + (int64_t)ep->spin_ns;
     while (hp_now_ns() < spin_end) {
-        for (int i = 0; i < 64; i++) {
-            if (writable(ep, len, oob_bytes, nfds)) return HP_OK;
-            hp_cpu_relax();
-        }
-        sched_yield(); /* the peer may be waiting for this very core */
+        int return_ready = 0;
+        HP_SPIN_ROUND(ep, writable(ep, len, oob_bytes, nfds));
+        if (return_ready) return HP_OK;
         if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) return HP_CLOSED;
     }
     ep->writer_waits++;
@@ -471,18 +532,14 @@ int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
         int64_t spin_end = start + (int64_t)ep->spin_ns;
         if (deadline_ns > 0 && deadline_ns < spin_end) spin_end = deadline_ns;
         do {
-            for (int i = 0; i < 64; i++) {
-                if (hp_ring_readable(&ep->rx)) {
-                    /* success: grow the window back toward its maximum */
-                    ep->spin_ns = ep->spin_ns * 2 > ep->spin_max_ns ? ep->spin_max_ns : ep->spin_ns * 2;
-                    rc = peek_or_eof(ep, frame);
-                    return rc >= 0 ? rc : HP_ECORRUPT;
-                }
-                hp_cpu_relax();
+            int return_ready = 0;
+            HP_SPIN_ROUND(ep, hp_ring_readable(&ep->rx));
+            if (return_ready) {
+                /* success: grow the window back toward its maximum */
+                ep->spin_ns = ep->spin_ns * 2 > ep->spin_max_ns ? ep->spin_max_ns : ep->spin_ns * 2;
+                rc = peek_or_eof(ep, frame);
+                return rc >= 0 ? rc : HP_ECORRUPT;
             }
-            /* On a busy machine the peer may be runnable on this very core: spinning
-               without yielding would keep it from sending what we wait for. */
-            sched_yield();
             if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) {
                 hp_reader_exit(ep);
                 return HP_CLOSED;

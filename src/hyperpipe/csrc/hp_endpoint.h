@@ -48,16 +48,18 @@ typedef struct hp_endpoint {
     int pending_signal;        /* reader-local: rx_efd holds (or is about to hold) a count */
     int holds_token;           /* reader-local: reader_armed is HP_TOKEN_READER by our hand */
     int lazy_held;             /* reader-local: left a call without restoring the fd invariant */
+    int rings_populated;       /* process-local: the rings' page tables were filled here */
     _Atomic int readiness_exposed; /* process-local: fileno() was asked for (hp_reader_sync) */
     int peer_eof;              /* reader-local: sock reported HUP */
     int64_t last_peer_check;   /* sender-local */
     int peer_gone;             /* sender-local, sticky */
     uint32_t seen_consumer_closes; /* sender-local */
     uint64_t spin_ns, spin_min_ns, spin_max_ns;
+    uint32_t published_cpu;    /* process-local: 1 + the CPU last written to the rings */
     uint64_t max_inflight_bytes, max_inflight_msgs;
     /* statistics, process-local */
     uint64_t msgs_sent, msgs_recv, bytes_sent, bytes_recv;
-    uint64_t sleeps, wakes_sent, writer_waits, oob_sent, oob_recv;
+    uint64_t sleeps, wakes_sent, writer_waits, oob_sent, oob_recv, shared_cpu_yields;
 } hp_endpoint;
 
 int64_t hp_now_ns(void);
@@ -77,7 +79,8 @@ void hp_endpoint_release(hp_endpoint *ep);
 /* In a forked child: fresh close_efd/epoll, no thread inside. */
 int hp_endpoint_after_fork(hp_endpoint *ep);
 
-/* Enter/leave guards for close(): enter returns 0 if closed. */
+/* Enter/leave guards for close(): enter returns 0 if closed. The first enter in a
+ * process also fills the page tables of the rings (see hp_endpoint.c). */
 int hp_enter(hp_endpoint *ep);
 void hp_leave(hp_endpoint *ep);
 

@@ -22,6 +22,10 @@
  *   consumer_closes incremented (release) by the consumer after closing its socket; the
  *                   producer compares it (relaxed) on every send and, when it changed,
  *                   looks at the socket at once: a clean close is seen by the next send.
+ *   producer_cpu,   1 + the CPU the producer/consumer last waited on (0: unknown), written
+ *   consumer_cpu    relaxed by its owner only when it changed, read relaxed by the other
+ *                   side: a scheduling hint with no ordering duty (a stale value costs one
+ *                   needless or one missed yield, never a lost message).
  * Header fields are written once before the segment is shared and never change.
  */
 #ifndef HP_RING_H
@@ -32,7 +36,7 @@
 #include <stdint.h>
 
 #define HP_MAGIC UINT64_C(0x45504950524550ff) /* "\xffREPIPE" little-endian-ish tag */
-#define HP_VERSION 2u
+#define HP_VERSION 3u
 #define HP_CACHE_LINE 64
 #define HP_DATA_ALIGN 4096
 #define HP_FRAME_HEADER 8u
@@ -59,12 +63,14 @@ typedef struct hp_ring_ctrl {
     _Atomic uint64_t oob_bytes_sent;
     _Atomic uint64_t oob_msgs_sent;
     _Atomic uint32_t writer_waiting;
+    _Atomic uint32_t producer_cpu;
     /* consumer-written line */
     _Alignas(HP_CACHE_LINE) _Atomic uint64_t tail;
     _Atomic uint64_t oob_bytes_recv;
     _Atomic uint64_t oob_msgs_recv;
     _Atomic uint32_t reader_armed;
     _Atomic uint32_t consumer_closes; /* +1 (release) after a copy of the consumer's end closed */
+    _Atomic uint32_t consumer_cpu;
     /* futex line */
     _Alignas(HP_CACHE_LINE) _Atomic uint32_t space_seq;
 } hp_ring_ctrl;

@@ -1,0 +1,116 @@
+"""How the shared-memory core behaves toward the machine: page faults and shared CPUs.
+
+These assert behaviour through counters (page faults, the endpoint's statistics), never
+through timings: how fast it is, the benchmark measures.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+from typing import Any
+
+import pytest
+from shm_helpers import join_or_kill
+
+import hyperpipe
+
+RING = 1 << 20
+MSG = b"\x5a" * 64
+# 64-byte messages take 72 bytes of ring each: two passes through a 1 MiB ring.
+ROUND_TRIPS = 2 * RING // 72
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _ping(conn: Any, n: int) -> int:
+    """`n` round trips as the initiator; the page faults they took in this process."""
+    conn.send_bytes(MSG)  # the first call maps the rings: not counted
+    conn.recv_bytes()
+    before = _minor_faults()
+    for _ in range(n):
+        conn.send_bytes(MSG)
+        conn.recv_bytes()
+    return _minor_faults() - before
+
+
+def _echo_and_count(conn: Any, n: int, out: Any) -> None:
+    conn.recv_bytes()
+    conn.send_bytes(MSG)
+    before = _minor_faults()
+    for _ in range(n):
+        conn.send_bytes(conn.recv_bytes())
+    out.send(_minor_faults() - before)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_ring_pass_takes_no_page_fault_per_page(start_method: str) -> None:
+    # Without mapping the rings in one go, each side faults once per 4 KiB of each ring
+    # on its first pass (2 rings x 256 pages here), and a forked child always does:
+    # fork copies no page tables of a shared mapping.
+    ctx = multiprocessing.get_context(start_method)
+    a, b = hyperpipe.Pipe(ring_size=RING)
+    report_r, report_w = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_echo_and_count, args=(b, ROUND_TRIPS, report_w))
+    child.start()
+    b.close()
+    report_w.close()
+    try:
+        parent_faults = _ping(a, ROUND_TRIPS)
+        assert report_r.poll(60), "the child did not report"
+        child_faults = report_r.recv()
+    finally:
+        a.close()
+        report_r.close()
+        assert join_or_kill(child) == 0
+    pages = 2 * RING // 4096
+    # Python allocates a little on its own; a fault per ring page would be >= 512.
+    assert parent_faults < pages // 8, parent_faults
+    assert child_faults < pages // 8, child_faults
+
+
+def _echo_pinned(conn: Any, cpu: int, n: int, out: Any) -> None:
+    os.sched_setaffinity(0, {cpu})
+    for _ in range(n):
+        conn.send_bytes(conn.recv_bytes())
+    out.send(conn.statistics()["shared_cpu_yields"])
+
+
+def _pinned_round_trips(parent_cpu: int, child_cpu: int, n: int = 3000) -> tuple[int, int]:
+    ctx = multiprocessing.get_context("fork")
+    a, b = hyperpipe.Pipe()
+    report_r, report_w = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_echo_pinned, args=(b, child_cpu, n, report_w))
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {parent_cpu})
+    try:
+        child.start()
+        b.close()
+        report_w.close()
+        for i in range(n):
+            a.send_bytes(i.to_bytes(4, "little"))
+            assert a.recv_bytes() == i.to_bytes(4, "little")
+        assert report_r.poll(60), "the child did not report"
+        return a.statistics()["shared_cpu_yields"], report_r.recv()
+    finally:
+        os.sched_setaffinity(0, saved)
+        a.close()
+        report_r.close()
+        assert join_or_kill(child) == 0
+
+
+def test_a_waiter_on_its_peers_cpu_hands_the_cpu_over() -> None:
+    # Both ends on one CPU: each wait finds the peer there and yields to it at once
+    # (spinning would only delay the peer until the time slice ends).
+    cpu = min(os.sched_getaffinity(0))
+    parent_yields, child_yields = _pinned_round_trips(cpu, cpu)
+    assert parent_yields > 0 and child_yields > 0, (parent_yields, child_yields)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_waiters_on_different_cpus_never_yield_for_the_peer() -> None:
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    assert _pinned_round_trips(first, second) == (0, 0)
