@@ -538,6 +538,7 @@ static PyObject *Endpoint_heap_alloc(EndpointObject *self, PyObject *arg) {
             int64_t off = hp_heap_alloc(&m->heap, nbytes);
             if (off == -2) PyErr_SetFromErrno(PyExc_OSError);
             else ret = PyLong_FromLongLong(off);
+            if (off >= 0) hp_announce(&self->ep, nbytes); /* the copy into it starts now */
         }
     }
     hp_leave(&self->ep);
@@ -575,8 +576,13 @@ out:
 static PyObject *Endpoint_heap_free(EndpointObject *self, PyObject *args) {
     unsigned long long offset, nbytes;
     if (!PyArg_ParseTuple(args, "KK", &offset, &nbytes)) return NULL;
-    if (self->tx_heap && offset < self->ep.heap_size && nbytes <= self->ep.heap_size - offset)
+    if (self->tx_heap && offset < self->ep.heap_size && nbytes <= self->ep.heap_size - offset) {
         hp_heap_free(self->tx_heap->heap.bits, offset, nbytes);
+        if (self->opened && hp_enter(&self->ep)) { /* that message will not come */
+            hp_unannounce(&self->ep);
+            hp_leave(&self->ep);
+        }
+    }
     Py_RETURN_NONE;
 }
 

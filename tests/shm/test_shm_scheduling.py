@@ -1,4 +1,4 @@
-"""How the shared-memory core behaves toward the machine: page faults and shared CPUs.
+"""How the shared-memory core behaves toward the machine: page faults, CPUs, spinning.
 
 These assert behaviour through counters (page faults, the endpoint's statistics), never
 through timings: how fast it is, the benchmark measures.
@@ -9,12 +9,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import threading
+import time
 from typing import Any
 
 import pytest
 from shm_helpers import join_or_kill
 
 import hyperpipe
+from hyperpipe import _shm_transport
 
 RING = 1 << 20
 MSG = b"\x5a" * 64
@@ -114,3 +117,64 @@ def test_a_waiter_on_its_peers_cpu_hands_the_cpu_over() -> None:
 def test_waiters_on_different_cpus_never_yield_for_the_peer() -> None:
     first, second = sorted(os.sched_getaffinity(0))[:2]
     assert _pinned_round_trips(first, second) == (0, 0)
+
+
+# -- a receiver waiting for a big message that is being copied --------------------------
+
+BIG = 16 << 20  # announced copy: the receiver may spin up to ~8 ms for it
+
+
+def _receive_in_thread(end: Any, timeout: float) -> tuple[threading.Thread, dict]:
+    got: dict = {}
+
+    def run() -> None:
+        before, cpu = end.statistics()["sleeps"], time.thread_time()
+        try:
+            got["frame"] = end.recv_frame(None, time.monotonic() + timeout)
+        except Exception as exc:
+            got["error"] = exc
+        got["sleeps"] = end.statistics()["sleeps"] - before
+        got["cpu_s"] = time.thread_time() - cpu
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, got
+
+
+def test_a_receiver_spins_through_an_announced_copy(pair: Any) -> None:
+    # The sender reserves heap space (which announces the copy), then takes 2 ms, 40
+    # times the spin window, before it publishes: the receiver keeps spinning instead of
+    # going to sleep mid-copy and paying a wake-up on top of the copy.
+    a, b = pair
+    ep = a._ep
+    payload = memoryview(b"\x01" * BIG)
+    a.send_frame(payload, None)  # once, so that the heap's pages exist in both processes
+    b.recv_frame(None, None).release()
+    offset = ep.heap_alloc(BIG)
+    assert offset >= 0
+    thread, got = _receive_in_thread(b, timeout=10)
+    time.sleep(0.002)
+    ep.heap_write(offset, payload)
+    ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (), BIG, None)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert "error" not in got, got.get("error")
+    frame = got["frame"]
+    assert len(frame) == BIG and frame[0] == 1 and frame[-1] == 1
+    frame.release()
+    assert got["sleeps"] == 0
+
+
+def test_an_abandoned_copy_stops_holding_the_receiver(pair: Any) -> None:
+    # A send that reserved heap space and then failed frees it, and with it the
+    # announcement: the receiver goes back to its 50 µs spin and sleeps, instead of
+    # spinning for the ~8 ms the copy of 16 MiB was announced to take.
+    a, b = pair
+    ep = a._ep
+    offset = ep.heap_alloc(BIG)
+    ep.heap_free(offset, BIG)
+    thread, got = _receive_in_thread(b, timeout=0.2)
+    thread.join(10)
+    assert isinstance(got.get("error"), hyperpipe.TimeoutError)
+    assert got["sleeps"] >= 1
+    assert got["cpu_s"] < 0.003, got["cpu_s"]

@@ -48,6 +48,7 @@ typedef struct hp_endpoint {
     int pending_signal;        /* reader-local: rx_efd holds (or is about to hold) a count */
     int holds_token;           /* reader-local: reader_armed is HP_TOKEN_READER by our hand */
     int lazy_held;             /* reader-local: left a call without restoring the fd invariant */
+    int announced;             /* sender-local: busy_until is set */
     int rings_populated;       /* process-local: the rings' page tables were filled here */
     _Atomic int readiness_exposed; /* process-local: fileno() was asked for (hp_reader_sync) */
     int peer_eof;              /* reader-local: sock reported HUP */
@@ -94,6 +95,12 @@ int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *pa
 /* Sender: non-blocking attempt; HP_TIMEOUT when it would block. */
 int hp_try_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
                 const uint64_t *lens, int nparts);
+
+/* Sender: about to copy `nbytes` for the next frame (out of band). A receiver waiting
+ * for it keeps spinning for about as long as the copy should take, instead of going to
+ * sleep mid-copy and paying a wake-up. Cleared by the next send or hp_unannounce. */
+void hp_announce(hp_endpoint *ep, uint64_t nbytes);
+void hp_unannounce(hp_endpoint *ep);
 
 /* Receiver: wait for a frame (peeked, not consumed). HP_OK, HP_EOF, HP_TIMEOUT,
  * HP_CLOSED or HP_ECORRUPT. deadline_ns < 0: no limit; 0: do not wait. */

@@ -22,6 +22,9 @@
  *   consumer_closes incremented (release) by the consumer after closing its socket; the
  *                   producer compares it (relaxed) on every send and, when it changed,
  *                   looks at the socket at once: a clean close is seen by the next send.
+ *   busy_until      the producer's estimate (CLOCK_MONOTONIC ns) of when the big message it
+ *                   is copying will be published, 0 when none: stored relaxed by the
+ *                   producer, read relaxed by a spinning consumer (a hint, as below).
  *   producer_cpu,   1 + the CPU the producer/consumer last waited on (0: unknown), written
  *   consumer_cpu    relaxed by its owner only when it changed, read relaxed by the other
  *                   side: a scheduling hint with no ordering duty (a stale value costs one
@@ -64,6 +67,7 @@ typedef struct hp_ring_ctrl {
     _Atomic uint64_t oob_msgs_sent;
     _Atomic uint32_t writer_waiting;
     _Atomic uint32_t producer_cpu;
+    _Atomic int64_t busy_until;
     /* consumer-written line */
     _Alignas(HP_CACHE_LINE) _Atomic uint64_t tail;
     _Atomic uint64_t oob_bytes_recv;
