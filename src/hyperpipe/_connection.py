@@ -280,7 +280,11 @@ class Connection(Generic[_SendT, _RecvT]):
     def allocate_buffer(self, nbytes: int) -> Any:
         """A writable shared buffer of ``nbytes`` that ``send``/``send_bytes`` pass without copying.
 
-        Only the shared-memory transport has them; others raise ``NotImplementedError``.
+        Fill it (``numpy.frombuffer(buf, dtype)`` gives an array over it) and send it, or an
+        array over it, on this connection: the receiver gets the same pages (read-only
+        views with ``recv(copy=False)``, a private copy with ``copy=True``). The buffer stays
+        shared: what you write after sending, a view still receiving it sees. Only the
+        shared-memory transport has them; others raise ``NotImplementedError``.
         """
         transport = self._for_sending()
         allocate = getattr(transport, "allocate_buffer", None)

@@ -25,7 +25,9 @@ typedef struct {
     pid_t pid; /* blocks free their granules only in the process that received them */
 } HeapMapObject;
 
-/* One received block of a heap: a buffer exporter; its granules are freed when it dies. */
+/* A block of a heap: a buffer exporter holding one reference to the block (hp_heap.h),
+ * dropped when it dies. Received blocks are views of the peer's heap; writable blocks of
+ * our own heap come from allocate_buffer. */
 typedef struct {
     PyObject_HEAD
     HeapMapObject *map;
@@ -50,7 +52,7 @@ static void HeapMap_dealloc(HeapMapObject *self) {
 
 static void HeapBlock_dealloc(HeapBlockObject *self) {
     if (self->map) {
-        if (self->map->pid == getpid()) hp_heap_free(self->map->heap.bits, self->offset, self->nbytes);
+        if (self->map->pid == getpid()) hp_heap_release(&self->map->heap, self->offset);
         Py_DECREF(self->map);
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -525,24 +527,37 @@ static HeapMapObject *get_heap(EndpointObject *self, HeapMapObject **slot, int i
     return m;
 }
 
-static PyObject *Endpoint_heap_alloc(EndpointObject *self, PyObject *arg) {
-    unsigned long long nbytes = PyLong_AsUnsignedLongLong(arg);
-    if (PyErr_Occurred()) return NULL;
-    if (!check_dir(self, 'w')) return NULL;
-    PyObject *ret = NULL;
-    if (!self->ep.heap_size) {
-        ret = PyLong_FromLong(-1);
-    } else {
-        HeapMapObject *m = get_heap(self, &self->tx_heap, self->ep.tx_index);
-        if (m) {
-            int64_t off = hp_heap_alloc(&m->heap, nbytes);
-            if (off == -2) PyErr_SetFromErrno(PyExc_OSError);
-            else ret = PyLong_FromLongLong(off);
-            if (off >= 0) hp_announce(&self->ep, nbytes); /* the copy into it starts now */
+/* Reserve a block of our heap for `arg` bytes. Returns NULL with an exception set, or
+ * the heap's mapping with *off the block's data offset (-1: no heap, or no room). */
+static HeapMapObject *reserve_block(EndpointObject *self, PyObject *arg, unsigned long long *nbytes,
+                                    int64_t *off) {
+    *nbytes = PyLong_AsUnsignedLongLong(arg);
+    *off = -1;
+    if (PyErr_Occurred() || !check_dir(self, 'w')) return NULL;
+    HeapMapObject *m = self->ep.heap_size ? get_heap(self, &self->tx_heap, self->ep.tx_index) : self->tx_heap;
+    if (m) {
+        *off = hp_heap_alloc(&m->heap, *nbytes);
+        if (*off == -2) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            m = NULL;
         }
+    } else if (!self->ep.heap_size) {
+        m = (HeapMapObject *)Py_None; /* no heap: not an error, *off stays -1 */
     }
     hp_leave(&self->ep);
-    return ret;
+    return m;
+}
+
+/* heap_alloc(nbytes): the data offset of a block for a message about to be copied in. */
+static PyObject *Endpoint_heap_alloc(EndpointObject *self, PyObject *arg) {
+    unsigned long long nbytes;
+    int64_t off;
+    if (!reserve_block(self, arg, &nbytes, &off)) return NULL;
+    if (off >= 0 && hp_enter(&self->ep)) { /* the copy into it starts now */
+        hp_announce(&self->ep, nbytes);
+        hp_leave(&self->ep);
+    }
+    return PyLong_FromLongLong(off);
 }
 
 static PyObject *Endpoint_heap_write(EndpointObject *self, PyObject *args) {
@@ -573,17 +588,68 @@ out:
     return ret;
 }
 
-static PyObject *Endpoint_heap_free(EndpointObject *self, PyObject *args) {
-    unsigned long long offset, nbytes;
-    if (!PyArg_ParseTuple(args, "KK", &offset, &nbytes)) return NULL;
-    if (self->tx_heap && offset < self->ep.heap_size && nbytes <= self->ep.heap_size - offset) {
-        hp_heap_free(self->tx_heap->heap.bits, offset, nbytes);
-        if (self->opened && hp_enter(&self->ep)) { /* that message will not come */
-            hp_unannounce(&self->ep);
-            hp_leave(&self->ep);
-        }
+/* heap_release(offset): drop the reference a frame that was never sent held. */
+static PyObject *Endpoint_heap_release(EndpointObject *self, PyObject *arg) {
+    unsigned long long offset = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    if (self->tx_heap) hp_heap_release(&self->tx_heap->heap, offset);
+    if (self->opened && hp_enter(&self->ep)) { /* that message will not come */
+        hp_unannounce(&self->ep);
+        hp_leave(&self->ep);
     }
     Py_RETURN_NONE;
+}
+
+static HeapBlockObject *new_block(HeapMapObject *m, uint64_t offset, uint64_t nbytes, int readonly) {
+    HeapBlockObject *b = PyObject_New(HeapBlockObject, &HeapBlockType);
+    if (b) {
+        b->map = (HeapMapObject *)Py_NewRef(m);
+        b->offset = offset;
+        b->nbytes = nbytes;
+        b->readonly = readonly;
+    }
+    return b;
+}
+
+/* heap_buffer(nbytes): a writable block of our heap (allocate_buffer), or None when the
+ * heap has no room. Its reference is dropped when it dies; sends take their own. */
+static PyObject *Endpoint_heap_buffer(EndpointObject *self, PyObject *arg) {
+    unsigned long long nbytes;
+    int64_t off;
+    HeapMapObject *m = reserve_block(self, arg, &nbytes, &off);
+    if (!m) return NULL;
+    if (off < 0) Py_RETURN_NONE;
+    PyObject *ret = (PyObject *)new_block(m, (uint64_t)off, nbytes, 0);
+    if (!ret) hp_heap_release(&m->heap, (uint64_t)off);
+    return ret;
+}
+
+/* heap_share(block, data): if `block` is a live buffer of our heap made in this process
+ * and `data` (a contiguous buffer) lies inside it, take a reference for a frame that
+ * will carry it and return (block offset, data's offset in the block); else None. */
+static PyObject *Endpoint_heap_share(EndpointObject *self, PyObject *args) {
+    PyObject *obj;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Oy*", &obj, &data)) return NULL;
+    PyObject *ret = NULL;
+    if (!check_dir(self, 'w')) goto out;
+    HeapBlockObject *b = (HeapBlockObject *)obj;
+    if (!PyObject_TypeCheck(obj, &HeapBlockType) || !self->tx_heap || b->map != self->tx_heap ||
+        b->map->pid != getpid() || b->readonly) {
+        ret = Py_NewRef(Py_None);
+    } else {
+        const unsigned char *start = b->map->heap.data + b->offset, *p = (const unsigned char *)data.buf;
+        if (p < start || (uint64_t)(p - start) > b->nbytes || (uint64_t)data.len > b->nbytes - (uint64_t)(p - start)) {
+            ret = Py_NewRef(Py_None);
+        } else {
+            hp_heap_retain(&b->map->heap, b->offset);
+            ret = Py_BuildValue("(KK)", (unsigned long long)b->offset, (unsigned long long)(p - start));
+        }
+    }
+    hp_leave(&self->ep);
+out:
+    PyBuffer_Release(&data);
+    return ret;
 }
 
 /* heap_block(offset, nbytes, readonly): the received block at offset (rx heap). */
@@ -596,17 +662,10 @@ static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
     HeapMapObject *m = get_heap(self, &self->rx_heap, self->ep.rx_index);
     if (m) {
         if (offset > self->ep.heap_size || nbytes > self->ep.heap_size - offset ||
-            offset % HP_HEAP_GRANULE) {
+            !hp_heap_valid_offset(&m->heap, offset)) {
             PyErr_SetString(Err_Protocol ? Err_Protocol : PyExc_OSError, "heap block out of range");
         } else {
-            HeapBlockObject *b = PyObject_New(HeapBlockObject, &HeapBlockType);
-            if (b) {
-                b->map = (HeapMapObject *)Py_NewRef(m);
-                b->offset = offset;
-                b->nbytes = nbytes;
-                b->readonly = readonly;
-                ret = (PyObject *)b;
-            }
+            ret = (PyObject *)new_block(m, offset, nbytes, readonly);
         }
     }
     hp_leave(&self->ep);
@@ -694,7 +753,9 @@ static PyMethodDef Endpoint_methods[] = {
     {"fds", (PyCFunction)Endpoint_fds, METH_NOARGS, NULL},
     {"heap_alloc", (PyCFunction)Endpoint_heap_alloc, METH_O, NULL},
     {"heap_write", (PyCFunction)Endpoint_heap_write, METH_VARARGS, NULL},
-    {"heap_free", (PyCFunction)Endpoint_heap_free, METH_VARARGS, NULL},
+    {"heap_release", (PyCFunction)Endpoint_heap_release, METH_O, NULL},
+    {"heap_buffer", (PyCFunction)Endpoint_heap_buffer, METH_O, NULL},
+    {"heap_share", (PyCFunction)Endpoint_heap_share, METH_VARARGS, NULL},
     {"heap_block", (PyCFunction)Endpoint_heap_block, METH_VARARGS, NULL},
     {"stats", (PyCFunction)Endpoint_stats, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},

@@ -68,6 +68,8 @@ DEFAULT_OPTIONS: dict[str, int] = {
     "spin_us": 50,  # how long a waiting receiver/sender spins before sleeping
 }
 
+_HeapBlock = getattr(_core, "HeapBlock", None)
+
 if _core is not None:
     _core._set_errors(
         errors.TimeoutError,
@@ -137,11 +139,14 @@ def _new_memfd(nbytes: int) -> int:
     return fd
 
 
-def _shared_origin(obj: Any, nbytes: int) -> Optional[SharedBuffer]:
-    """The SharedBuffer that ``obj`` (a buffer exporter) views entirely, if any."""
+def _origin(obj: Any) -> Any:
+    """The SharedBuffer or heap block (allocate_buffer) that ``obj`` views, if any.
+
+    Follows ``base`` (numpy) and ``obj`` (memoryview) a few steps; None otherwise.
+    """
     for _ in range(4):
-        if isinstance(obj, SharedBuffer):
-            return obj if len(obj) == nbytes else None
+        if isinstance(obj, SharedBuffer) or (_HeapBlock is not None and type(obj) is _HeapBlock):
+            return obj
         nxt = getattr(obj, "base", None)
         if nxt is None:
             nxt = getattr(obj, "obj", None)
@@ -239,20 +244,32 @@ class ShmTransport(Transport):
         if type(data) is not memoryview:
             data = memoryview(data)
         size = len(data)
-        origin = _shared_origin(data.obj, size) if data.contiguous else None
-        if origin is not None:
-            self._ep.send_parts(KIND_BLOB, FLAG_SHARED, _Q.pack(size), None, (origin._hp_fd,), size, deadline)
-            return
         ep = self._ep
+        origin = _origin(data.obj) if data.contiguous else None
+        if origin is not None:
+            if isinstance(origin, SharedBuffer):
+                if len(origin) == size:
+                    ep.send_parts(KIND_BLOB, FLAG_SHARED, _Q.pack(size), None, (origin._hp_fd,), size, deadline)
+                    return
+            else:
+                # A block of our own heap (allocate_buffer) starting where the data does:
+                # the frame takes a reference to it, nothing is copied.
+                shared = ep.heap_share(origin, data)
+                if shared is not None:
+                    offset, at = shared
+                    if at == 0:
+                        self._send_heap_frame(KIND_HEAP_BLOB, FLAG_SHARED, _PAIR.pack(size, offset), None,
+                                              offset, size, deadline)
+                        return
+                    ep.heap_release(offset)
         offset = ep.heap_alloc(size) if self._heap else -1
         if offset >= 0:
             try:
                 ep.heap_write(offset, data)
-                ep.send_parts(KIND_HEAP_BLOB, 0, _PAIR.pack(size, offset), None, (), size, deadline)
-                self._heap_sent += 1
             except BaseException:
-                ep.heap_free(offset, size)  # the frame was not sent: the block is still ours
+                ep.heap_release(offset)
                 raise
+            self._send_heap_frame(KIND_HEAP_BLOB, 0, _PAIR.pack(size, offset), None, offset, size, deadline)
             return
         fd = _new_memfd(size)
         try:
@@ -281,17 +298,37 @@ class ShmTransport(Transport):
         finally:
             stream.release()
             self._oob_buffers = []
+            # The memo refers to what was pickled: keep nothing of the caller's alive.
+            self._pickler.clear_memo()
+
+    def _send_heap_frame(self, kind: int, flags: int, head: bytes, body: Any, offset: int, size: int,
+                         deadline: Deadline) -> None:
+        """Send a frame that refers to a block of our heap, which holds a reference for it."""
+        try:
+            self._ep.send_parts(kind, flags, head, body, (), size, deadline)
+        except BaseException:
+            self._ep.heap_release(offset)  # the frame was not sent: its reference goes
+            raise
+        self._heap_sent += 1
 
     def _send_object_oob(self, stream: memoryview, buffers: list, deadline: Deadline) -> None:
         raws = [b.raw() for b in buffers]
         ep = self._ep
         try:
             if len(raws) == 1 and len(stream) <= self._inline - 64:
-                origin = _shared_origin(raws[0].obj, raws[0].nbytes)
-                if origin is not None:  # zero-copy: pass the user's own shared pages
-                    size = raws[0].nbytes
+                # zero-copy: the user's own shared pages (allocate_buffer) go across
+                size = raws[0].nbytes
+                origin = _origin(raws[0].obj)
+                if isinstance(origin, SharedBuffer) and len(origin) == size:
                     head = _OBJ_HEAD.pack(size, 0, 1, 0) + _PAIR.pack(0, size) + _PAIR.pack(_INLINE, len(stream))
                     ep.send_parts(KIND_OBJECT, FLAG_SHARED, head, stream, (origin._hp_fd,), size, deadline)
+                    return
+                shared = ep.heap_share(origin, raws[0]) if origin is not None and not isinstance(origin, SharedBuffer) else None
+                if shared is not None:
+                    offset, at = shared
+                    block = len(origin)
+                    head = _OBJ_HEAD.pack(block, offset, 1, 0) + _PAIR.pack(at, size) + _PAIR.pack(_INLINE, len(stream))
+                    self._send_heap_frame(KIND_HEAP_OBJECT, FLAG_SHARED, head, stream, offset, size, deadline)
                     return
             table = []
             offset = 0
@@ -317,11 +354,10 @@ class ShmTransport(Transport):
                         ep.heap_write(base + o, raw)
                     if not stream_inline:
                         ep.heap_write(base + stream_at, stream)
-                    ep.send_parts(KIND_HEAP_OBJECT, 0, head, body, (), total, deadline)
-                    self._heap_sent += 1
                 except BaseException:
-                    ep.heap_free(base, total)
+                    ep.heap_release(base)
                     raise
+                self._send_heap_frame(KIND_HEAP_OBJECT, 0, head, body, base, total, deadline)
                 return
             fd = _new_memfd(total)
             try:
@@ -340,6 +376,11 @@ class ShmTransport(Transport):
     def allocate_buffer(self, nbytes: int) -> Any:
         if nbytes == 0:
             return bytearray()
+        if self._heap and nbytes >= self._inline:
+            # A block of this pipe's heap: mapped on both sides already, reused once free.
+            block = self._ep.heap_buffer(nbytes)
+            if block is not None:
+                return memoryview(block)
         return SharedBuffer._create(nbytes)
 
     # -- receiving ------------------------------------------------------------------

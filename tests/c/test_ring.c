@@ -241,23 +241,36 @@ static void test_heap(void) {
     uint64_t off1 = hp_segment_heap_offset(4096, 2, heap_size, 1);
     assert(hp_heap_map(&prod, memfd, off1, heap_size) == 0);
     assert(hp_heap_map(&cons, memfd, off1, heap_size) == 0);
-    int64_t a = hp_heap_alloc(&prod, 3 * HP_HEAP_GRANULE + 1); /* 4 granules */
+    const uint64_t H = HP_HEAP_BLOCK_HEADER, G = HP_HEAP_GRANULE;
+    int64_t a = hp_heap_alloc(&prod, 3 * G + 1); /* 4 granules, with the block header */
     int64_t b = hp_heap_alloc(&prod, 1);
-    assert(a == 0 && b == (int64_t)(4 * HP_HEAP_GRANULE));
-    memset(prod.data + a, 0xAB, 3 * HP_HEAP_GRANULE + 1);
-    assert(cons.data[a] == 0xAB && cons.data[a + 3 * HP_HEAP_GRANULE] == 0xAB); /* same pages */
+    assert(a == (int64_t)H && b == (int64_t)(4 * G + H)); /* data offsets, after the headers */
+    assert(hp_heap_valid_offset(&cons, (uint64_t)a) && !hp_heap_valid_offset(&cons, (uint64_t)a + 8));
+    memset(prod.data + a, 0xAB, 3 * G + 1);
+    assert(cons.data[a] == 0xAB && cons.data[a + 3 * G] == 0xAB); /* same pages */
     assert(hp_heap_alloc(&prod, heap_size) == -1); /* no room for everything */
-    int64_t c = hp_heap_alloc(&prod, 59 * HP_HEAP_GRANULE); /* exactly the rest */
-    assert(c == (int64_t)(5 * HP_HEAP_GRANULE));
+    assert(hp_heap_alloc(&prod, 59 * G) == -1);    /* 59 granules left, the header makes 60 */
+    int64_t c = hp_heap_alloc(&prod, 59 * G - H);  /* exactly the rest */
+    assert(c == (int64_t)(5 * G + H));
     assert(hp_heap_alloc(&prod, 1) == -1); /* full */
-    hp_heap_free(cons.bits, (uint64_t)a, 3 * HP_HEAP_GRANULE + 1); /* the consumer frees */
-    assert(hp_heap_alloc(&prod, 5 * HP_HEAP_GRANULE) == -1); /* a 4-granule hole only */
-    int64_t d = hp_heap_alloc(&prod, 4 * HP_HEAP_GRANULE);
+    hp_heap_release(&cons, (uint64_t)a); /* the consumer drops the message's reference */
+    assert(hp_heap_alloc(&prod, 4 * G) == -1); /* a 4-granule hole only (4 G + header > 4 G) */
+    int64_t d = hp_heap_alloc(&prod, 4 * G - H);
     assert(d == a); /* first fit: the hole */
-    hp_heap_free(cons.bits, (uint64_t)b, 1);
-    hp_heap_free(cons.bits, (uint64_t)c, 59 * HP_HEAP_GRANULE);
-    hp_heap_free(cons.bits, (uint64_t)d, 4 * HP_HEAP_GRANULE);
-    assert(hp_heap_alloc(&prod, heap_size) == 0); /* all free again */
+    /* a second reference (a send of an allocate_buffer block): freed by the last drop */
+    hp_heap_retain(&prod, (uint64_t)d);
+    hp_heap_release(&cons, (uint64_t)d);
+    assert(hp_heap_alloc(&prod, 1) == -1); /* still held */
+    hp_heap_release(&prod, (uint64_t)d);
+    hp_heap_release(&prod, (uint64_t)d);        /* one drop too many: ignored */
+    hp_heap_release(&cons, (uint64_t)d + 4096); /* not a block: ignored */
+    hp_heap_release(&cons, UINT64_C(1) << 40);  /* outside the heap: ignored */
+    int64_t e = hp_heap_alloc(&prod, 1);
+    assert(e == d);
+    hp_heap_release(&cons, (uint64_t)b);
+    hp_heap_release(&cons, (uint64_t)c);
+    hp_heap_release(&cons, (uint64_t)e);
+    assert(hp_heap_alloc(&prod, heap_size - H) == (int64_t)H); /* all free again */
     hp_heap_unmap(&prod);
     hp_heap_unmap(&cons);
     close(memfd);

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from shm_helpers import join_or_kill
+from shm_helpers import join_or_kill, memfd_fds
 
 import hyperpipe
 from hyperpipe._shm_transport import shm_pipe
@@ -139,6 +139,123 @@ def test_allocate_buffer_zero_copy_send(pair: Any) -> None:
     shared[1] = 42.0
     assert private[1] == 1.5 and private[0] == 99.0 and private.flags.writeable
     assert a.allocate_buffer(0) == bytearray()
+
+
+def _address(buf: Any) -> int:
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data
+
+
+def test_allocate_buffer_comes_from_the_pipes_heap(pair: Any) -> None:
+    # No memfd, no mapping per message: a block of the heap both sides have mapped.
+    a, b = pair
+    memfds = memfd_fds()
+    buf = a.allocate_buffer(MiB)
+    np.frombuffer(buf, dtype=np.uint8)[:] = 3
+    a.send_frame(memoryview(buf), None)
+    frame = b.recv_frame(None, soon())
+    assert memfd_fds() == memfds
+    assert len(frame) == MiB and frame[0] == 3 and frame.readonly
+    assert a.statistics()["heap_sent"] == 1 and b.statistics()["heap_received"] == 1
+    del frame, buf
+
+
+@pytest.mark.parametrize("first_to_let_go", ["sender", "receiver"])
+def test_a_shared_heap_block_is_reused_only_once_both_sides_let_go(first_to_let_go: str) -> None:
+    a, b = shm_pipe(True)
+    try:
+        buf = a.allocate_buffer(MiB)
+        address = _address(buf)
+        arr = np.frombuffer(buf, dtype=np.float64)
+        arr[:] = 2.0
+        a.send_object(arr, None)
+        view = b.recv_object(soon(), copy=False)
+        assert view[0] == 2.0
+        if first_to_let_go == "sender":
+            del arr, buf
+        else:
+            del view
+        other = a.allocate_buffer(MiB)
+        assert _address(other) != address  # the other side still holds the block
+        if first_to_let_go == "sender":
+            assert view[-1] == 2.0
+            del view
+        else:
+            del arr, buf
+        del other
+        again = a.allocate_buffer(MiB)
+        assert _address(again) == address  # first fit: freed by whoever let go last
+        del again
+    finally:
+        a.close()
+        b.close()
+
+
+def test_parts_of_a_shared_buffer_and_other_pipes(pair: Any) -> None:
+    a, b = pair
+    buf = a.allocate_buffer(2 * MiB)
+    arr = np.frombuffer(buf, dtype=np.float64)
+    arr[:] = np.arange(len(arr))
+    # send(obj) of a slice: the same pages go, at their offset in the block
+    a.send_object(arr[1000:], None)
+    part = b.recv_object(soon(), copy=False)
+    arr[1000] = -1.0
+    assert part[0] == -1.0 and part[-1] == len(arr) - 1 and len(part) == len(arr) - 1000
+    # send_bytes of a part that does not start the block: copied, still right
+    a.send_frame(memoryview(buf)[8:], None)
+    frame = b.recv_frame(None, soon())
+    assert bytes(frame[:8]) == np.float64(1.0).tobytes() and len(frame) == 2 * MiB - 8
+    # another pipe cannot refer to this pipe's heap: it copies
+    c, d = shm_pipe(True)
+    try:
+        c.send_object(arr, None)
+        copied = d.recv_object(soon(), copy=False)
+        arr[1] = 42.0
+        assert copied[1] == 1.0 and copied[1000] == -1.0
+        del copied
+    finally:
+        c.close()
+        d.close()
+    del part, frame, arr, buf
+
+
+class _Payload:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def test_the_sender_keeps_nothing_of_what_it_sent(pair: Any) -> None:
+    # The pickler is reused between sends; its memo must not keep the last object alive
+    # (a 256 MiB array the caller dropped would stay in memory until the next send).
+    import weakref
+
+    a, b = pair
+    arr = np.ones(MiB, dtype=np.uint8)
+    obj = _Payload(b"x" * 100)
+    refs = [weakref.ref(arr), weakref.ref(obj)]
+    a.send_object(arr, None)
+    a.send_object(obj, None)
+    assert b.recv_object(soon())[0] == 1 and b.recv_object(soon()).data == obj.data
+    del arr, obj
+    assert [r() for r in refs] == [None, None]
+
+
+def _drop_inherited(buf: Any) -> None:
+    del buf  # a forked copy must not free the parent's block
+
+
+def test_a_forked_child_dropping_a_shared_buffer_frees_nothing(pair: Any) -> None:
+    a, b = pair
+    buf = a.allocate_buffer(MiB)
+    address = _address(buf)
+    child = multiprocessing.get_context("fork").Process(target=_drop_inherited, args=(buf,))
+    child.start()
+    assert join_or_kill(child) == 0
+    other = a.allocate_buffer(MiB)
+    assert _address(other) != address
+    np.frombuffer(buf, dtype=np.uint8)[:] = 9
+    a.send_frame(memoryview(buf), None)
+    assert b.recv_frame(None, soon())[-1] == 9
+    del other, buf
 
 
 def test_inflight_cap_blocks_until_deadline_then_resumes() -> None:

@@ -172,7 +172,7 @@ def test_an_abandoned_copy_stops_holding_the_receiver(pair: Any) -> None:
     a, b = pair
     ep = a._ep
     offset = ep.heap_alloc(BIG)
-    ep.heap_free(offset, BIG)
+    ep.heap_release(offset)
     thread, got = _receive_in_thread(b, timeout=0.2)
     thread.join(10)
     assert isinstance(got.get("error"), hyperpipe.TimeoutError)

@@ -20,7 +20,7 @@ from ._scenarios import run_pair
 GROUPS = {
     "lat": ("lat_bytes", "lat_obj", "lat_asleep"),
     "stream": ("stream", "stream_batch"),
-    "large": ("large", "large_zc"),
+    "large": ("large", "large_zc", "large_zcs"),
     "idle": ("idle",),
 }
 DEFAULT_SIZES = "1MiB,16MiB,256MiB"
@@ -317,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     impl_info, active = [], []
     for impl in chosen:
         reason = impl.available()
-        features = {"batch": False, "zero_copy": False}
+        features = {"batch": False, "zero_copy": False, "zero_copy_send": False}
         if reason is None:
             try:
                 features = impl.features()
@@ -362,10 +362,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 steps.append(Step(test, impl, "stream_batch", {"msgs": cfg["stream_msgs"],
                                                                "warmup": cfg["stream_warmup"],
                                                                "batch": opts.batch, "max_msg": 100}))
-            elif test == "large" or (test == "large_zc" and features["zero_copy"]):
+            elif (test == "large" or (test == "large_zc" and features["zero_copy"])
+                  or (test == "large_zcs" and features.get("zero_copy_send"))):
                 for size, reps in zip(sizes, cfg["large_reps"]):
                     steps.append(Step(test, impl, "large", {"nbytes": size, "reps": reps, "max_msg": size,
-                                                            "zero_copy": test == "large_zc"}, size))
+                                                            "zero_copy": test != "large",
+                                                            "zero_copy_send": test == "large_zcs"}, size))
             elif test == "idle":
                 steps.append(Step(test, impl, "idle", {"idle_s": opts.idle_s, "max_msg": 4096}))
     for step in steps:

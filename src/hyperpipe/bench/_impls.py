@@ -50,8 +50,13 @@ class Impl:
         return None
 
     def features(self) -> dict:
-        """Optional abilities, detected on a real connection: ``batch``, ``zero_copy``."""
-        return {"batch": False, "zero_copy": False}
+        """Optional abilities, detected on a real connection: ``batch``, ``zero_copy``
+        (views on receive), ``zero_copy_send`` (``shared_array``)."""
+        return {"batch": False, "zero_copy": False, "zero_copy_send": False}
+
+    def shared_array(self, conn: Any, n: int) -> Any:
+        """A float64 array of ``n`` that ``send_array`` passes without copying."""
+        raise NotImplementedError
 
     def pair(self, ctx: Any, scenario: str, params: dict) -> tuple:
         raise NotImplementedError
@@ -141,13 +146,19 @@ class HyperpipePipe(Impl):
             # The socket transport accepts copy=False but always copies (Connection.recv's
             # docstring): a zero-copy row for it would only repeat the ordinary one.
             zero_copy = accepts_copy and self.transport != "socket"
-            return {"batch": batch, "zero_copy": zero_copy}
+            zero_copy_send = zero_copy and hasattr(a, "allocate_buffer")
+            return {"batch": batch, "zero_copy": zero_copy, "zero_copy_send": zero_copy_send}
         finally:
             a.close()
             b.close()
 
     def pair(self, ctx: Any, scenario: str, params: dict) -> tuple:
         return self._pipe()
+
+    def shared_array(self, conn: Any, n: int) -> Any:
+        import numpy as np
+
+        return np.frombuffer(conn.allocate_buffer(8 * n), dtype=np.float64)
 
 
 class MpTcp(Impl):
@@ -193,7 +204,7 @@ class HyperpipeAsync(HyperpipePipe):
         self.sync_name = f"hp-{transport}"
 
     def features(self) -> dict:
-        return {"batch": False, "zero_copy": False}
+        return {"batch": False, "zero_copy": False, "zero_copy_send": False}
 
     def timed_round_trips(self, conn: Any, msg: Any, iters: int, warmup: int, payload: str) -> tuple:
         from hyperpipe.asyncio import _timed_round_trips

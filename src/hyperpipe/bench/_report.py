@@ -22,7 +22,7 @@ MiB = 1 << 20
 #: the size the issue's RSS and ratio targets are stated for
 RSS_TARGET_SIZE = 256 * MiB
 
-TESTS = ("lat_bytes", "lat_obj", "lat_asleep", "stream", "stream_batch", "large", "large_zc", "idle")
+TESTS = ("lat_bytes", "lat_obj", "lat_asleep", "stream", "stream_batch", "large", "large_zc", "large_zcs", "idle")
 LOWER_IS_BETTER = {"lat_bytes", "lat_obj", "lat_asleep", "idle"}
 
 
@@ -115,6 +115,7 @@ HEADLINE_KEY = {
     "stream_batch": "msgs_per_s",
     "large": "GBps_median",
     "large_zc": "GBps_median",
+    "large_zcs": "GBps_median",
     "idle": "cpu_percent",
 }
 
@@ -127,7 +128,7 @@ def ratio(records: list[dict], impl: str, test: str, size: Optional[int] = None)
     """
     key = HEADLINE_KEY[test]
     mine = value(records, impl, test, key, size)
-    base = value(records, baseline_of(impl), {"large_zc": "large", "stream_batch": "stream"}.get(test, test), key,
+    base = value(records, baseline_of(impl), {"large_zc": "large", "large_zcs": "large", "stream_batch": "stream"}.get(test, test), key,
                  size)
     if mine is None or base is None or mine <= 0 or base <= 0:
         return None
@@ -457,7 +458,7 @@ def render(result: dict, unicode_ok: bool = True) -> str:
                      "—" if impl == BASELINE or find(records, impl, "stream_batch") is None else rx(impl, "stream_batch")]
             out.append("| " + " | ".join(cells) + " |")
 
-    if tests_run & {"large", "large_zc"}:
+    if tests_run & {"large", "large_zc", "large_zcs"}:
         reps = ", ".join(f"{size_label(s)}: {n}" for s, n in zip(sizes, cfg["large_reps"]))
         big = max(sizes)
         out += ["", f"## Large float64 arrays via send(arr)/recv(), GB/s (median; repetitions {reps}, the first is a "
@@ -470,12 +471,14 @@ def render(result: dict, unicode_ok: bool = True) -> str:
         head.append(f"peak RSS at {size_label(big)}, MiB: sender / receiver" + (" (x payload)" if big >= 16 * MiB else ""))
         out += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (2 * len(sizes) + 1)]
         rows = [(impl, "large") for impl in impls]
-        rows += [(impl, "large_zc") for impl in impls if any(find(records, impl, "large_zc", s) for s in sizes)]
+        for extra in ("large_zc", "large_zcs"):
+            rows += [(impl, extra) for impl in impls if any(find(records, impl, extra, s) for s in sizes)]
+        names = {"large": "", "large_zc": " recv(copy=False)", "large_zcs": " allocate_buffer + recv(copy=False)"}
         for impl, test in rows:
-            name = f"`{impl}`" if test == "large" else f"`{impl}` recv(copy=False)"
+            name = f"`{impl}`{names[test]}"
             cells = [name]
             for s in sizes:
-                tid = f"large_{s}" if test == "large" else f"zc_{s}"
+                tid = {"large": f"large_{s}", "large_zc": f"zc_{s}"}.get(test)
                 cells.append(_cell(records, impl, test, "GBps_median", lambda v: f"{v:.2f}", s) + m(impl, tid))
                 cells.append(rx(impl, test, "large_x" if (test == "large" and s == RSS_TARGET_SIZE) else None, s))
             rec = find(records, impl, test, big)
@@ -556,7 +559,8 @@ def plot(result: dict, path: str) -> None:
          [("per message", "stream", "msgs_per_s", None), ("batch", "stream_batch", "msgs_per_s", None)]),
         (axes[1][0], "Large arrays (GB/s)",
          [(size_label(s), "large", "GBps_median", s) for s in sizes]
-         + [(size_label(s) + "\nzero-copy", "large_zc", "GBps_median", s) for s in sizes]),
+         + [(size_label(s) + "\nzero-copy", "large_zc", "GBps_median", s) for s in sizes]
+         + [(size_label(s) + "\nzero-copy send", "large_zcs", "GBps_median", s) for s in sizes]),
         (axes[1][1], "Idle receiver (CPU %)", [("idle", "idle", "cpu_percent", None)]),
     ]
     for ax, title, groups in panels:

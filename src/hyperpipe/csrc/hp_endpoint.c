@@ -401,11 +401,15 @@ static int send_fds(hp_endpoint *ep, const int *fds, int nfds, int64_t deadline_
 
 /* How long a receiver may spin for a message announced as being copied: the estimate
  * assumes 2 GB/s (copies here run at 10-25), and the cap bounds what a stalled or dead
- * sender can cost the receiver before it sleeps as usual. */
+ * sender can cost the receiver before it sleeps as usual. Copies of more than 32 MiB
+ * are not announced: they take milliseconds, next to which a wake-up (~30 µs) is noise,
+ * and a core spinning that long is not. */
 #define HP_ANNOUNCE_SLACK_NS 100000LL
 #define HP_ANNOUNCE_SPIN_MAX_NS 10000000LL
+#define HP_ANNOUNCE_MAX_BYTES (UINT64_C(32) << 20)
 
 void hp_announce(hp_endpoint *ep, uint64_t nbytes) {
+    if (nbytes > HP_ANNOUNCE_MAX_BYTES) return;
     int64_t until = hp_now_ns() + HP_ANNOUNCE_SLACK_NS + (int64_t)(nbytes / 2);
     atomic_store_explicit(&ep->tx.ctrl->busy_until, until, memory_order_relaxed);
     ep->announced = 1;

@@ -84,9 +84,19 @@ static int ensure_pages(hp_heap *h, uint64_t first, uint64_t count) {
     return 0;
 }
 
+static hp_heap_block_header *block_header(const hp_heap *h, uint64_t offset) {
+    return (hp_heap_block_header *)(h->data + offset - HP_HEAP_BLOCK_HEADER);
+}
+
+int hp_heap_valid_offset(const hp_heap *h, uint64_t offset) {
+    return h->map && offset >= HP_HEAP_BLOCK_HEADER &&
+           (offset - HP_HEAP_BLOCK_HEADER) % HP_HEAP_GRANULE == 0 &&
+           ((offset - HP_HEAP_BLOCK_HEADER) >> HP_HEAP_GRANULE_SHIFT) < h->ngranules;
+}
+
 int64_t hp_heap_alloc(hp_heap *h, uint64_t nbytes) {
-    uint64_t need = (nbytes + HP_HEAP_GRANULE - 1) >> HP_HEAP_GRANULE_SHIFT;
-    if (need == 0) need = 1;
+    if (nbytes > (h->ngranules << HP_HEAP_GRANULE_SHIFT)) return -1;
+    uint64_t need = (nbytes + HP_HEAP_BLOCK_HEADER + HP_HEAP_GRANULE - 1) >> HP_HEAP_GRANULE_SHIFT;
     if (!h->map || need > h->ngranules) return -1;
     /* First fit from the start: the low, already-mapped pages are reused over and over,
        so a steady stream of big buffers costs no page faults and no allocation. */
@@ -97,15 +107,33 @@ int64_t hp_heap_alloc(hp_heap *h, uint64_t nbytes) {
         if (run == need) {
             if (ensure_pages(h, g, need) < 0) return -2;
             set_range(h->bits, g, need, 1);
-            return (int64_t)(g << HP_HEAP_GRANULE_SHIFT);
+            uint64_t offset = (g << HP_HEAP_GRANULE_SHIFT) + HP_HEAP_BLOCK_HEADER;
+            hp_heap_block_header *hdr = block_header(h, offset);
+            atomic_store_explicit(&hdr->granules, (uint32_t)need, memory_order_relaxed);
+            atomic_store_explicit(&hdr->refs, 1, memory_order_relaxed);
+            return (int64_t)offset;
         }
         g += run + 1;
     }
     return -1;
 }
 
-void hp_heap_free(_Atomic uint64_t *bits, uint64_t offset, uint64_t nbytes) {
-    uint64_t count = (nbytes + HP_HEAP_GRANULE - 1) >> HP_HEAP_GRANULE_SHIFT;
-    if (count == 0) count = 1;
-    set_range(bits, offset >> HP_HEAP_GRANULE_SHIFT, count, 0);
+void hp_heap_retain(hp_heap *h, uint64_t offset) {
+    if (!hp_heap_valid_offset(h, offset)) return;
+    atomic_fetch_add_explicit(&block_header(h, offset)->refs, 1, memory_order_relaxed);
+}
+
+void hp_heap_release(hp_heap *h, uint64_t offset) {
+    if (!hp_heap_valid_offset(h, offset)) return;
+    hp_heap_block_header *hdr = block_header(h, offset);
+    uint32_t refs = atomic_load_explicit(&hdr->refs, memory_order_relaxed);
+    do {
+        if (refs == 0) return; /* not a live block: a corrupt frame, never ours to free */
+    } while (!atomic_compare_exchange_weak_explicit(&hdr->refs, &refs, refs - 1, memory_order_acq_rel,
+                                                    memory_order_relaxed));
+    if (refs != 1) return;
+    uint64_t first = (offset - HP_HEAP_BLOCK_HEADER) >> HP_HEAP_GRANULE_SHIFT;
+    uint64_t count = atomic_load_explicit(&hdr->granules, memory_order_relaxed);
+    if (count == 0 || count > h->ngranules - first) return;
+    set_range(h->bits, first, count, 0);
 }

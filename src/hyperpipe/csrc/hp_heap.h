@@ -9,11 +9,21 @@
  * processes, so a reused block costs no page faults: big buffers are one memcpy on the
  * sending side and no copy at all on the receiving side.
  *
- * Ownership of a block travels with its frame: the producer sets its bits
- * (atomic fetch_or, relaxed: only the producer ever sets bits) and publishes the frame
- * (release, via the ring's head); the consumer clears them when the last Python view of
- * the block dies (atomic fetch_and, release), and the producer's scan reads the bitmap
- * with acquire, so the consumer's reads of a freed block happen before its reuse.
+ * A block is [64-byte header][data]: the header holds the block's reference count and
+ * its length in granules; offsets handed around (frames, views) are those of the data.
+ * References: the message that carries the block (taken by the producer when it
+ * reserves the block for a send, dropped by the consumer when the last Python view of
+ * the data dies) and, for a block from allocate_buffer, the sender's own buffer object
+ * (dropped when it dies; each send of it takes one more). The side that drops the last
+ * reference clears the block's bits.
+ *
+ * Memory order: the producer sets bits (fetch_or, relaxed: only the producer sets bits)
+ * and initialises the header (relaxed) before it publishes the frame (release, via the
+ * ring's head), which the consumer acquires. References are dropped with fetch_sub
+ * (acq_rel), so every access by either side happens before the last drop, which clears
+ * the bits (fetch_and, release); the producer scans the bitmap with acquire, so those
+ * accesses happen before the block is reused. A retain (fetch_add, relaxed) is made only
+ * by the producer on a block it still holds, before the release of the frame.
  */
 #ifndef HP_HEAP_H
 #define HP_HEAP_H
@@ -23,6 +33,12 @@
 
 #define HP_HEAP_GRANULE_SHIFT 16
 #define HP_HEAP_GRANULE (UINT64_C(1) << HP_HEAP_GRANULE_SHIFT)
+#define HP_HEAP_BLOCK_HEADER 64u
+
+typedef struct hp_heap_block_header {
+    _Atomic uint32_t refs;    /* references to the block (see above) */
+    _Atomic uint32_t granules; /* its length; written once by the producer when reserved */
+} hp_heap_block_header;
 
 typedef struct hp_heap {
     unsigned char *map;        /* the mapped region (bitmap + data) */
@@ -40,11 +56,17 @@ uint64_t hp_heap_meta_size(uint64_t heap_size);
 /* Map region `index` of the segment; 0 or -1 (errno). */
 int hp_heap_map(hp_heap *heap, int fd, uint64_t region_offset, uint64_t heap_size);
 void hp_heap_unmap(hp_heap *heap);
-/* Producer: reserve `nbytes`; returns the data offset, -1 when no room, -2 on an error
- * allocating pages (errno set, nothing reserved). */
+/* Producer: reserve a block for `nbytes` of data, holding one reference; returns the
+ * data offset, -1 when no room, -2 on an error allocating pages (errno set, nothing
+ * reserved). */
 int64_t hp_heap_alloc(hp_heap *heap, uint64_t nbytes);
-/* Either side: release a block (by the consumer once done, or by the producer when
- * the frame that would have carried it was never sent). */
-void hp_heap_free(_Atomic uint64_t *bits, uint64_t offset, uint64_t nbytes);
+/* Producer: one more reference to a block it holds (a send of an allocate_buffer block). */
+void hp_heap_retain(hp_heap *heap, uint64_t offset);
+/* Either side: drop one reference to the block whose data is at `offset` (the consumer
+ * once done with a message, the producer for a frame never sent or a buffer that died);
+ * the last one frees the block. An offset that is no block's is ignored. */
+void hp_heap_release(hp_heap *heap, uint64_t offset);
+/* Whether `offset` can be a block's data offset in this heap (frames are checked). */
+int hp_heap_valid_offset(const hp_heap *heap, uint64_t offset);
 
 #endif

@@ -39,7 +39,7 @@
 #include <stdint.h>
 
 #define HP_MAGIC UINT64_C(0x45504950524550ff) /* "\xffREPIPE" little-endian-ish tag */
-#define HP_VERSION 3u
+#define HP_VERSION 4u
 #define HP_CACHE_LINE 64
 #define HP_DATA_ALIGN 4096
 #define HP_FRAME_HEADER 8u
