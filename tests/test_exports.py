@@ -20,6 +20,7 @@ DOCUMENTED = {
     "Listener",
     "Client",
     "wait",
+    "WaitSet",
     "info",
     # exceptions (errors.py)
     "HyperpipeError",

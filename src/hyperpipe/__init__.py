@@ -18,6 +18,7 @@ from . import errors as errors
 from ._connection import Connection as Connection
 from ._pipe import Pipe as Pipe
 from ._transport import available_transports, select_transport
+from ._wait import WaitSet as WaitSet
 from ._wait import wait as wait
 from .errors import AuthenticationError as AuthenticationError
 from .errors import BrokenPipeError as BrokenPipeError
@@ -58,6 +59,7 @@ __all__ = [
     "Listener",
     "Client",
     "wait",
+    "WaitSet",
     "info",
     "errors",
     "HyperpipeError",
@@ -72,6 +74,6 @@ __all__ = [
     "ProtocolError",
 ]
 
-for _name in ("Connection", "Pipe", "wait", "Listener", "Client"):
+for _name in ("Connection", "Pipe", "wait", "WaitSet", "Listener", "Client"):
     globals()[_name].__module__ = "hyperpipe"
 del _name
