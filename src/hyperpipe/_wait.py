@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import socket
 import threading
@@ -11,7 +12,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from ._connection import Connection
 
-_Selector = getattr(selectors, "PollSelector", selectors.SelectSelector)
+_POLLIN = select.POLLIN | select.POLLPRI
 
 
 def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> list[Any]:
@@ -20,40 +21,37 @@ def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> list[An
     Same contract as ``multiprocessing.connection.wait``: the objects are hyperpipe or
     standard-library Connections, sockets, ``Process.sentinel`` integers or anything with
     ``fileno()``. ``timeout=None`` waits forever. A hyperpipe Connection counts as ready when
-    ``recv`` would not block; it is asked first, so data already in shared memory is seen
-    without a system call.
+    ``recv`` would not block. For many objects and many waits, ``WaitSet`` registers them
+    once.
     """
     objects = list(object_list)
     deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-    with _Selector() as selector:
-        for obj in objects:
-            fd = obj if isinstance(obj, int) else obj.fileno()
-            selector.register(fd, selectors.EVENT_READ, obj)
-        first = True
-        while True:
-            ready = [obj for obj in objects if isinstance(obj, Connection) and _ready(obj)]
-            if ready:
-                # Also report whatever else is ready right now, as the stdlib would.
-                others = [key.data for key, _ in selector.select(0)]
-                return ready + [o for o in others if not isinstance(o, Connection)]
-            if deadline is None:
-                remaining = None
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 and not first:
-                    return []
-                remaining = max(0.0, remaining)
-            first = False
-            found = []
-            for key, _ in selector.select(remaining):
-                obj = key.data
-                # A hyperpipe fd may be readable from a stale wake-up; trust poll().
+    # One poll() over plain descriptors, as the stdlib's PollSelector does, without its
+    # per-object bookkeeping.
+    poller = select.poll()
+    by_fd: dict[int, list[Any]] = {}
+    for obj in objects:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        if fd in by_fd:
+            by_fd[fd].append(obj)
+        else:
+            by_fd[fd] = [obj]
+            poller.register(fd, _POLLIN)
+    while True:
+        if deadline is None:
+            ms = None
+        else:
+            remaining = deadline - time.monotonic()
+            ms = 0 if remaining <= 0 else max(1, int(remaining * 1000 + 0.999))
+        found = []
+        for fd, _ in poller.poll(ms):
+            for obj in by_fd[fd]:
+                # A hyperpipe fd may be readable from a stale wake-up; trust poll(0),
+                # which also drains it.
                 if not isinstance(obj, Connection) or _ready(obj):
                     found.append(obj)
-            if found:
-                return found
-            if remaining == 0:
-                return []
+        if found or ms == 0:
+            return found
 
 
 def _ready(conn: Connection[Any, Any]) -> bool:
