@@ -60,7 +60,10 @@ _OBJ_HEAD = struct.Struct("<QQII")
 _PAIR = struct.Struct("<QQ")
 
 DEFAULT_OPTIONS: dict[str, int] = {
-    "ring_size": 1 << 20,  # bytes per direction, a power of two
+    # Bytes per direction, a power of two. 256 KiB streams small messages as fast as 1 MiB
+    # did, 10% slower for 16-60 KiB ones, and makes Pipe() 3x cheaper (0.5 MiB of shared
+    # memory instead of 2 MiB, ~190 µs instead of ~580 µs to create).
+    "ring_size": 1 << 18,
     "heap_size": 1 << 30,  # shared heap per direction for big buffers (sparse), 0: none
     "oob_threshold": 64 << 10,  # frames/buffers at least this big go out of band
     "max_inflight_bytes": 64 << 20,  # out-of-band bytes sent but not yet received
