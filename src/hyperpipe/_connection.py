@@ -40,6 +40,8 @@ def _deadline(timeout: Optional[float]) -> Deadline:
 
 
 def _acquire(lock: Any, deadline: Deadline, what: str) -> None:
+    if lock.acquire(False):  # uncontended, the usual case: no clock, no timed wait
+        return
     if deadline is None:
         lock.acquire()
         return

@@ -151,6 +151,10 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
         self._writable = _Readiness(writing=True)
         self._recv_lock: Optional[asyncio.Lock] = None
         self._send_lock: Optional[asyncio.Lock] = None
+        # Receives/sends in progress (queued on the lock or waiting): while there are none,
+        # a call first tries at once, with no lock and no extra coroutine.
+        self._receivers = 0
+        self._senders = 0
 
     # -- the wrapped connection ---------------------------------------------------
     @property
@@ -239,22 +243,43 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
                 self._recv_lock = lock
         return lock
 
-    async def _receive(self, attempt: Callable[[], Any], *, ordered: bool = True) -> Any:
-        if not ordered:
-            return await self._receive_unlocked(attempt)
-        # Concurrent receives complete in the order they were called.
-        async with self._lock(sending=False):
-            return await self._receive_unlocked(attempt)
-
-    async def _receive_unlocked(self, attempt: Callable[[], Any]) -> Any:
-        conn = self._conn
-        woken = False
-        backoff = _BACKOFF_FIRST
-        while True:
+    async def _receiving(self, attempt: Callable[[], Any], timeout: Optional[float], what: str) -> Any:
+        """One receive: at once if nothing else is receiving, else (or then) in turn."""
+        if timeout is not None and timeout != timeout:
+            raise ValueError("timeout must be a number or None")
+        if not self._receivers:
             try:
                 return attempt()
             except errors.TimeoutError:
                 pass
+            return await self._within(timeout, self._receive(attempt, tried=True), what)
+        return await self._within(timeout, self._receive(attempt), what)
+
+    async def _receive(self, attempt: Callable[[], Any], *, ordered: bool = True, tried: bool = False) -> Any:
+        if not ordered:
+            return await self._receive_unlocked(attempt)
+        # Concurrent receives complete in the order they were called.
+        self._receivers += 1
+        try:
+            async with self._lock(sending=False):
+                return await self._receive_unlocked(attempt, tried)
+        finally:
+            self._receivers -= 1
+
+    async def _receive_unlocked(self, attempt: Callable[[], Any], tried: bool = False) -> Any:
+        conn = self._conn
+        woken = False
+        backoff = _BACKOFF_FIRST
+        while True:
+            if tried:
+                # The caller's attempt just failed: wait for readiness (which also sees a
+                # message that came in between) rather than pay another failed attempt.
+                tried = False
+            else:
+                try:
+                    return attempt()
+                except errors.TimeoutError:
+                    pass
             if woken:
                 # Readiness said yes but no whole message came: part of a frame arrived
                 # (more is on its way) or the wake-up was stale. poll(0) consumes a stale
@@ -272,33 +297,65 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
             await self._readable.wait(conn.fileno())
             woken = True
 
-    async def _send(self, first: Callable[[], None], retry: Callable[[], Callable[[], None]]) -> None:
-        """Try ``first()``; while it times out, wait and call the attempt ``retry()`` made."""
-        async with self._lock(sending=True):
+    async def _sending(
+        self,
+        first: Callable[[], None],
+        retry: Callable[[], Callable[[], None]],
+        timeout: Optional[float],
+        what: str,
+    ) -> None:
+        """One send: at once if nothing else is sending, else (or then) in turn."""
+        if timeout is not None and timeout != timeout:
+            raise ValueError("timeout must be a number or None")
+        if not self._senders:
             try:
                 first()
                 return
             except errors.TimeoutError:
                 pass
-            attempt = retry()
-            conn = self._conn
-            sleeping = conn.transport != "socket"
-            backoff = _BACKOFF_FIRST
-            while True:
-                if sleeping:
-                    # The shared-memory transport has no "room to write" descriptor, and a
-                    # socket send that timed out although the socket was writable is queued
-                    # behind a frame the transport is still flushing from another thread.
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _BACKOFF_LAST)
-                else:
-                    await self._writable.wait(conn.fileno())
-                    sleeping = True
-                try:
-                    attempt()
-                    return
-                except errors.TimeoutError:
-                    pass
+            await self._within(timeout, self._send(first, retry, tried=True), what)
+            return
+        await self._within(timeout, self._send(first, retry), what)
+
+    async def _send(
+        self, first: Callable[[], None], retry: Callable[[], Callable[[], None]], tried: bool = False
+    ) -> None:
+        """Try ``first()``; while it times out, wait and call the attempt ``retry()`` made."""
+        self._senders += 1
+        try:
+            async with self._lock(sending=True):
+                await self._send_locked(first, retry, tried)
+        finally:
+            self._senders -= 1
+
+    async def _send_locked(
+        self, first: Callable[[], None], retry: Callable[[], Callable[[], None]], tried: bool
+    ) -> None:
+        if not tried:
+            try:
+                first()
+                return
+            except errors.TimeoutError:
+                pass
+        attempt = retry()
+        conn = self._conn
+        sleeping = conn.transport != "socket"
+        backoff = _BACKOFF_FIRST
+        while True:
+            if sleeping:
+                # The shared-memory transport has no "room to write" descriptor, and a
+                # socket send that timed out although the socket was writable is queued
+                # behind a frame the transport is still flushing from another thread.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_LAST)
+            else:
+                await self._writable.wait(conn.fileno())
+                sleeping = True
+            try:
+                attempt()
+                return
+            except errors.TimeoutError:
+                pass
 
     @staticmethod
     async def _within(timeout: Optional[float], coro: Awaitable[Any], what: str) -> Any:
@@ -329,7 +386,7 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
             data = ForkingPickler.dumps(obj) if codec is None else codec.dumps(obj)
             return lambda: conn.send_bytes(data, timeout=0)
 
-        await self._within(timeout, self._send(first, retry), "send")
+        await self._sending(first, retry, timeout, "send")
 
     async def send_bytes(
         self, buf: Any, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
@@ -340,7 +397,7 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
         def first() -> None:
             conn.send_bytes(buf, offset, size, timeout=0)
 
-        await self._within(timeout, self._send(first, lambda: first), "send_bytes")
+        await self._sending(first, lambda: first, timeout, "send_bytes")
 
     async def send_bytes_many(self, bufs: Any, *, timeout: Optional[float] = None) -> None:
         """Send each buffer as its own message; all of them go, or (on timeout/cancel) none."""
@@ -350,34 +407,28 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
         def first() -> None:
             conn.send_bytes_many(bufs, timeout=0)
 
-        await self._within(timeout, self._send(first, lambda: first), "send_bytes_many")
+        await self._sending(first, lambda: first, timeout, "send_bytes_many")
 
     # -- receiving ----------------------------------------------------------------
     async def recv(self, *, timeout: Optional[float] = None, copy: bool = True) -> _RecvT:
         """Receive one object; EOFError once the peer closed and everything was read."""
         conn = self._conn
-        return await self._within(
-            timeout, self._receive(lambda: conn.recv(timeout=0, copy=copy)), "recv"
-        )
+        return await self._receiving(lambda: conn.recv(timeout=0, copy=copy), timeout, "recv")
 
     async def recv_bytes(
         self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None
     ) -> bytes:
         """Receive one message as bytes."""
         conn = self._conn
-        return await self._within(
-            timeout, self._receive(lambda: conn.recv_bytes(maxlength, timeout=0)), "recv_bytes"
-        )
+        return await self._receiving(lambda: conn.recv_bytes(maxlength, timeout=0), timeout, "recv_bytes")
 
     async def recv_bytes_into(
         self, buf: Any, offset: int = 0, *, timeout: Optional[float] = None
     ) -> int:
         """Receive one message into ``buf`` at byte ``offset``; returns its size."""
         conn = self._conn
-        return await self._within(
-            timeout,
-            self._receive(lambda: conn.recv_bytes_into(buf, offset, timeout=0)),
-            "recv_bytes_into",
+        return await self._receiving(
+            lambda: conn.recv_bytes_into(buf, offset, timeout=0), timeout, "recv_bytes_into"
         )
 
     async def recv_bytes_many(
@@ -385,10 +436,8 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
     ) -> list[bytes]:
         """Wait for one message, then also take those already waiting (up to ``maxcount``)."""
         conn = self._conn
-        return await self._within(
-            timeout,
-            self._receive(lambda: conn.recv_bytes_many(maxcount, timeout=0)),
-            "recv_bytes_many",
+        return await self._receiving(
+            lambda: conn.recv_bytes_many(maxcount, timeout=0), timeout, "recv_bytes_many"
         )
 
     async def poll(self, timeout: Optional[float] = 0.0) -> bool:

@@ -521,3 +521,55 @@ def test_open_pipe_gives_two_async_ends(run, impl):
             return await a.recv()
 
     assert run(main) == "ping/pong"
+
+
+def test_a_new_recv_does_not_overtake_waiting_ones(run, duplex):
+    # A receive called while others wait queues behind them, even though its message is
+    # already there: receives complete in the order they were called.
+    a, b = duplex
+
+    async def main():
+        first = asyncio.ensure_future(b.recv())
+        second = asyncio.ensure_future(b.recv())
+        await asyncio.sleep(0.01)  # both are waiting
+        for i in (1, 2, 3):
+            await a.send(i)
+        third = await asyncio.wait_for(b.recv(), STEP)
+        return await asyncio.wait_for(first, STEP), await asyncio.wait_for(second, STEP), third
+
+    assert run(main) == (1, 2, 3)
+
+
+def test_a_new_send_does_not_overtake_a_waiting_one(run):
+    # Shared memory, a ring that two messages fill: the next send waits for room. Room
+    # made while it waits must not go to a send called after it (the new send would find
+    # room at once).
+    a, b = hyperpipe.Pipe(transport="shm", ring_size=4096) if "shm" in hyperpipe.info()[
+        "available_transports"] else (None, None)
+    if a is None:
+        pytest.skip("needs the shared-memory transport")
+    tx = AsyncConnection(a)
+    filler, first, second = b"f" * 1500, b"1" * 1500, b"2" * 1500  # each takes half the ring
+    try:
+        while True:
+            try:
+                a.send_bytes(filler, timeout=0)
+            except hyperpipe.TimeoutError:
+                break
+
+        async def main():
+            waiting = asyncio.ensure_future(tx.send_bytes(first))
+            await asyncio.sleep(0.01)  # it found no room and waits
+            assert not waiting.done()
+            assert b.recv_bytes() == filler and b.recv_bytes() == filler  # room for both
+            await asyncio.wait_for(tx.send_bytes(second), STEP)
+            await asyncio.wait_for(waiting, STEP)
+
+        run(main)
+        got = []
+        while b.poll(0):
+            got.append(b.recv_bytes())
+        assert [m for m in got if m != filler] == [first, second]
+    finally:
+        tx.close()
+        b.close()

@@ -368,3 +368,24 @@ def test_a_stale_wake_up_count_is_drained_by_poll():
     finally:
         a.close()
         b.close()
+
+
+def test_a_send_with_no_time_left_does_not_spin_on_a_full_ring() -> None:
+    # send(timeout=0) on a full ring must fail at once: it used to spin for the whole
+    # spin window (50 µs) first, which an event loop retrying sends paid every time.
+    reader, writer = shm_pipe(False, ring_size=4096)
+    try:
+        while True:
+            try:
+                writer.send_frame(memoryview(b"x" * 1000), 0.0)
+            except hyperpipe.TimeoutError:
+                break
+        cpu = time.thread_time()
+        for _ in range(200):
+            with pytest.raises(hyperpipe.TimeoutError):
+                writer.send_frame(memoryview(b"x" * 1000), time.monotonic())
+        # 200 spins of the window would be 10 ms of CPU; failing at once, well under 2.
+        assert time.thread_time() - cpu < 0.004
+    finally:
+        reader.close()
+        writer.close()

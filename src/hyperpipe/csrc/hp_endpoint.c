@@ -339,6 +339,7 @@ static int wait_writable(hp_endpoint *ep, uint32_t len, uint64_t oob_bytes, int 
                          int64_t deadline_ns) {
     hp_ring_ctrl *c = ep->tx.ctrl;
     int64_t spin_end = hp_now_ns() + (int64_t)ep->spin_ns;
+    if (deadline_ns >= 0 && deadline_ns < spin_end) spin_end = deadline_ns; /* spin no longer than allowed */
     while (hp_now_ns() < spin_end) {
         int return_ready = 0;
         HP_SPIN_ROUND(ep, writable(ep, len, oob_bytes, nfds));
@@ -555,9 +556,10 @@ int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
     int rc = peek_or_eof(ep, frame);
     if (rc >= 0) return rc;
     if (ep->peer_eof) goto eof;
+    int64_t start = hp_now_ns();
+    if (deadline_ns > 0 && start >= deadline_ns) deadline_ns = 0; /* passed: look once, no spin */
     if (deadline_ns != 0) {
         /* spin: the sender is often microseconds away */
-        int64_t start = hp_now_ns();
         int64_t spin_end = start + (int64_t)ep->spin_ns, now;
         if (deadline_ns > 0 && deadline_ns < spin_end) spin_end = deadline_ns;
         do {
