@@ -20,6 +20,10 @@ wake-up descriptor, so that
 - memory for a frame is committed as its bytes arrive (at most ``_EAGER_ALLOC`` ahead), so
   a hostile length header cannot make us allocate gigabytes up front.
 
+The common case has a short path in each direction (``_receive_new``, ``send_frame``): a
+header read and a small body read, or one write, with no state kept unless a call falls
+short, in which case the state machine above takes over with what arrived.
+
 The descriptor itself stays in blocking mode for sockets (``MSG_DONTWAIT`` per call), because
 ``multiprocessing.reduction.send_handle`` / ``recv_handle`` use it directly; pipe ends are
 switched to non-blocking mode (they cannot carry handles).
@@ -35,7 +39,8 @@ import ssl
 import struct
 import threading
 import time
-from typing import Any, Optional
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, NoReturn, Optional
 
 from . import errors
 from ._transport import Deadline, Transport
@@ -121,6 +126,8 @@ class SocketTransport(Transport):
             except OSError:
                 os.set_blocking(fd, False)
         self._fd = fd
+        # The socket the fast paths use: a plain socket; None for a pipe or TLS.
+        self._plain = None if self._is_ssl else self._sock
         self.max_message_size = max_message_size
         self._rx = _RxState()
         # A whole frame read by poll() (TLS only) and not yet handed out.
@@ -132,10 +139,17 @@ class SocketTransport(Transport):
         self._pending_lock = threading.Lock()
         self._flusher: Optional[threading.Thread] = None
         self._state_lock = threading.Lock()
+        # Calls using the descriptor: the Connection lets one thread at a time receive
+        # (recv_frame*, poll) and one send, so each marks itself busy with a plain store;
+        # flush() and the background flush count in _active, under _state_lock.
+        self._rx_busy = False
+        self._tx_busy = False
         self._active = 0
         self._closed = False
+        self._released = False
         self._wake_fd = -1
         self._pollers: dict = {}
+        self._rx_poll: Any = None  # the receive poller's poll(), for the fast path
 
     @classmethod
     def from_socket(
@@ -154,24 +168,41 @@ class SocketTransport(Transport):
     def _leave(self) -> None:
         with self._state_lock:
             self._active -= 1
-            release = self._closed and self._active == 0
-        if release:
-            self._release()
+        if self._closed:
+            self._release_if_idle()
+
+    def _leave_rx(self) -> None:
+        self._rx_busy = False
+        if self._closed:
+            self._release_if_idle()
+
+    def _leave_tx(self) -> None:
+        self._tx_busy = False
+        if self._closed:
+            self._release_if_idle()
 
     def close(self) -> None:
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
-            busy = self._active > 0
             wake = self._wake_fd
         if wake >= 0:
             try:
                 os.eventfd_write(wake, 1)
             except OSError:
                 pass
-        if not busy:
-            self._release()
+        self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        # A call marks itself busy before it checks _closed; close() sets _closed before
+        # it checks the marks. Each is one atomic store or load under the GIL, so at least
+        # one side sees the other, and whichever comes last releases (once).
+        with self._state_lock:
+            if self._released or self._active or self._rx_busy or self._tx_busy:
+                return
+            self._released = True
+        self._release()
 
     def _release(self) -> None:
         # Runs once: after close(), when the last call using the descriptor has left
@@ -201,8 +232,11 @@ class SocketTransport(Transport):
                 pass
             self._wake_fd = -1
         self._pollers = {}
+        self._rx_poll = None
         self._state_lock = threading.Lock()
         self._pending_lock = threading.Lock()
+        self._rx_busy = False
+        self._tx_busy = False
         self._active = 0
         self._pending = []
         self._flusher = None
@@ -283,19 +317,23 @@ class SocketTransport(Transport):
         except _WOULD_BLOCK:
             return 0
         except OSError as exc:
-            if exc.errno in _ERRNO_PEER_GONE:
-                raise errors.BrokenPipeError(exc.errno, os.strerror(exc.errno)) from None
-            raise
+            _raise_send_error(exc)
 
     # -- sending --------------------------------------------------------------------
     def _write_views(
-        self, views: list[memoryview], deadline: Deadline, *, may_park: bool, closable: bool = True
+        self,
+        views: list[memoryview],
+        deadline: Deadline,
+        *,
+        may_park: bool,
+        closable: bool = True,
+        written: int = 0,
     ) -> None:
         """Write ``views`` completely (consuming the list), or park the rest at the deadline.
 
-        Raises TimeoutError only if nothing at all was written, or if parking is not allowed.
+        ``written``: bytes of the same frame(s) already written by the caller. Raises
+        TimeoutError only if nothing at all was written, or if parking is not allowed.
         """
-        written = 0
         while views:
             n = self._write_some([v[:_IO_CHUNK] for v in views[:64]])
             written += n
@@ -373,12 +411,49 @@ class SocketTransport(Transport):
         finally:
             self._leave()
 
+    def send_object(self, obj: Any, deadline: Deadline) -> None:
+        # Pickled completely first (an unpicklable object sends nothing), in-band as the
+        # stdlib does; dumps() already returns a flat byte view.
+        self.send_frame(ForkingPickler.dumps(obj), deadline)
+
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
         size = len(data)
-        if size <= _JOIN_LIMIT:
-            self._send_views([memoryview(_frame_header(size) + data)], deadline)
-        else:
+        if size > _JOIN_LIMIT:
             self._send_views([memoryview(_frame_header(size)), data], deadline)
+            return
+        frame = _HEADER.pack(size) + data
+        if self._pending or self._is_ssl:
+            self._send_views([memoryview(frame)], deadline)
+            return
+        # The common case, kept short: one write takes the whole frame. Nothing is parked,
+        # so no background flush is writing (it empties _pending as its writes complete)
+        # and, senders being one at a time, none can start before this frame is written.
+        self._tx_busy = True
+        try:
+            if self._closed:
+                raise errors.ConnectionClosedError()
+            sock = self._plain
+            try:
+                if sock is not None:
+                    written = sock.send(frame, _SEND_FLAGS)
+                else:
+                    written = os.write(self._fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                _raise_send_error(exc)
+            if written < len(frame):
+                with self._pending_lock:
+                    self._write_views(
+                        [memoryview(frame)[written:]],
+                        deadline,
+                        may_park=deadline is not None,
+                        written=written,
+                    )
+        finally:
+            self._tx_busy = False
+            if self._closed:
+                self._release_if_idle()
 
     def send_frames(self, frames: list[memoryview], deadline: Deadline) -> None:
         """Send several frames with one write sequence: all are accepted, or none."""
@@ -392,8 +467,10 @@ class SocketTransport(Transport):
         self._send_views(views, deadline)
 
     def _send_views(self, views: list[memoryview], deadline: Deadline) -> None:
-        self._enter()
+        self._tx_busy = True
         try:
+            if self._closed:
+                raise errors.ConnectionClosedError()
             # Held by the background flush while a parked frame is still being written.
             self._acquire_pending_lock(deadline)
             try:
@@ -405,7 +482,7 @@ class SocketTransport(Transport):
             finally:
                 self._pending_lock.release()
         finally:
-            self._leave()
+            self._leave_tx()
 
     # -- receiving ------------------------------------------------------------------
     def _fill(self, view: memoryview, deadline: Deadline, in_frame: bool) -> int:
@@ -455,12 +532,12 @@ class SocketTransport(Transport):
                 raise errors.MessageTooLongError()
             return ready
         rx = self._rx
-        hv = memoryview(rx.header)
-        while rx.header_got < rx.header_need:
-            n = self._fill(hv[rx.header_got : rx.header_need], deadline, rx.header_got > 0)
-            rx.header_got += n
+        while rx.size < 0:
             if rx.header_got < rx.header_need:
-                return None
+                hv = memoryview(rx.header)[rx.header_got : rx.header_need]
+                rx.header_got += self._fill(hv, deadline, rx.header_got > 0)
+                if rx.header_got < rx.header_need:
+                    return None
             if rx.header_need == 4:
                 (size,) = _HEADER.unpack_from(rx.header, 0)
                 if size == _LONG_MARK:
@@ -525,12 +602,83 @@ class SocketTransport(Transport):
         self._rx = _RxState()
         return body
 
-    def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
-        self._enter()
+    def _receive_new(
+        self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
+    ) -> Any:
+        """``_receive`` when no frame is under way on a plain socket or a pipe: the header,
+        then a small body, each with one read; state is only kept if a read falls short."""
+        if not self._rx_eager:
+            # As in _fill: the last frame had to be waited for, so poll before reading.
+            start = time.monotonic()
+            if deadline is None:
+                poll = self._rx_poll
+                if poll is None:
+                    poll = self._rx_poll = self._poller(_POLLIN, True).poll
+                # _wait's loop, shortened: with no deadline poll() returns only when the
+                # descriptor is ready or close() wrote the wake-up descriptor.
+                if self._closed:
+                    raise errors.ConnectionClosedError()
+                poll(-1)
+                if self._closed:
+                    raise errors.ConnectionClosedError()
+            elif self._wait(_POLLIN, deadline) == 0:
+                return None
+            self._rx_eager = time.monotonic() - start < 20e-6
+        sock = self._plain
         try:
-            body = self._receive(None, deadline, (buf, offset))
+            head = sock.recv(4, _DONTWAIT) if sock is not None else os.read(self._fd, 4)
+        except BlockingIOError:
+            self._rx_eager = False
+            return self._receive(maxlength, deadline, into)
+        except ConnectionResetError:
+            head = b""
+        rx = self._rx
+        got = len(head)
+        if got < 4:
+            if not got:
+                raise errors.PeerClosedError()
+            rx.header[:got] = head
+            rx.header_got = got
+            return self._receive(maxlength, deadline, into)
+        (size,) = _HEADER.unpack(head)
+        limit = self.max_message_size
+        if (
+            not 0 <= size <= _SMALL_FRAME
+            or (maxlength is not None and size > maxlength)
+            or (limit is not None and size > limit)
+        ):
+            rx.header[:4] = head
+            rx.header_got = 4
+            return self._receive(maxlength, deadline, into)
+        # The sender wrote header and small body with one call: the body is usually here.
+        try:
+            data = sock.recv(size, _DONTWAIT) if sock is not None else os.read(self._fd, size)
+        except BlockingIOError:
+            data = b""
+        except ConnectionResetError:
+            raise errors.ProtocolError("got end of file during message") from None
+        got = len(data)
+        if got == size:
+            return data
+        rx.header[:4] = head
+        rx.header_got = 4
+        rx.size = size
+        rx.body = bytearray(size)
+        rx.body[:got] = data
+        rx.body_got = got
+        return self._receive(maxlength, deadline, into)
+
+    def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
+        self._rx_busy = True
+        try:
+            if self._closed:
+                raise errors.ConnectionClosedError()
+            if self._rx.header_got or self._is_ssl or self._rx_broken or self._rx_ready is not None:
+                body = self._receive(None, deadline, (buf, offset))
+            else:
+                body = self._receive_new(None, deadline, (buf, offset))
         finally:
-            self._leave()
+            self._leave_rx()
         if body is None:
             raise errors.TimeoutError("recv timed out")
         if type(body) is _Direct:
@@ -546,18 +694,27 @@ class SocketTransport(Transport):
         raise exc
 
     def recv_frame(self, maxlength: Optional[int], deadline: Deadline) -> Any:
-        self._enter()
+        self._rx_busy = True
         try:
-            body = self._receive(maxlength, deadline)
+            if self._closed:
+                raise errors.ConnectionClosedError()
+            if self._rx.header_got or self._is_ssl or self._rx_broken or self._rx_ready is not None:
+                body = self._receive(maxlength, deadline)
+            else:
+                body = self._receive_new(maxlength, deadline)
         finally:
-            self._leave()
+            self._rx_busy = False  # _leave_rx(), inlined on this hot path
+            if self._closed:
+                self._release_if_idle()
         if body is None:
             raise errors.TimeoutError("recv timed out")
         return body
 
     def poll(self, timeout: Optional[float]) -> bool:
-        self._enter()
+        self._rx_busy = True
         try:
+            if self._closed:
+                raise errors.ConnectionClosedError()
             if self._rx_broken is not None or self._rx_ready is not None:
                 return True
             deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -581,7 +738,7 @@ class SocketTransport(Transport):
                 if not self._wait(_POLLIN, deadline):
                     return False
         finally:
-            self._leave()
+            self._leave_rx()
 
     # -- pickling ---------------------------------------------------------------------
     def reduce(self) -> tuple:
@@ -593,6 +750,12 @@ class SocketTransport(Transport):
 
     def statistics(self) -> dict:
         return {"transport": self.name, "send_backlog": self.send_backlog()}
+
+
+def _raise_send_error(exc: OSError) -> NoReturn:
+    if exc.errno in _ERRNO_PEER_GONE:
+        raise errors.BrokenPipeError(exc.errno, os.strerror(exc.errno)) from None
+    raise exc
 
 
 def _rebuild_socket_transport(dupfd: Any, max_message_size: Optional[int]) -> SocketTransport:
