@@ -16,6 +16,7 @@ the reason, and ``pytest -m deliberate_difference --collect-only`` lists all of 
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import multiprocessing
 import multiprocessing.connection
@@ -213,6 +214,13 @@ def _other_alarm(signum: int, frame: Any) -> None:
     raise WatchdogTimeout("test exceeded its watchdog (a hang?)")
 
 
+def _last_resort(seconds: float) -> None:
+    """If the SIGALRM watchdog's exception is swallowed (an event loop written in C, such as
+    uvloop, logs exceptions raised in its callbacks and goes on), dump every thread's stack
+    and end the run 60 s later: CI fails with the hang's location instead of hanging."""
+    faulthandler.dump_traceback_later(seconds + 60, exit=True)
+
+
 @pytest.fixture(autouse=True)
 def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every other test fails instead of hanging the suite (faulthandler only dumps stacks)."""
@@ -221,11 +229,14 @@ def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     node = request.node
     long_run = any(node.get_closest_marker(m) for m in ("huge", "stress", "asan"))
+    seconds = LONG_WATCHDOG_SECONDS if long_run else OTHER_WATCHDOG_SECONDS
     previous = signal.signal(signal.SIGALRM, _other_alarm)
-    signal.setitimer(signal.ITIMER_REAL, LONG_WATCHDOG_SECONDS if long_run else OTHER_WATCHDOG_SECONDS)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    _last_resort(seconds)
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
@@ -243,10 +254,12 @@ def _conformance_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     if in_main_thread:
         previous = signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, seconds)
+        _last_resort(seconds)
     try:
         yield
     finally:
         if in_main_thread:
+            faulthandler.cancel_dump_traceback_later()
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
     problems = []
