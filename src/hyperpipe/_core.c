@@ -504,6 +504,29 @@ static PyObject *Endpoint_poll(EndpointObject *self, PyObject *const *args, Py_s
     return rc == -1 ? NULL : raise_status(rc);
 }
 
+/* catch_incoming(max_seconds): if the peer announced a big message it is copying, spin
+ * (GIL released, never sleeping) until it lands, at most max_seconds; True if a frame
+ * waits. For an event loop, which must not sleep here but may wait this briefly. */
+static PyObject *Endpoint_catch_incoming(EndpointObject *self, PyObject *arg) {
+    double seconds = PyFloat_AsDouble(arg);
+    if (seconds == -1.0 && PyErr_Occurred()) return NULL;
+    if (!(seconds >= 0 && seconds <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "max_seconds must be between 0 and 1");
+        return NULL;
+    }
+    if (!check_dir(self, 'r')) return NULL;
+    int ready = hp_ring_readable(&self->ep.rx);
+    int64_t eta = ready ? 0 : hp_incoming_eta_ns(&self->ep);
+    if (eta > 0) {
+        int64_t ns = (int64_t)(seconds * 1e9);
+        Py_BEGIN_ALLOW_THREADS
+        ready = hp_spin_readable(&self->ep, eta < ns ? eta : ns);
+        Py_END_ALLOW_THREADS
+    }
+    hp_leave(&self->ep);
+    return PyBool_FromLong(ready);
+}
+
 /* -- the shared heap ------------------------------------------------------------------- */
 
 /* The heap of ring `index`, mapped on first use. Caller is inside (hp_enter). */
@@ -757,6 +780,7 @@ static PyMethodDef Endpoint_methods[] = {
     {"heap_buffer", (PyCFunction)Endpoint_heap_buffer, METH_O, NULL},
     {"heap_share", (PyCFunction)Endpoint_heap_share, METH_VARARGS, NULL},
     {"heap_block", (PyCFunction)Endpoint_heap_block, METH_VARARGS, NULL},
+    {"catch_incoming", (PyCFunction)Endpoint_catch_incoming, METH_O, NULL},
     {"stats", (PyCFunction)Endpoint_stats, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };

@@ -491,6 +491,12 @@ class ShmTransport(Transport):
     def fileno(self) -> int:
         return self._ep.fileno()
 
+    def catch_incoming(self, max_seconds: float) -> bool:
+        """If the peer is copying a big message to us, spin (GIL released, no sleep) until it
+        lands, at most ``max_seconds``: for an event loop, which otherwise sleeps and pays a
+        wake-up. True if a message waits."""
+        return self._ep.catch_incoming(max_seconds)
+
     def close(self) -> None:
         self._finalizer()
 

@@ -74,6 +74,12 @@ def _has_send_backlog(conn: Connection[Any, Any]) -> bool:
     return bool(backlog is not None and backlog())
 
 
+#: How long a receive may spin (blocking the loop) for a big message the peer announced it
+#: is copying to us (shared memory): a 1 MiB copy takes ~50-100 µs, less than a sleep and
+#: wake-up of the loop costs; longer copies are waited for as usual.
+_CATCH_SECONDS = 200e-6
+
+
 class _Readiness:
     """Waiters for one direction of one descriptor: one loop callback wakes them all."""
 
@@ -280,6 +286,9 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
                     return attempt()
                 except errors.TimeoutError:
                     pass
+            catch = getattr(conn._transport, "catch_incoming", None)
+            if catch is not None and catch(_CATCH_SECONDS):
+                continue  # a big message being copied to us landed while we spun
             if woken:
                 # Readiness said yes but no whole message came: part of a frame arrived
                 # (more is on its way) or the wake-up was stale. poll(0) consumes a stale

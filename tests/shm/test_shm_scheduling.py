@@ -178,3 +178,57 @@ def test_an_abandoned_copy_stops_holding_the_receiver(pair: Any) -> None:
     assert isinstance(got.get("error"), hyperpipe.TimeoutError)
     assert got["sleeps"] >= 1
     assert got["cpu_s"] < 0.003, got["cpu_s"]
+
+
+def test_an_announced_copy_wakes_a_sleeping_receiver_at_once(pair: Any) -> None:
+    # A receiver asleep when the copy starts is woken then, not when the frame lands, so
+    # that its wake-up overlaps the copy; it then spins for the frame, so the publish
+    # itself needs no second wake-up.
+    a, b = pair
+    ep = a._ep
+    payload = memoryview(b"\x02" * BIG)
+    a.send_frame(payload, None)  # the heap's pages exist in both processes
+    b.recv_frame(None, None).release()
+    thread, got = _receive_in_thread(b, timeout=10)
+    time.sleep(0.05)  # far past its spin window: asleep
+    wakes = a.statistics()["wakeups_sent"]
+    offset = ep.heap_alloc(BIG)
+    assert a.statistics()["wakeups_sent"] == wakes + 1  # woken by the announcement
+    time.sleep(0.002)
+    ep.heap_write(offset, payload)
+    ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (), BIG, None)
+    thread.join(10)
+    assert not thread.is_alive() and "error" not in got
+    assert len(got["frame"]) == BIG and got["frame"][-1] == 2
+    got["frame"].release()
+    assert got["sleeps"] == 1  # slept once, then stayed awake for the frame
+    assert a.statistics()["wakeups_sent"] == wakes + 1
+
+
+def test_catch_incoming_waits_only_for_an_announced_copy(pair: Any) -> None:
+    a, b = pair
+    ep = a._ep
+    cpu = time.thread_time()
+    assert b.catch_incoming(0.05) is False  # nothing announced: returns at once
+    assert time.thread_time() - cpu < 0.02
+    payload = memoryview(b"\x03" * BIG)
+    a.send_frame(payload, None)  # the heap's pages exist in both processes
+    b.recv_frame(None, None).release()
+    offset = ep.heap_alloc(BIG)  # announced as ~8 ms away
+
+    def publish_soon() -> None:
+        time.sleep(0.002)
+        ep.heap_write(offset, payload)
+        ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (),
+                      BIG, None)
+
+    sender = threading.Thread(target=publish_soon)
+    sender.start()
+    try:
+        assert b.catch_incoming(0.5) is True  # spun until the announced frame landed
+    finally:
+        sender.join(10)
+    frame = b.recv_frame(None, 0.0)
+    assert len(frame) == BIG and frame[0] == 3
+    frame.release()
+

@@ -414,6 +414,13 @@ void hp_announce(hp_endpoint *ep, uint64_t nbytes) {
     int64_t until = hp_now_ns() + HP_ANNOUNCE_SLACK_NS + (int64_t)(nbytes / 2);
     atomic_store_explicit(&ep->tx.ctrl->busy_until, until, memory_order_relaxed);
     ep->announced = 1;
+    /* A reader asleep now would sleep through the copy and then pay a wake-up: wake it
+       now instead, so that its wake-up overlaps the copy (it then spins for the frame).
+       The token protocol is publish's; the early count is a spurious wake-up at worst. */
+    if (hp_ring_take_reader_token(&ep->tx)) {
+        efd_signal(ep->tx_efd);
+        ep->wakes_sent++;
+    }
 }
 
 void hp_unannounce(hp_endpoint *ep) {
@@ -550,6 +557,23 @@ static void adapt_spin(hp_endpoint *ep, int64_t wait_start) {
     else ep->spin_ns = ep->spin_ns / 2 < ep->spin_min_ns ? ep->spin_min_ns : ep->spin_ns / 2;
 }
 
+int64_t hp_incoming_eta_ns(hp_endpoint *ep) {
+    int64_t until = atomic_load_explicit(&ep->rx.ctrl->busy_until, memory_order_relaxed);
+    int64_t left = until - hp_now_ns();
+    return until > 0 && left > 0 ? left : 0;
+}
+
+int hp_spin_readable(hp_endpoint *ep, int64_t ns) {
+    int64_t end = hp_now_ns() + ns;
+    do {
+        int return_ready = 0;
+        HP_SPIN_ROUND(ep, hp_ring_readable(&ep->rx));
+        if (return_ready) return 1;
+        if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) return 0;
+    } while (hp_now_ns() < end);
+    return 0;
+}
+
 int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
     int64_t wait_start = 0;
     reader_enter(ep);
@@ -611,6 +635,17 @@ int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
         }
         rc = peek_or_eof(ep, frame);
         if (rc >= 0) return rc;
+        if (n > 0 && (p[0].revents & POLLIN) && deadline_ns != 0) {
+            /* Woken early by a sender that announced a big copy: spin until it lands
+               rather than sleep through it (bounded by the estimate and the deadline). */
+            int64_t eta = hp_incoming_eta_ns(ep);
+            if (eta > HP_ANNOUNCE_SPIN_MAX_NS) eta = HP_ANNOUNCE_SPIN_MAX_NS;
+            if (deadline_ns > 0 && eta > deadline_ns - hp_now_ns()) eta = deadline_ns - hp_now_ns();
+            if (eta > 0 && hp_spin_readable(ep, eta)) {
+                rc = peek_or_eof(ep, frame);
+                if (rc >= 0) return rc;
+            }
+        }
         if (sock_hup(ep->sock)) {
             ep->peer_eof = 1;
             goto eof;

@@ -102,6 +102,14 @@ int hp_try_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const
 void hp_announce(hp_endpoint *ep, uint64_t nbytes);
 void hp_unannounce(hp_endpoint *ep);
 
+/* Receiver: how long until the frame the producer announced it is copying should be
+ * published (ns, from the producer's estimate), 0 when none is announced. */
+int64_t hp_incoming_eta_ns(hp_endpoint *ep);
+/* Receiver: spin up to `ns` for the ring to become readable, never sleeping (no system
+ * call unless the peer shares this CPU, then sched_yield): 1 if readable, 0 if not yet
+ * (or closed). For callers that must not block long, e.g. an event loop. */
+int hp_spin_readable(hp_endpoint *ep, int64_t ns);
+
 /* Receiver: wait for a frame (peeked, not consumed). HP_OK, HP_EOF, HP_TIMEOUT,
  * HP_CLOSED or HP_ECORRUPT. deadline_ns < 0: no limit; 0: do not wait. */
 int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame);
