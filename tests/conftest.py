@@ -16,6 +16,7 @@ the reason, and ``pytest -m deliberate_difference --collect-only`` lists all of 
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import multiprocessing
@@ -214,11 +215,21 @@ def _other_alarm(signum: int, frame: Any) -> None:
     raise WatchdogTimeout("test exceeded its watchdog (a hang?)")
 
 
-def _last_resort(seconds: float) -> None:
-    """If the SIGALRM watchdog's exception is swallowed (an event loop written in C, such as
+@contextlib.contextmanager
+def _armed(seconds: float, alarm: Any) -> Iterator[None]:
+    """A SIGALRM watchdog (main thread only) whose handler raises in the test, and behind it
+    a last resort: if that exception is swallowed (an event loop written in C, such as
     uvloop, logs exceptions raised in its callbacks and goes on), dump every thread's stack
-    and end the run 60 s later: CI fails with the hang's location instead of hanging."""
+    and end the run 60 s later, so CI fails with the hang's location instead of hanging."""
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     faulthandler.dump_traceback_later(seconds + 60, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
@@ -229,16 +240,8 @@ def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     node = request.node
     long_run = any(node.get_closest_marker(m) for m in ("huge", "stress", "asan"))
-    seconds = LONG_WATCHDOG_SECONDS if long_run else OTHER_WATCHDOG_SECONDS
-    previous = signal.signal(signal.SIGALRM, _other_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    _last_resort(seconds)
-    try:
+    with _armed(LONG_WATCHDOG_SECONDS if long_run else OTHER_WATCHDOG_SECONDS, _other_alarm):
         yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
@@ -251,17 +254,8 @@ def _conformance_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     gc.collect()
     before = _fd_table()
     children_before = {p.pid for p in multiprocessing.active_children()}
-    if in_main_thread:
-        previous = signal.signal(signal.SIGALRM, _alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        _last_resort(seconds)
-    try:
+    with _armed(seconds, _alarm) if in_main_thread else contextlib.nullcontext():
         yield
-    finally:
-        if in_main_thread:
-            faulthandler.cancel_dump_traceback_later()
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
     problems = []
     for proc in multiprocessing.active_children():
         if proc.pid in children_before:

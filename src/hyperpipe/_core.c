@@ -550,36 +550,34 @@ static HeapMapObject *get_heap(EndpointObject *self, HeapMapObject **slot, int i
     return m;
 }
 
-/* Reserve a block of our heap for `arg` bytes. Returns NULL with an exception set, or
- * the heap's mapping with *off the block's data offset (-1: no heap, or no room). */
-static HeapMapObject *reserve_block(EndpointObject *self, PyObject *arg, unsigned long long *nbytes,
-                                    int64_t *off) {
-    *nbytes = PyLong_AsUnsignedLongLong(arg);
+/* Reserve a block of our heap for `arg` bytes: 0 with *off its data offset (-1: no
+ * heap, or no room) and *map the heap's mapping, or -1 with an exception set. With
+ * `announce`, a copy into it starts now (hp_announce). */
+static int reserve_block(EndpointObject *self, PyObject *arg, int announce, int64_t *off, HeapMapObject **map) {
+    unsigned long long nbytes = PyLong_AsUnsignedLongLong(arg);
     *off = -1;
-    if (PyErr_Occurred() || !check_dir(self, 'w')) return NULL;
-    HeapMapObject *m = self->ep.heap_size ? get_heap(self, &self->tx_heap, self->ep.tx_index) : self->tx_heap;
-    if (m) {
-        *off = hp_heap_alloc(&m->heap, *nbytes);
-        if (*off == -2) {
+    *map = NULL;
+    if (PyErr_Occurred() || !check_dir(self, 'w')) return -1;
+    int rc = 0;
+    if (self->ep.heap_size) {
+        *map = get_heap(self, &self->tx_heap, self->ep.tx_index);
+        if (!*map) rc = -1;
+        else if ((*off = hp_heap_alloc(&(*map)->heap, nbytes)) == -2) {
             PyErr_SetFromErrno(PyExc_OSError);
-            m = NULL;
+            rc = -1;
+        } else if (*off >= 0 && announce) {
+            hp_announce(&self->ep, nbytes);
         }
-    } else if (!self->ep.heap_size) {
-        m = (HeapMapObject *)Py_None; /* no heap: not an error, *off stays -1 */
     }
     hp_leave(&self->ep);
-    return m;
+    return rc;
 }
 
 /* heap_alloc(nbytes): the data offset of a block for a message about to be copied in. */
 static PyObject *Endpoint_heap_alloc(EndpointObject *self, PyObject *arg) {
-    unsigned long long nbytes;
     int64_t off;
-    if (!reserve_block(self, arg, &nbytes, &off)) return NULL;
-    if (off >= 0 && hp_enter(&self->ep)) { /* the copy into it starts now */
-        hp_announce(&self->ep, nbytes);
-        hp_leave(&self->ep);
-    }
+    HeapMapObject *map;
+    if (reserve_block(self, arg, 1, &off, &map) < 0) return NULL;
     return PyLong_FromLongLong(off);
 }
 
@@ -637,12 +635,11 @@ static HeapBlockObject *new_block(HeapMapObject *m, uint64_t offset, uint64_t nb
 /* heap_buffer(nbytes): a writable block of our heap (allocate_buffer), or None when the
  * heap has no room. Its reference is dropped when it dies; sends take their own. */
 static PyObject *Endpoint_heap_buffer(EndpointObject *self, PyObject *arg) {
-    unsigned long long nbytes;
     int64_t off;
-    HeapMapObject *m = reserve_block(self, arg, &nbytes, &off);
-    if (!m) return NULL;
+    HeapMapObject *m;
+    if (reserve_block(self, arg, 0, &off, &m) < 0) return NULL;
     if (off < 0) Py_RETURN_NONE;
-    PyObject *ret = (PyObject *)new_block(m, (uint64_t)off, nbytes, 0);
+    PyObject *ret = (PyObject *)new_block(m, (uint64_t)off, PyLong_AsUnsignedLongLong(arg), 0);
     if (!ret) hp_heap_release(&m->heap, (uint64_t)off);
     return ret;
 }

@@ -43,7 +43,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, NoReturn, Optional
 
 from . import errors
-from ._transport import Deadline, Transport
+from ._transport import Deadline, Transport, poll_ms
 
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
@@ -276,11 +276,7 @@ class SocketTransport(Transport):
         while True:
             if closable and self._closed:
                 raise errors.ConnectionClosedError()
-            if deadline is None:
-                ms = -1
-            else:
-                remaining = deadline - time.monotonic()
-                ms = 0 if remaining <= 0 else max(1, int(remaining * 1000 + 0.999))
+            ms = poll_ms(deadline)
             ready = poll(ms)
             if closable and self._closed:
                 raise errors.ConnectionClosedError()

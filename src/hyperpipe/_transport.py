@@ -24,12 +24,21 @@ Transports are selected in one place, ``select_transport`` below.
 from __future__ import annotations
 
 import os
+import time
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional
 
 from .errors import BufferTooShort
 
 Deadline = Optional[float]
+
+
+def poll_ms(deadline: Deadline) -> int:
+    """Milliseconds for ``poll()`` until ``deadline``: -1 for none, rounded up, 0 once passed."""
+    if deadline is None:
+        return -1
+    remaining = deadline - time.monotonic()
+    return 0 if remaining <= 0 else max(1, int(remaining * 1000 + 0.999))
 
 
 class Transport:

@@ -11,6 +11,7 @@ import time
 from typing import Any, Iterable, Iterator, Optional
 
 from ._connection import Connection
+from ._transport import poll_ms
 
 _POLLIN = select.POLLIN | select.POLLPRI
 
@@ -38,25 +39,19 @@ def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> list[An
             by_fd[fd] = [obj]
             poller.register(fd, _POLLIN)
     while True:
-        if deadline is None:
-            ms = None
-        else:
-            remaining = deadline - time.monotonic()
-            ms = 0 if remaining <= 0 else max(1, int(remaining * 1000 + 0.999))
-        found = []
-        for fd, _ in poller.poll(ms):
-            for obj in by_fd[fd]:
-                # A hyperpipe fd may be readable from a stale wake-up; trust poll(0),
-                # which also drains it.
-                if not isinstance(obj, Connection) or _ready(obj):
-                    found.append(obj)
+        ms = poll_ms(deadline)
+        found = [obj for fd, _ in poller.poll(ms) for obj in by_fd[fd] if _ready(obj)]
         if found or ms == 0:
             return found
 
 
-def _ready(conn: Connection[Any, Any]) -> bool:
+def _ready(obj: Any) -> bool:
+    """Whether a reported object is ready: a hyperpipe fd may be readable from a stale
+    wake-up, so a hyperpipe Connection is asked (``poll(0)``, which also drains it)."""
+    if not isinstance(obj, Connection):
+        return True
     try:
-        return conn.poll(0)
+        return obj.poll(0)
     except (OSError, EOFError):
         return True
 
@@ -157,8 +152,7 @@ class WaitSet:
                         return []  # closed from another thread
                     if _is_closed(obj):
                         self.discard(obj)
-                    # A hyperpipe fd may be readable from a stale wake-up; poll() drains it.
-                    elif not isinstance(obj, Connection) or _ready(obj):
+                    elif _ready(obj):
                         ready.append(obj)
                 if ready or remaining == 0:
                     return ready

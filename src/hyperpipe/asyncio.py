@@ -249,17 +249,30 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
                 self._recv_lock = lock
         return lock
 
-    async def _receiving(self, attempt: Callable[[], Any], timeout: Optional[float], what: str) -> Any:
-        """One receive: at once if nothing else is receiving, else (or then) in turn."""
+    async def _at_once_or_in_turn(
+        self,
+        idle: bool,
+        attempt: Callable[[], Any],
+        in_turn: Callable[[bool], Awaitable[Any]],
+        timeout: Optional[float],
+        what: str,
+    ) -> Any:
+        """One call: ``attempt()`` at once when no other call of its direction is in
+        progress (``idle``), else, or when that times out, ``in_turn(tried)``, which queues
+        behind the others; ``tried`` tells it the attempt was just made."""
         if timeout is not None and timeout != timeout:
             raise ValueError("timeout must be a number or None")
-        if not self._receivers:
+        if idle:
             try:
                 return attempt()
             except errors.TimeoutError:
                 pass
-            return await self._within(timeout, self._receive(attempt, tried=True), what)
-        return await self._within(timeout, self._receive(attempt), what)
+        return await self._within(timeout, in_turn(idle), what)
+
+    def _receiving(self, attempt: Callable[[], Any], timeout: Optional[float], what: str) -> Awaitable[Any]:
+        return self._at_once_or_in_turn(
+            not self._receivers, attempt, lambda tried: self._receive(attempt, tried=tried), timeout, what
+        )
 
     async def _receive(self, attempt: Callable[[], Any], *, ordered: bool = True, tried: bool = False) -> Any:
         if not ordered:
@@ -306,25 +319,16 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
             await self._readable.wait(conn.fileno())
             woken = True
 
-    async def _sending(
+    def _sending(
         self,
         first: Callable[[], None],
         retry: Callable[[], Callable[[], None]],
         timeout: Optional[float],
         what: str,
-    ) -> None:
-        """One send: at once if nothing else is sending, else (or then) in turn."""
-        if timeout is not None and timeout != timeout:
-            raise ValueError("timeout must be a number or None")
-        if not self._senders:
-            try:
-                first()
-                return
-            except errors.TimeoutError:
-                pass
-            await self._within(timeout, self._send(first, retry, tried=True), what)
-            return
-        await self._within(timeout, self._send(first, retry), what)
+    ) -> Awaitable[None]:
+        return self._at_once_or_in_turn(
+            not self._senders, first, lambda tried: self._send(first, retry, tried), timeout, what
+        )
 
     async def _send(
         self, first: Callable[[], None], retry: Callable[[], Callable[[], None]], tried: bool = False

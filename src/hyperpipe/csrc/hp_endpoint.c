@@ -429,12 +429,6 @@ void hp_unannounce(hp_endpoint *ep) {
     ep->announced = 0;
 }
 
-/* Receiver: the producer announced a copy that should end after `now`. */
-static int producer_copying(hp_endpoint *ep, int64_t now, int64_t spin_start) {
-    int64_t until = atomic_load_explicit(&ep->rx.ctrl->busy_until, memory_order_relaxed);
-    return until > now && now - spin_start < HP_ANNOUNCE_SPIN_MAX_NS;
-}
-
 static void publish(hp_endpoint *ep, uint8_t kind, uint8_t nfds, uint16_t flags,
                     const void *const *parts, const uint64_t *lens, int nparts) {
     hp_ring_write(&ep->tx, kind, nfds, flags, parts, lens, nparts);
@@ -563,15 +557,28 @@ int64_t hp_incoming_eta_ns(hp_endpoint *ep) {
     return until > 0 && left > 0 ? left : 0;
 }
 
-int hp_spin_readable(hp_endpoint *ep, int64_t ns) {
-    int64_t end = hp_now_ns() + ns;
+/* Spin for a frame until `end`: 1 when one is readable, 0 at `end`, -1 when closed. */
+static int spin_for_frame(hp_endpoint *ep, int64_t end) {
     do {
         int return_ready = 0;
         HP_SPIN_ROUND(ep, hp_ring_readable(&ep->rx));
         if (return_ready) return 1;
-        if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) return 0;
+        if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) return -1;
     } while (hp_now_ns() < end);
     return 0;
+}
+
+int hp_spin_readable(hp_endpoint *ep, int64_t ns) { return spin_for_frame(ep, hp_now_ns() + ns) == 1; }
+
+/* How long a waiting receiver may go on spinning for a copy announced to it: the
+ * producer's estimate, at most HP_ANNOUNCE_SPIN_MAX_NS past `since`, never past the
+ * deadline (< 0: none). 0 when nothing is announced. */
+static int64_t copy_spin_budget(hp_endpoint *ep, int64_t since, int64_t deadline_ns) {
+    int64_t now = hp_now_ns(), eta = hp_incoming_eta_ns(ep);
+    int64_t cap = since + HP_ANNOUNCE_SPIN_MAX_NS - now;
+    if (eta > cap) eta = cap;
+    if (deadline_ns > 0 && eta > deadline_ns - now) eta = deadline_ns - now;
+    return eta > 0 ? eta : 0;
 }
 
 int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
@@ -584,24 +591,23 @@ int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
     if (deadline_ns > 0 && start >= deadline_ns) deadline_ns = 0; /* passed: look once, no spin */
     if (deadline_ns != 0) {
         /* spin: the sender is often microseconds away */
-        int64_t spin_end = start + (int64_t)ep->spin_ns, now;
+        int64_t spin_end = start + (int64_t)ep->spin_ns;
         if (deadline_ns > 0 && deadline_ns < spin_end) spin_end = deadline_ns;
-        do {
-            int return_ready = 0;
-            HP_SPIN_ROUND(ep, hp_ring_readable(&ep->rx));
-            if (return_ready) {
-                /* success: grow the window back toward its maximum */
-                ep->spin_ns = ep->spin_ns * 2 > ep->spin_max_ns ? ep->spin_max_ns : ep->spin_ns * 2;
-                rc = peek_or_eof(ep, frame);
-                return rc >= 0 ? rc : HP_ECORRUPT;
-            }
-            if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) {
-                hp_reader_exit(ep);
-                return HP_CLOSED;
-            }
-            now = hp_now_ns();
-        } while (now < spin_end || (producer_copying(ep, now, start) &&
-                                    (deadline_ns < 0 || now < deadline_ns)));
+        int spun = spin_for_frame(ep, spin_end);
+        if (spun == 0) { /* past the window: stay awake through a copy announced to us */
+            int64_t budget = copy_spin_budget(ep, start, deadline_ns);
+            if (budget > 0) spun = spin_for_frame(ep, hp_now_ns() + budget);
+        }
+        if (spun > 0) {
+            /* success: grow the window back toward its maximum */
+            ep->spin_ns = ep->spin_ns * 2 > ep->spin_max_ns ? ep->spin_max_ns : ep->spin_ns * 2;
+            rc = peek_or_eof(ep, frame);
+            return rc >= 0 ? rc : HP_ECORRUPT;
+        }
+        if (spun < 0) {
+            hp_reader_exit(ep);
+            return HP_CLOSED;
+        }
         wait_start = start;
     }
     for (;;) {
@@ -638,10 +644,8 @@ int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
         if (n > 0 && (p[0].revents & POLLIN) && deadline_ns != 0) {
             /* Woken early by a sender that announced a big copy: spin until it lands
                rather than sleep through it (bounded by the estimate and the deadline). */
-            int64_t eta = hp_incoming_eta_ns(ep);
-            if (eta > HP_ANNOUNCE_SPIN_MAX_NS) eta = HP_ANNOUNCE_SPIN_MAX_NS;
-            if (deadline_ns > 0 && eta > deadline_ns - hp_now_ns()) eta = deadline_ns - hp_now_ns();
-            if (eta > 0 && hp_spin_readable(ep, eta)) {
+            int64_t budget = copy_spin_budget(ep, hp_now_ns(), deadline_ns);
+            if (budget > 0 && hp_spin_readable(ep, budget)) {
                 rc = peek_or_eof(ep, frame);
                 if (rc >= 0) return rc;
             }

@@ -95,7 +95,7 @@ int hp_heap_valid_offset(const hp_heap *h, uint64_t offset) {
 }
 
 int64_t hp_heap_alloc(hp_heap *h, uint64_t nbytes) {
-    if (nbytes > (h->ngranules << HP_HEAP_GRANULE_SHIFT)) return -1;
+    if (nbytes > (h->ngranules << HP_HEAP_GRANULE_SHIFT)) return -1; /* also keeps the sum below from wrapping */
     uint64_t need = (nbytes + HP_HEAP_BLOCK_HEADER + HP_HEAP_GRANULE - 1) >> HP_HEAP_GRANULE_SHIFT;
     if (!h->map || need > h->ngranules) return -1;
     /* First fit from the start: the low, already-mapped pages are reused over and over,
