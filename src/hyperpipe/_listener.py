@@ -141,9 +141,9 @@ class _ChallengeGuard:
         self._first = True
 
     def dumps(self, obj: Any) -> Any:
-        from ._connection import _ForkingPickler
+        from ._pickling import dumps
 
-        return _ForkingPickler.dumps(obj)
+        return dumps(obj)
 
     def loads(self, buffer: Any) -> Any:
         from ._connection import _ForkingPickler

@@ -37,6 +37,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional
 
 from . import errors
+from ._pickling import dumps
 from ._transport import Deadline, Transport
 
 try:
@@ -411,7 +412,7 @@ class ShmTransport(Transport):
         if kind == KIND_OBJECT or kind == KIND_HEAP_OBJECT:
             # recv_bytes of something sent with send(): the stdlib gives the pickle bytes,
             # so give an in-band pickle of the same object.
-            return ForkingPickler.dumps(self._load_object(kind, flags, payload, fds, True), 5)
+            return dumps(self._load_object(kind, flags, payload, fds, True), 5)
         self._close_fds(fds)
         raise errors.ProtocolError(f"unknown shared-memory frame kind {kind}")
 

@@ -39,10 +39,10 @@ import ssl
 import struct
 import threading
 import time
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, NoReturn, Optional
 
 from . import errors
+from ._pickling import dumps
 from ._transport import Deadline, Transport, poll_ms
 
 _HEADER = struct.Struct("!i")
@@ -409,8 +409,8 @@ class SocketTransport(Transport):
 
     def send_object(self, obj: Any, deadline: Deadline) -> None:
         # Pickled completely first (an unpicklable object sends nothing), in-band as the
-        # stdlib does; dumps() already returns a flat byte view.
-        self.send_frame(ForkingPickler.dumps(obj), deadline)
+        # stdlib does.
+        self.send_frame(memoryview(dumps(obj)), deadline)
 
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
         size = len(data)

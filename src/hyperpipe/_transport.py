@@ -28,6 +28,7 @@ import time
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional
 
+from ._pickling import dumps
 from .errors import BufferTooShort
 
 Deadline = Optional[float]
@@ -76,7 +77,7 @@ class Transport:
 
         Pickling first means an unpicklable object raises here with nothing sent.
         """
-        data = ForkingPickler.dumps(obj)
+        data = dumps(obj)
         self.send_frame(memoryview(data).cast("B"), deadline)
 
     def recv_object(self, deadline: Deadline, copy: bool = True) -> Any:

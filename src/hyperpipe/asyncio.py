@@ -35,11 +35,11 @@ import os
 import select
 import socket
 import ssl
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Awaitable, Callable, Generic, Optional, TypeVar
 
 from . import _auth, errors
 from ._connection import Connection
+from ._pickling import dumps
 from ._pipe import Pipe
 
 __all__ = ["AsyncConnection", "open_pipe", "connect", "serve", "Server"]
@@ -396,7 +396,7 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
                 return first
             # Encode once, not on every retry; the frame is the one send() would write.
             codec = getattr(conn, "_codec", None)
-            data = ForkingPickler.dumps(obj) if codec is None else codec.dumps(obj)
+            data = dumps(obj) if codec is None else codec.dumps(obj)
             return lambda: conn.send_bytes(data, timeout=0)
 
         await self._sending(first, retry, timeout, "send")
