@@ -1,12 +1,14 @@
 """Declares the one C extension, hyperpipe._core, and nothing else.
 
-The extension is optional: if it cannot be compiled (no compiler, an unsupported
-platform), the build warns and hyperpipe falls back to its socket transport.
+The extension is optional: if it cannot be compiled (no compiler, no Python headers, an
+unsupported platform), the build warns and hyperpipe falls back to its socket transport
+(and says so at the first Pipe() and in `python -m hyperpipe`).
 
 Environment switches:
   HYPERPIPE_SANITIZE=address|thread|undefined   build with that sanitizer
   HYPERPIPE_DEBUG=1                            -O0 -g, assertions on
   HYPERPIPE_REQUIRE_CORE=1                     fail the build instead of falling back
+                                               (and `import hyperpipe` without the core)
 """
 import os
 import sys
@@ -25,6 +27,7 @@ if os.environ.get("HYPERPIPE_DEBUG"):
     cflags += ["-O0", "-g", "-UNDEBUG"]
 else:
     cflags += ["-O2"]
+require_core = os.environ.get("HYPERPIPE_REQUIRE_CORE", "") not in ("", "0")
 sanitize = os.environ.get("HYPERPIPE_SANITIZE")
 if sanitize:
     cflags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
@@ -46,12 +49,17 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001
             self._fallback(exc)
 
+    _failed = False
+
     def _fallback(self, exc):
-        if os.environ.get("HYPERPIPE_REQUIRE_CORE"):
+        if require_core:
             raise exc
+        if self._failed:  # the in-place copy that follows a failed build fails too: said already
+            return
+        self._failed = True
         sys.stderr.write(
-            f"WARNING: hyperpipe._core was not built ({exc}); "
-            "hyperpipe will use its socket transport.\n"
+            f"WARNING: hyperpipe._core was not built ({exc}); hyperpipe will use its socket "
+            "transport. Install a C compiler and the Python headers, then reinstall.\n"
         )
 
 
@@ -63,7 +71,8 @@ setup(
             include_dirs=[CSRC],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
-            optional=True,
+            # Not setuptools' optional=True: it would swallow the failure even when required.
+            optional=False,
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._core_status import CORE_ERROR, require_core_if_asked
+
+require_core_if_asked()  # HYPERPIPE_REQUIRE_CORE=1: no silent fallback
+
 from . import errors as errors
 from ._connection import Connection as Connection
 from ._pipe import Pipe as Pipe
@@ -38,18 +42,16 @@ __version__ = "0.1.0"
 
 
 def info() -> dict[str, Any]:
-    """What this installation uses: version, default transport, all transports, C core state."""
-    try:
-        from . import _core  # noqa: F401
+    """What this installation uses: version, default transport, all transports, C core state.
 
-        core = "loaded"
-    except ImportError as exc:
-        core = f"missing ({exc})"
+    ``core`` is ``"loaded"``, or ``"missing (why)"``: then ``Pipe()`` falls back to the socket
+    transport and ``python -m hyperpipe`` says how to fix it.
+    """
     return {
         "version": __version__,
         "transport": select_transport(None),
         "available_transports": available_transports(),
-        "core": core,
+        "core": "loaded" if CORE_ERROR is None else f"missing ({CORE_ERROR})",
     }
 
 

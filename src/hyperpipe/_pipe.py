@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ._connection import Connection
+from ._core_status import warn_on_fallback
 from ._transport import Transport, select_transport
 
 
@@ -22,6 +23,7 @@ def Pipe(
     transport (see ``hyperpipe._shm_transport.shm_pipe``).
     """
     name = select_transport(transport)
+    warn_on_fallback(transport)
     end1: Transport
     end2: Transport
     if name == "shm":
