@@ -518,6 +518,7 @@ async def _secure(
     server_hostname: Optional[str],
 ) -> socket.socket:
     """TLS, then the authkey handshake, on a connected non-blocking socket."""
+    plain = sock
     if ssl_context is not None:
         sock = ssl_context.wrap_socket(
             sock,
@@ -525,10 +526,16 @@ async def _secure(
             server_hostname=None if server_side else server_hostname,
             do_handshake_on_connect=False,
         )
-        await _tls_handshake(sock)
-    if authkey is not None:
-        steps = _auth.server_handshake(authkey) if server_side else _auth.client_handshake(authkey)
-        await _authenticate(sock, steps)
+    try:
+        if ssl_context is not None:
+            await _tls_handshake(sock)
+        if authkey is not None:
+            steps = _auth.server_handshake(authkey) if server_side else _auth.client_handshake(authkey)
+            await _authenticate(sock, steps)
+    except BaseException:
+        if sock is not plain:  # the TLS socket took the descriptor over: the caller's is empty
+            sock.close()
+        raise
     return sock
 
 

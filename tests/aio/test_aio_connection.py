@@ -320,8 +320,8 @@ def test_close_from_another_task_wakes_a_waiting_recv(run, duplex):
 
 
 def test_needs_a_hyperpipe_connection():
-    with pytest.raises(TypeError):
-        AsyncConnection(socket.socket())  # type: ignore[arg-type]
+    with socket.socket() as sock, pytest.raises(TypeError):
+        AsyncConnection(sock)  # type: ignore[arg-type]
 
 
 # -- timeouts and readiness ---------------------------------------------------------------

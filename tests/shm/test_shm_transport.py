@@ -355,7 +355,8 @@ def test_a_stale_wake_up_count_is_drained_by_poll():
     a, b = hyperpipe.Pipe(transport="shm")
     try:
         fd = b.fileno()
-        watched = [int(x) for x in re.findall(r"tfd:\s+(\d+)", open(f"/proc/self/fdinfo/{fd}").read())]
+        with open(f"/proc/self/fdinfo/{fd}") as fdinfo:
+            watched = [int(x) for x in re.findall(r"tfd:\s+(\d+)", fdinfo.read())]
         efds = [t for t in watched if os.readlink(f"/proc/self/fd/{t}").startswith("anon_inode:[eventfd")]
         assert len(efds) == 1
         os.eventfd_write(efds[0], 1)  # the stale count
