@@ -24,6 +24,9 @@ GROUPS = {
     "idle": ("idle",),
 }
 DEFAULT_SIZES = "1MiB,16MiB,256MiB"
+IMPL_ALIASES = {"shm": "hp-shm", "socket": "hp-socket", "pyzmq": "zmq", "faster_fifo": "faster-fifo"}
+#: where results go unless --json says otherwise (relative to the current folder)
+RESULTS_DIR = "bench-results"
 
 QUICK: dict[str, Any] = dict(rounds=1, lat_iters=3000, lat_warmup=300, asleep_iters=200, stream_msgs=50_000, stream_warmup=2_000,
              reps={1 << 20: 8, 16 << 20: 4, 256 << 20: 3})
@@ -45,17 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m hyperpipe.bench",
         description="Measure hyperpipe against multiprocessing.Pipe (always run, as the baseline) in one run: "
         "round-trip latency, streaming, large numpy arrays, idle CPU. Each measurement runs in two fresh "
-        "worker processes. Table on stdout, progress on stderr.",
+        "worker processes. Table on stdout, progress on stderr. Also installed as the hyperpipe-bench command.",
         epilog="Exit status: 0 when every measurement ran (missed targets included), 1 when one failed, 2 for bad "
-        "arguments. Methodology: docs/benchmarks.md.",
+        "arguments. Method and a full run: docs/benchmarks.md in hyperpipe's source.",
     )
     ap.add_argument("--quick", action="store_true", help="small counts: the whole run in under a minute on 2 cores")
     ap.add_argument("--only", default="lat,stream,large,idle",
-                    help="comma-separated groups: lat, stream, large, idle (or single tests: "
-                    + ", ".join(_report.TESTS) + ")")
+                    help="comma-separated groups (default: all of them): "
+                    + "; ".join(f"{group} = {', '.join(tests)}" for group, tests in GROUPS.items())
+                    + "; or single tests by those names")
+    impls = all_impls()
     ap.add_argument("--impl", default="all",
-                    help="comma-separated implementations (mp is always added): mp, hp-shm, hp-socket, hp (= every "
-                    "hyperpipe transport), zmq, faster-fifo, or all (default: all that are installed)")
+                    help="comma-separated implementations: " + "; ".join(f"{i.name} = {i.label}" for i in impls)
+                    + "; hp = every hyperpipe row; all (default) = every one installed here. Also accepted: "
+                    + ", ".join(f"{alias} for {name}" for alias, name in IMPL_ALIASES.items())
+                    + ". mp is always added, and so is what a row is compared with (mp-tcp for hp-tcp, the "
+                    "synchronous row for an -async one)")
     ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"array sizes for the large test (default {DEFAULT_SIZES})")
     ap.add_argument("--iters", type=int, help="timed round trips per latency test (default 20000, --quick 3000)")
     ap.add_argument("--msgs", type=int, help="messages per streaming test (default 200000, --quick 50000)")
@@ -70,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default="fork",
                     help="how workers start (default fork: peak RSS by getrusage is only right under fork)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for one measurement (default 120)")
-    ap.add_argument("--json", metavar="FILE", help="write every number measured, with the machine and config, here")
+    ap.add_argument("--json", metavar="FILE", default=None,
+                    help="where to write every number measured, with the machine and the config (default: "
+                    f"{RESULTS_DIR}/hyperpipe-bench-<date>-<time>.json in the current folder)")
+    ap.add_argument("--no-json", action="store_true", help="write no results file")
     ap.add_argument("--plot", metavar="FILE.png", help="bar charts of the results (needs matplotlib: pip install "
                     "'hyperpipe[plot]')")
     ap.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
@@ -96,7 +107,6 @@ def select_tests(ap: argparse.ArgumentParser, text: str) -> list[str]:
 def select_impls(ap: argparse.ArgumentParser, text: str, known: list[Impl]) -> tuple[list[Impl], set[str]]:
     """The implementations to run (baseline first) and the names asked for explicitly."""
     names = {i.name for i in known}
-    aliases = {"shm": "hp-shm", "socket": "hp-socket", "pyzmq": "zmq", "faster_fifo": "faster-fifo"}
     if text.strip() == "all":
         return known, set()
     wanted: set[str] = {BASELINE}
@@ -104,7 +114,7 @@ def select_impls(ap: argparse.ArgumentParser, text: str, known: list[Impl]) -> t
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        part = aliases.get(part, part)
+        part = IMPL_ALIASES.get(part, part)
         if part == "hp":
             group = {i.name for i in known if i.is_hyperpipe}
         elif part in names:
@@ -284,7 +294,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
 
-    for path, what in ((opts.json, "--json"), (opts.plot, "--plot")):
+    if opts.json and opts.no_json:
+        ap.error("--json and --no-json contradict each other")
+    json_path = opts.json
+    if json_path is None and not opts.no_json:
+        json_path = os.path.join(RESULTS_DIR, f"hyperpipe-bench-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+    for path, what in ((json_path, "--json"), (opts.plot, "--plot")):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             ap.error(f"{what}: the folder of {path!r} does not exist")
     machine = _report.machine_info(opts.start_method)  # before the run: the load average is the machine's own
@@ -412,10 +428,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     unicode_ok = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") in ("utf8", "utf16")
     print(_report.render(result, unicode_ok=unicode_ok))
-    if opts.json:
-        with open(opts.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"JSON written to {opts.json}", file=sys.stderr)
+        print(f"Results (every number, the machine, the config) written to {os.path.abspath(json_path)}")
     if opts.plot:
         try:
             _report.plot(result, opts.plot)
