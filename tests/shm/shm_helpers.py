@@ -27,10 +27,22 @@ def memfd_mappings() -> int:
 
 
 def dev_shm_entries() -> set[str]:
+    """The /dev/shm names this process answers for: hyperpipe's own (it should make none, its
+    memory is memfds) and those this process holds open or mapped. Other programs on the
+    machine add and remove names there at any time: they are not ours to count."""
     try:
-        return set(os.listdir("/dev/shm"))
+        names = os.listdir("/dev/shm")
     except OSError:
         return set()
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    with open("/proc/self/maps") as f:
+        held.update(line.split(None, 5)[-1].strip() for line in f)
+    return {n for n in names if n.startswith("hyperpipe") or f"/dev/shm/{n}" in held}
 
 
 def join_or_kill(proc: Any, timeout: float = 60.0) -> Any:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from shm_helpers import join_or_kill
+from shm_helpers import dev_shm_entries, join_or_kill
 
 import hyperpipe
 from hyperpipe._shm_transport import shm_pipe
@@ -169,7 +169,7 @@ def _object_streamer(reduced: tuple) -> None:
 
 def test_sigkill_while_sending_buffers_leaks_nothing(resources: Any) -> None:
     np = pytest.importorskip("numpy")
-    before_shm = set(os.listdir("/dev/shm"))
+    before_shm = dev_shm_entries()
     for round_ in range(4):
         a, b = shm_pipe(True, max_inflight_fds=4)
         ctx = multiprocessing.get_context("fork")
@@ -193,4 +193,4 @@ def test_sigkill_while_sending_buffers_leaks_nothing(resources: Any) -> None:
             join_or_kill(p)
             a.close()
     resources.assert_released()
-    assert set(os.listdir("/dev/shm")) <= before_shm
+    assert dev_shm_entries() <= before_shm
