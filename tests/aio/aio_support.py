@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+import contextlib
+import sys
+from typing import Any, AsyncIterator, Callable, Optional
 
 import pytest
 
@@ -32,5 +34,55 @@ def loop_factory_for(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
     """Run ``coro`` to completion on a fresh loop from ``loop_factory``."""
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coro)
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(coro)
+    loop = loop_factory()  # Python 3.10: what asyncio.Runner does
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            if left:  # gather() of nothing would make a loop of its own
+                for task in left:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+
+if sys.version_info >= (3, 11):
+    timeout = asyncio.timeout
+    wait_for = asyncio.wait_for
+else:
+
+    async def wait_for(aw: Any, delay: Optional[float]) -> Any:
+        """``asyncio.wait_for`` raising the builtin TimeoutError, as it does from Python 3.11."""
+        try:
+            return await asyncio.wait_for(aw, delay)
+        except asyncio.TimeoutError:
+            raise TimeoutError from None
+
+    @contextlib.asynccontextmanager
+    async def timeout(delay: float) -> AsyncIterator[None]:
+        """``asyncio.timeout`` for Python 3.10: cancel the task at the deadline, raise TimeoutError."""
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        handle = asyncio.get_running_loop().call_later(delay, expire)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if expired:
+                raise TimeoutError from None
+            raise
+        finally:
+            handle.cancel()

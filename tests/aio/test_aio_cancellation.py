@@ -23,7 +23,7 @@ from impls import make_impl
 
 from hyperpipe.asyncio import AsyncConnection
 
-from aio_support import LOOPS, STEP, loop_factory_for, run
+from aio_support import LOOPS, STEP, loop_factory_for, run, timeout, wait_for
 
 COUNT = 240
 BIG = 8 << 20
@@ -94,9 +94,9 @@ async def cancelled_receiver(aconn, seed):
         delay = rng.choice([0, 1e-6, 1e-5, 1e-4, 5e-4, 2e-3])
         try:
             if style == 0:
-                item = await asyncio.wait_for(aconn.recv(), delay)
+                item = await wait_for(aconn.recv(), delay)
             elif style == 1:
-                async with asyncio.timeout(delay):
+                async with timeout(delay):
                     item = await aconn.recv()
             elif style == 2:
                 task = asyncio.ensure_future(aconn.recv())
@@ -108,7 +108,7 @@ async def cancelled_receiver(aconn, seed):
                 except asyncio.CancelledError:
                     raise TimeoutError from None
             else:
-                async with asyncio.timeout(STEP):
+                async with timeout(STEP):
                     item = await aconn.recv()
         except TimeoutError:
             cancellations += 1
@@ -129,7 +129,7 @@ def test_cancelled_receives_lose_nothing_sender_in_a_child(impl, loop_factory, p
     aconn = AsyncConnection(ours)
 
     async def main():
-        async with asyncio.timeout(120):
+        async with timeout(120):
             return await cancelled_receiver(aconn, seed=1)
 
     try:
@@ -150,7 +150,7 @@ def test_cancelled_receives_lose_nothing_sender_in_a_thread(impl, loop_factory, 
     sender = run_in_thread(child_stream, theirs, COUNT)
 
     async def main():
-        async with asyncio.timeout(120):
+        async with timeout(120):
             return await cancelled_receiver(aconn, seed=2)
 
     try:
@@ -179,7 +179,7 @@ def test_cancelled_sends_deliver_each_message_exactly_once(impl, loop_factory, r
             await asyncio.wait_for(aconn.send(item), STEP)
             return
         if how == "wait_for":
-            await asyncio.wait_for(aconn.send(item), delay)
+            await wait_for(aconn.send(item), delay)
             return
         task = asyncio.ensure_future(aconn.send(item))
         await asyncio.sleep(delay)
@@ -213,7 +213,7 @@ def test_cancelled_sends_deliver_each_message_exactly_once(impl, loop_factory, r
                     break
                 except TimeoutError:
                     cancelled += 1
-        async with asyncio.timeout(STEP):
+        async with timeout(STEP):
             await aconn.drain()
         return cancelled
 

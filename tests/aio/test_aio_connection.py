@@ -24,7 +24,7 @@ from impls import make_impl
 import hyperpipe
 from hyperpipe.asyncio import AsyncConnection, open_pipe
 
-from aio_support import LOOPS, STEP, loop_factory_for
+from aio_support import LOOPS, STEP, loop_factory_for, timeout
 from aio_support import run as run_on
 
 
@@ -332,10 +332,10 @@ def test_asyncio_timeout_on_recv_loses_nothing(run, duplex):
 
     async def main():
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
+            async with timeout(0.05):
                 await b.recv()
         await a.send("after the timeout")
-        async with asyncio.timeout(STEP):
+        async with timeout(STEP):
             return await b.recv()
 
     assert run(main) == "after the timeout"
@@ -371,10 +371,10 @@ def test_timeout_in_the_middle_of_a_frame_keeps_it_whole(run):
     async def main():
         raw.sendall(frame[:50_000])
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
+            async with timeout(0.05):
                 await conn.recv()
         raw.sendall(frame[50_000:])
-        async with asyncio.timeout(STEP):
+        async with timeout(STEP):
             return await conn.recv()
 
     try:

@@ -21,7 +21,7 @@ from impls import make_impl
 import hyperpipe
 from hyperpipe.asyncio import AsyncConnection
 
-from aio_support import LOOPS, STEP, loop_factory_for, run
+from aio_support import LOOPS, STEP, loop_factory_for, run, timeout
 
 
 
@@ -91,7 +91,7 @@ def test_async_parent_sync_child_round_trips(impl, loop_factory, procs, method):
     theirs.close()
 
     async def main():
-        async with AsyncConnection(ours) as aconn, asyncio.timeout(STEP * 2):
+        async with AsyncConnection(ours) as aconn, timeout(STEP * 2):
             squares = []
             for n in range(200):
                 await aconn.send(("square", n))
@@ -119,14 +119,14 @@ def test_peer_killed_while_awaiting_recv_raises_eoferror(impl, loop_factory, pro
 
     async def main():
         async with AsyncConnection(ours) as aconn:
-            async with asyncio.timeout(STEP):
+            async with timeout(STEP):
                 assert await aconn.recv() == "ready"
             waiting = asyncio.ensure_future(aconn.recv())
             await asyncio.sleep(0.05)
             assert not waiting.done()
             os.kill(proc.pid, signal.SIGKILL)
             with pytest.raises(EOFError):
-                async with asyncio.timeout(STEP):
+                async with timeout(STEP):
                     await waiting
 
     run(loop_factory, main())
@@ -141,13 +141,13 @@ def test_peer_killed_while_streaming_ends_with_eof_or_protocol_error(impl, loop_
 
     async def main():
         async with AsyncConnection(ours) as aconn:
-            async with asyncio.timeout(STEP):
+            async with timeout(STEP):
                 assert await aconn.recv() == "ready"
                 for _ in range(3):
                     assert len(await aconn.recv_bytes()) == 4 << 20
             os.kill(proc.pid, signal.SIGKILL)
             received = 0
-            async with asyncio.timeout(STEP):
+            async with timeout(STEP):
                 while True:
                     try:
                         data = await aconn.recv_bytes()
@@ -169,12 +169,12 @@ def test_sending_to_a_dead_peer_raises_brokenpipeerror(impl, loop_factory, procs
 
     async def main():
         async with AsyncConnection(ours) as aconn:
-            async with asyncio.timeout(STEP):
+            async with timeout(STEP):
                 assert await aconn.recv() == "ready"
             os.kill(proc.pid, signal.SIGKILL)
             proc.join(STEP)
             with pytest.raises(BrokenPipeError):
-                async with asyncio.timeout(STEP):
+                async with timeout(STEP):
                     for _ in range(10_000):  # the first ones may still fit in a buffer
                         await aconn.send_bytes(b"x" * 65536)
 
@@ -201,7 +201,7 @@ def test_one_loop_serves_fifty_connections_to_worker_processes(impl, loop_factor
         return results
 
     async def main():
-        async with asyncio.timeout(STEP * 2):
+        async with timeout(STEP * 2):
             return await asyncio.gather(*(conversation(k, c) for k, c in enumerate(ours)))
 
     try:
