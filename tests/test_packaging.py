@@ -176,10 +176,26 @@ print(hyperpipe.__file__, a.transport)
 """
 
 
-@pytest.fixture
-def opted_in(request: pytest.FixtureRequest) -> None:
+@pytest.fixture(scope="module")
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """The sdist, the wheel built from it, and the build's output (opt-in: -m artefacts)."""
     if "artefacts" not in (request.config.getoption("markexpr", "") or ""):
         pytest.skip("opt-in: run with -m artefacts")
+    pytest.importorskip("build", reason="pip install build (in hyperpipe's test extra)")
+    dist = tmp_path_factory.mktemp("dist")
+    # No arguments: the sdist first, then the wheel built from the unpacked sdist.
+    proc = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], capture_output=True,
+                          text=True, env=dict(os.environ, HYPERPIPE_REQUIRE_CORE="1"), timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    (sdist,) = dist.glob("hyperpipe-*.tar.gz")
+    (wheel,) = dist.glob("hyperpipe-*.whl")
+    return sdist, wheel, log
+
+
+def _new_venv(where: Path) -> str:
+    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=300)
+    return str(where / "bin" / "python")
 
 
 def _tracked_files() -> list[str]:
@@ -192,17 +208,9 @@ def _tracked_files() -> list[str]:
 
 
 @pytest.mark.artefacts
-def test_sdist_and_wheel_install_with_the_core(opted_in: None, tmp_path: Path) -> None:
-    pytest.importorskip("build", reason="pip install build (in hyperpipe's test extra)")
-    dist = tmp_path / "dist"
-    # No arguments: the sdist first, then the wheel built from the unpacked sdist.
-    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], capture_output=True,
-                           text=True, env=dict(os.environ, HYPERPIPE_REQUIRE_CORE="1"), timeout=900)
-    log = built.stdout + built.stderr
-    assert built.returncode == 0, log
+def test_sdist_and_wheel_install_with_the_core(built: tuple[Path, Path, str], tmp_path: Path) -> None:
+    sdist, wheel, log = built
     assert "deprecat" not in log.lower(), log  # e.g. setuptools' warning about a license table
-    (sdist,) = dist.glob("hyperpipe-*.tar.gz")
-    (wheel,) = dist.glob("hyperpipe-*.whl")
 
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
@@ -214,8 +222,7 @@ def test_sdist_and_wheel_install_with_the_core(opted_in: None, tmp_path: Path) -
 
     for artefact in (sdist, wheel):
         venv = tmp_path / f"venv-{artefact.suffix.strip('.')}"
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        python = str(venv / "bin" / "python")
+        python = _new_venv(venv)
         # REQUIRE_CORE: installing the sdist compiles the core, and must fail if it cannot
         installed = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                                     str(artefact)], capture_output=True, text=True, timeout=900,
@@ -227,3 +234,24 @@ def test_sdist_and_wheel_install_with_the_core(opted_in: None, tmp_path: Path) -
         assert checked.returncode == 0, checked.stderr
         where, transport = checked.stdout.split()
         assert where.startswith(str(venv)) and transport == "shm"
+
+
+@pytest.mark.artefacts
+def test_an_install_without_a_compiler_falls_back_and_says_why(built: tuple[Path, Path, str],
+                                                               tmp_path: Path) -> None:
+    python = _new_venv(tmp_path / "venv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERPIPE_")}
+    # CC=false: a compiler that always fails. From the sdist: no earlier build to reuse.
+    installed = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                "--no-cache-dir", str(built[0])], capture_output=True, text=True, timeout=900,
+                               env=dict(env, CC="false"))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    shown = subprocess.run([python, "-W", "always", "-c", "import hyperpipe; hyperpipe.Pipe()"], capture_output=True,
+                           text=True, cwd=tmp_path, env=env, timeout=CHILD_TIMEOUT)
+    assert shown.returncode == 0, shown.stderr
+    assert "RuntimeWarning: hyperpipe's C core did not load (No module named 'hyperpipe._core'; compiling it " \
+        "failed: the C compiler (false) failed with exit status 1" in shown.stderr
+    assert "install a C compiler and the Python headers" in shown.stderr
+    info = subprocess.run([python, "-m", "hyperpipe"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=CHILD_TIMEOUT)
+    assert "core: missing (No module named 'hyperpipe._core'; compiling it failed" in info.stdout

@@ -8,6 +8,7 @@ standard library's speed, not shared memory's. So that this is never silent, the
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import warnings
@@ -25,12 +26,23 @@ FIX = (
 )
 
 
+#: written by setup.py next to this file when compiling the core failed
+BUILD_ERROR_FILE = "_core_build_error.txt"
+
+
 def _import_error() -> Optional[str]:
     try:
-        from . import _core  # noqa: F401
+        # Not "from . import _core": while hyperpipe initializes, that would blame a circular import.
+        importlib.import_module("hyperpipe._core")
     except ImportError as exc:
-        return str(exc) or type(exc).__name__
-    return None
+        reason = str(exc) or type(exc).__name__
+    else:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(__file__), BUILD_ERROR_FILE)) as f:
+            return f"{reason}; compiling it failed: {f.read().strip()}"
+    except OSError:
+        return reason
 
 
 #: why ``hyperpipe._core`` did not import, or None when it did
