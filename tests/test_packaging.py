@@ -7,8 +7,8 @@
 - A pickled message left in a reference cycle does not crash the garbage collector of
   CPython 3.12.0 and 3.12.1 (gh-111211); ``.ci/versions`` runs this file on 3.12.
 - Opt-in (``-m artefacts``, run by ``.ci/versions``): the sdist carries what builds the core and
-  runs the tests, and the sdist and the wheel built from it each install into a fresh venv
-  with the core loaded.
+  runs the tests; the sdist and the wheel built from it each install into a fresh venv
+  with the core loaded; the sdist installed without a working compiler falls back and says why.
 """
 
 from __future__ import annotations

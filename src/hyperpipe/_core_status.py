@@ -25,7 +25,6 @@ FIX = (
     "or `pip install -e .` in a checkout); `python -m hyperpipe` shows the result"
 )
 
-
 #: written by setup.py next to this file when compiling the core failed
 BUILD_ERROR_FILE = "_core_build_error.txt"
 
@@ -59,7 +58,9 @@ def explanation() -> str:
 
 def require_core_if_asked() -> None:
     if CORE_ERROR is not None and os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
-        raise ImportError(f"hyperpipe's C core did not load ({CORE_ERROR}) and {REQUIRE_ENV} is set. To fix it, {FIX}.")
+        raise ImportError(
+            f"hyperpipe's C core did not load ({CORE_ERROR}) and {REQUIRE_ENV} is set. To fix it, {FIX}."
+        )
 
 
 _warned = False
