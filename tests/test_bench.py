@@ -139,16 +139,17 @@ def test_results_go_to_a_file_by_default(tmp_path):
     (["--json", "/nonexistent-folder/x.json"], "does not exist"),
     (["--json", "x.json", "--no-json"], "contradict"),
 ])
-def test_bad_arguments_are_refused(args, complaint):
-    proc = run_cli(*args)
+def test_bad_arguments_are_refused(args, complaint, tmp_path):
+    proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2
     assert complaint in proc.stderr
     assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # no results folder for a run that never started
 
 
-def test_missing_numpy_skips_large_with_a_message():
+def test_missing_numpy_skips_large_with_a_message(tmp_path):
     proc = run_cli("--quick", "--only", "large,idle", "--impl", "mp", "--idle-s", "0.1",
-                   prelude="import sys; sys.modules['numpy'] = None; ")
+                   prelude="import sys; sys.modules['numpy'] = None; ", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "large arrays not measured: numpy is not installed" in proc.stdout
     assert "## Large float64 arrays" not in proc.stdout
@@ -168,7 +169,7 @@ def test_missing_matplotlib_gives_a_clear_message(tmp_path):
 def test_plot_writes_a_png(tmp_path):
     png = tmp_path / "bench.png"
     proc = run_cli("--quick", "--only", "lat,idle", "--impl", "mp", "--iters", "100", "--asleep-ms", "0.2",
-                   "--idle-s", "0.1", "--plot", str(png))
+                   "--idle-s", "0.1", "--plot", str(png), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -299,8 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     json_path = opts.json
     if json_path is None and not opts.no_json:
         json_path = os.path.join(RESULTS_DIR, f"hyperpipe-bench-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-    for path, what in ((json_path, "--json"), (opts.plot, "--plot")):
+    for path, what in ((opts.json, "--json"), (opts.plot, "--plot")):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             ap.error(f"{what}: the folder of {path!r} does not exist")
     machine = _report.machine_info(opts.start_method)  # before the run: the load average is the machine's own
@@ -429,6 +428,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     unicode_ok = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") in ("utf8", "utf16")
     print(_report.render(result, unicode_ok=unicode_ok))
     if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"Results (every number, the machine, the config) written to {os.path.abspath(json_path)}")
