@@ -120,6 +120,8 @@ def test_info_reports_the_transport():
     assert info["transport"] in info["available_transports"]
     assert set(info["available_transports"]) <= {"shm", "socket"}
     assert "socket" in info["available_transports"]
+    assert info["core"] == "loaded" or info["core"].startswith("missing (")
+    assert ("shm" in info["available_transports"]) <= (info["core"] == "loaded")  # shm needs the core
     a, b = hyperpipe.Pipe()
     with a, b:
         assert a.transport == info["transport"]
