@@ -21,7 +21,7 @@ REQUIRE_ENV = "HYPERPIPE_REQUIRE_CORE"
 
 FIX = (
     "install a C compiler and the Python headers (e.g. `apt install gcc python3-dev`), "
-    "then reinstall hyperpipe (`pip install --force-reinstall --no-binary hyperpipe hyperpipe`, "
+    "then reinstall hyperpipe from its source (`pip install --force-reinstall --no-cache-dir .`, "
     "or `pip install -e .` in a checkout); `python -m hyperpipe` shows the result"
 )
 
