@@ -11,6 +11,12 @@ HEAP_GRANULE: int
 def segment_create(capacity: int, nrings: int, heap_size: int = 0, /) -> int:
     """A new memfd holding an initialised segment (rings of `capacity` bytes, heaps)."""
 
+def buffer_memfd(nbytes: int, /) -> int:
+    """A memfd of `nbytes`, allocated now and sealed against resizing (writable)."""
+
+def check_memfd(fd: int, size: int, /) -> None:
+    """ProtocolError unless `fd` is a memfd sealed against resizing, at least `size` bytes."""
+
 def _set_errors(
     timeout: type[BaseException],
     closed: type[BaseException],

@@ -25,7 +25,8 @@ enum {
     HP_CLOSED = 2,    /* this end was closed (possibly from another thread) */
     HP_EOF = 3,       /* peer gone and the ring is empty */
     HP_EPIPE = 4,     /* sending to a peer that is gone */
-    HP_ECORRUPT = 5,  /* the ring or the control socket holds something invalid */
+    HP_ECORRUPT = 5,  /* the segment or the control socket holds something impossible:
+                         sticky, every later call on the end fails too (ep->corrupt says why) */
     HP_ETOOBIG = 6,   /* payload larger than the ring can ever hold */
     HP_ERRNO = 7,     /* a system call failed: errno is set */
     HP_EINTR = 8,     /* a signal interrupted a sleep: let the caller run handlers, retry */
@@ -52,6 +53,7 @@ typedef struct hp_endpoint {
     int rings_populated;       /* process-local: the rings' page tables were filled here */
     _Atomic int readiness_exposed; /* process-local: fileno() was asked for (hp_reader_sync) */
     int peer_eof;              /* reader-local: sock reported HUP */
+    _Atomic(const char *) corrupt; /* process-local, sticky: why the segment cannot be trusted */
     int64_t last_peer_check;   /* sender-local */
     int peer_gone;             /* sender-local, sticky */
     uint32_t seen_consumer_closes; /* sender-local */
@@ -64,6 +66,13 @@ typedef struct hp_endpoint {
 } hp_endpoint;
 
 int64_t hp_now_ns(void);
+
+/* A memfd of `size` bytes sealed against shrinking and growing (not against writes), its
+ * first `allocate` bytes allocated now (ENOSPC here, never SIGBUS later); -1 (errno). */
+int hp_memfd_create(const char *name, uint64_t size, uint64_t allocate);
+/* 0 when `fd` is a memfd sealed against resizing and at least `size` (> 0) bytes long,
+ * so a mapping of `size` bytes can never fault; else why not (a static message). */
+const char *hp_memfd_check(int fd, uint64_t size);
 
 /* Create a zeroed, initialised segment; returns its memfd or -1 (errno). */
 int hp_segment_create(uint64_t capacity, uint32_t nrings, uint64_t heap_size);
@@ -110,6 +119,12 @@ int64_t hp_incoming_eta_ns(hp_endpoint *ep);
  * (or closed). For callers that must not block long, e.g. an event loop. */
 int hp_spin_readable(hp_endpoint *ep, int64_t ns);
 
+/* Mark the end unusable because the peer broke the protocol; returns HP_ECORRUPT. */
+int hp_corrupt(hp_endpoint *ep, const char *why);
+
+/* Receiver: look at the next frame without waiting: HP_OK, HP_TIMEOUT (none) or
+ * HP_ECORRUPT. */
+int hp_recv_peek(hp_endpoint *ep, hp_frame *frame);
 /* Receiver: wait for a frame (peeked, not consumed). HP_OK, HP_EOF, HP_TIMEOUT,
  * HP_CLOSED or HP_ECORRUPT. deadline_ns < 0: no limit; 0: do not wait. */
 int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame);
@@ -117,7 +132,9 @@ int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame);
 void hp_recv_finish(hp_endpoint *ep, const hp_frame *frame, uint64_t oob_bytes);
 /* Receiver: restore the wake protocol after a wait that consumed nothing. */
 void hp_reader_exit(hp_endpoint *ep);
-/* Receiver: take the `n` fds sent before the current frame. */
+/* Receiver: take the `n` fds sent before the current frame. HP_ERRNO with errno EMFILE
+ * when this process had no descriptor free for them (they are lost, the stream stays in
+ * step), HP_ECORRUPT when the peer did not send what the frame announced. */
 int hp_take_fds(hp_endpoint *ep, int n, int *out);
 
 /* fd that select()/poll() see readable when a frame or EOF is pending. */
