@@ -724,6 +724,24 @@ static PyObject *Endpoint_fileno(EndpointObject *self, PyObject *unused) {
     return PyLong_FromLong(fd);
 }
 
+static PyObject *Endpoint_writer_fileno(EndpointObject *self, PyObject *unused) {
+    if (!check_dir(self, 'w')) return NULL;
+    int fd = hp_writer_fileno(&self->ep);
+    hp_leave(&self->ep);
+    if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *Endpoint_arm_writer(EndpointObject *self, PyObject *arg) {
+    unsigned long long nbytes = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !check_dir(self, 'w')) return NULL;
+    int rc = hp_arm_writer(&self->ep, nbytes);
+    hp_leave(&self->ep);
+    if (rc == HP_OK) Py_RETURN_TRUE;
+    if (rc == HP_TIMEOUT) Py_RETURN_FALSE;
+    return raise_status(self, rc);
+}
+
 static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
     if (!self->opened) Py_RETURN_NONE;
     hp_endpoint_shutdown(&self->ep);
@@ -786,6 +804,8 @@ static PyMethodDef Endpoint_methods[] = {
     {"recv_into", (PyCFunction)Endpoint_recv_into, METH_VARARGS, NULL},
     {"poll", (PyCFunction)(void (*)(void))Endpoint_poll, METH_FASTCALL, NULL},
     {"fileno", (PyCFunction)Endpoint_fileno, METH_NOARGS, NULL},
+    {"writer_fileno", (PyCFunction)Endpoint_writer_fileno, METH_NOARGS, NULL},
+    {"arm_writer", (PyCFunction)Endpoint_arm_writer, METH_O, NULL},
     {"close", (PyCFunction)Endpoint_close, METH_NOARGS, NULL},
     {"after_fork", (PyCFunction)Endpoint_after_fork, METH_NOARGS, NULL},
     {"fds", (PyCFunction)Endpoint_fds, METH_NOARGS, NULL},

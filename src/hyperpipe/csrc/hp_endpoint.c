@@ -104,6 +104,15 @@ static void futex_wake(_Atomic uint32_t *addr) {
     syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+/* The same on a word of this process only (no timeout). */
+static void futex_wait_private(_Atomic uint32_t *addr, uint32_t expected) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+
+static void futex_wake_private(_Atomic uint32_t *addr) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
 /* -- segment ----------------------------------------------------------------- */
 
 /* What an end requires of a memfd before it maps it: its size is fixed. A peer that
@@ -183,6 +192,7 @@ int hp_endpoint_open(hp_endpoint *ep, int memfd, int sock, int rx_efd, int tx_ef
     ep->tx_efd = tx_efd;
     ep->close_efd = -1;
     ep->epoll_fd = -1;
+    ep->space_efd = -1;
     ep->base = MAP_FAILED;
     *err = 0;
     /* the header first, to learn how much to map */
@@ -237,16 +247,31 @@ fail:;
     return -1;
 }
 
+/* `armed` value that tells the watcher thread to end (a word it may be asleep on). */
+#define HP_ARMED_STOP UINT32_MAX
+
+static void stop_watcher(hp_endpoint *ep) {
+    atomic_store_explicit(&ep->armed, HP_ARMED_STOP, memory_order_release);
+    futex_wake_private(&ep->armed);
+    if (ep->has_tx) futex_wake(&ep->tx.ctrl->space_seq);
+}
+
 void hp_endpoint_shutdown(hp_endpoint *ep) {
     if (atomic_exchange(&ep->closed, 1)) return;
     /* close_efd is inherited across fork until hp_endpoint_after_fork replaces it:
        never wake another process's threads */
     if (ep->close_efd >= 0 && getpid() == ep->owner_pid) efd_signal(ep->close_efd);
     if (ep->has_tx) futex_wake(&ep->tx.ctrl->space_seq);
+    stop_watcher(ep);
 }
 
 void hp_endpoint_release(hp_endpoint *ep) {
     atomic_store(&ep->closed, 1);
+    if (ep->watcher_running) { /* before the mapping goes: it reads the ring */
+        stop_watcher(ep);
+        pthread_join(ep->watcher, NULL);
+        ep->watcher_running = 0;
+    }
     close_fd(&ep->sock);
     /* after the socket: a producer that sees the new count and polls sees our HUP too
        (when this was the last copy of our end) */
@@ -260,6 +285,7 @@ void hp_endpoint_release(hp_endpoint *ep) {
     close_fd(&ep->tx_efd);
     close_fd(&ep->close_efd);
     close_fd(&ep->epoll_fd);
+    close_fd(&ep->space_efd);
 }
 
 int hp_endpoint_after_fork(hp_endpoint *ep) {
@@ -271,6 +297,10 @@ int hp_endpoint_after_fork(hp_endpoint *ep) {
     ep->rings_populated = 0; /* fork copied no page tables of the shared mapping */
     close_fd(&ep->close_efd);
     close_fd(&ep->epoll_fd);
+    /* the parent's watcher does not run here, and it signals the parent's space_efd */
+    ep->watcher_running = 0;
+    atomic_store(&ep->armed, 0);
+    close_fd(&ep->space_efd);
     ep->owner_pid = getpid();
     if (atomic_load(&ep->closed)) return 0;
     ep->close_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -533,6 +563,77 @@ int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *pa
     publish(ep, head, kind, (uint8_t)nfds, flags, parts, lens, nparts);
     ep->bytes_sent += len + oob_bytes;
     return HP_OK;
+}
+
+/* -- room to write, for event loops ---------------------------------------------- */
+
+/* Whether a frame with an `nbytes` payload may go now. Conservative, since the caller's
+ * choice of inline or out of band is not known here: room for the frame inline (at most
+ * the largest inline payload) and under the in-flight caps as if it went out of band.
+ * Once the consumer has taken everything both hold, so an armed writer always wakes. */
+static int arm_fits(const hp_endpoint *ep, uint64_t nbytes) {
+    uint64_t head, max = hp_ring_max_payload(&ep->tx);
+    return writable(ep, (uint32_t)(nbytes < max ? nbytes : max), nbytes, 1, &head);
+}
+
+/* Sleeps while nothing is armed; while armed, waits as a blocked sender does (writer_waiting,
+ * FUTEX_WAIT on space_seq in slices that look at the peer's liveness), then disarms and
+ * signals space_efd. */
+static void *watch_space(void *arg) {
+    hp_endpoint *ep = arg;
+    hp_ring_ctrl *c = ep->tx.ctrl;
+    for (;;) {
+        uint32_t want = atomic_load_explicit(&ep->armed, memory_order_acquire);
+        if (want == HP_ARMED_STOP) break;
+        if (want == 0) {
+            futex_wait_private(&ep->armed, 0);
+            continue;
+        }
+        atomic_store_explicit(&c->writer_waiting, 1, memory_order_relaxed);
+        atomic_thread_fence(memory_order_seq_cst); /* Dekker pair with hp_ring_release */
+        uint32_t seq = atomic_load_explicit(&c->space_seq, memory_order_acquire);
+        if (arm_fits(ep, want - 1) != 0 || sock_hup(ep->sock)) { /* room, corrupt or peer gone */
+            if (atomic_compare_exchange_strong_explicit(&ep->armed, &want, 0, memory_order_acq_rel,
+                                                        memory_order_relaxed))
+                efd_signal(ep->space_efd);
+            continue;
+        }
+        futex_wait(&c->space_seq, seq, HP_PEER_CHECK_NS);
+    }
+    efd_signal(ep->space_efd); /* closing: a waiting event loop finds out */
+    return NULL;
+}
+
+int hp_writer_fileno(hp_endpoint *ep) {
+    if (ep->space_efd < 0) ep->space_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return ep->space_efd;
+}
+
+int hp_arm_writer(hp_endpoint *ep, uint64_t nbytes) {
+    if (atomic_load_explicit(&ep->corrupt, memory_order_relaxed)) return HP_ECORRUPT;
+    int fits = arm_fits(ep, nbytes);
+    if (fits < 0) return hp_corrupt(ep, bad_outgoing);
+    if (fits || sender_peer_gone(ep, 0)) return HP_OK;
+    if (hp_writer_fileno(ep) < 0) return HP_ERRNO;
+    if (!ep->watcher_running) {
+        int rc = pthread_create(&ep->watcher, NULL, watch_space, ep);
+        if (rc != 0) {
+            errno = rc;
+            return HP_ERRNO;
+        }
+        ep->watcher_running = 1;
+    }
+    efd_drain(ep->space_efd); /* a count from an earlier arming is stale */
+    uint32_t want = nbytes >= HP_ARMED_STOP - 2 ? HP_ARMED_STOP - 2 : (uint32_t)nbytes;
+    atomic_store_explicit(&ep->armed, want + 1, memory_order_release);
+    futex_wake_private(&ep->armed);
+    /* Room that came before the watcher looked is seen by its first check; this one only
+       spares the caller a round through its event loop. */
+    uint32_t armed = want + 1;
+    if (arm_fits(ep, nbytes) > 0 &&
+        atomic_compare_exchange_strong_explicit(&ep->armed, &armed, 0, memory_order_acq_rel, memory_order_relaxed))
+        return HP_OK;
+    return HP_TIMEOUT;
 }
 
 /* -- receiving ---------------------------------------------------------------- */

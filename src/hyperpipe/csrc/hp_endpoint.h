@@ -8,6 +8,8 @@
  *   tx_efd    the peer's rx_efd (we signal it when we publish and it is armed)
  *   close_efd a process-local eventfd that close() from another thread signals
  *   epoll_fd  created on first fileno(): rx_efd (IN) + sock (RDHUP), for select/poll users
+ *   space_efd created on first writer_fileno(): a process-local eventfd that a watcher
+ *             thread signals when an armed writer may have room (event loops)
  * The wakeup protocol is described in docs/design.md ("Wakeup protocol").
  */
 #ifndef HP_ENDPOINT_H
@@ -16,6 +18,7 @@
 #include "hp_heap.h"
 #include "hp_ring.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -38,7 +41,7 @@ enum {
 typedef struct hp_endpoint {
     void *base;
     uint64_t map_size;
-    int memfd, sock, rx_efd, tx_efd, close_efd, epoll_fd;
+    int memfd, sock, rx_efd, tx_efd, close_efd, epoll_fd, space_efd;
     int has_rx, has_tx;
     int owner_pid;             /* the process whose close_efd this is */
     int rx_index, tx_index;
@@ -60,6 +63,10 @@ typedef struct hp_endpoint {
     uint64_t spin_ns, spin_min_ns, spin_max_ns;
     uint32_t published_cpu;    /* process-local: 1 + the CPU last written to the rings */
     uint64_t max_inflight_bytes, max_inflight_msgs;
+    _Atomic uint32_t armed;    /* process-local: 1 + the payload size an armed writer waits to
+                                  send (capped), 0 when nothing is armed; also a private futex */
+    pthread_t watcher;         /* process-local: turns space_seq wake-ups into space_efd counts */
+    int watcher_running;
     /* statistics, process-local */
     uint64_t msgs_sent, msgs_recv, bytes_sent, bytes_recv;
     uint64_t sleeps, wakes_sent, writer_waits, oob_sent, oob_recv, shared_cpu_yields;
@@ -104,6 +111,16 @@ int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *pa
 /* Sender: non-blocking attempt; HP_TIMEOUT when it would block. */
 int hp_try_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
                 const uint64_t *lens, int nparts);
+
+/* Sender, for event loops: a process-local fd that poll() sees readable when the outgoing
+ * ring may have room for what hp_arm_writer armed, or the peer is gone or the end closed
+ * (spurious readiness allowed); -1 (errno). */
+int hp_writer_fileno(hp_endpoint *ep);
+/* Sender: HP_OK when a frame with an `nbytes` payload fits now (also when the peer is gone:
+ * the send reports it); else arm the watcher to signal hp_writer_fileno() once the consumer
+ * frees space, with stale readiness cleared and the room checked again after arming (no
+ * lost wake-up): HP_TIMEOUT. HP_CLOSED, HP_ECORRUPT or HP_ERRNO on error. */
+int hp_arm_writer(hp_endpoint *ep, uint64_t nbytes);
 
 /* Sender: about to copy `nbytes` for the next frame (out of band). A receiver waiting
  * for it keeps spinning for about as long as the copy should take, instead of going to
