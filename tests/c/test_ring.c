@@ -10,6 +10,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -164,6 +165,46 @@ static void test_two_threads(void) {
     assert(hp_recv_wait(&r, -1, &f) == HP_EOF);
     hp_endpoint_release(&r);
     puts("ok two threads");
+}
+
+static void *consumer(void *arg) {
+    hp_endpoint *r = arg;
+    for (long i = 0; i < count; i++) recv_msg(r, i);
+    return NULL;
+}
+
+/* An event loop's writer: try, else arm and poll writer_fileno, against a consumer thread. */
+static void test_writer_readiness(void) {
+    hp_endpoint r, w;
+    make_pair(&r, &w, 8192);
+    r.spin_ns = r.spin_max_ns = 1000; /* the consumer sleeps too */
+    pthread_t t;
+    assert(pthread_create(&t, NULL, consumer, &r) == 0);
+    int fd = hp_writer_fileno(&w);
+    assert(fd >= 0);
+    long armed = 0;
+    for (long i = 0; i < count; i++) {
+        unsigned char buf[4096];
+        uint32_t n = msg_len(i);
+        for (uint32_t k = 0; k < n; k++) buf[k] = msg_byte(i, k);
+        for (;;) {
+            int rc = hp_try_send(&w, 1, 0, (const void *[]){buf}, (uint64_t[]){n}, 1);
+            if (rc == HP_OK) break;
+            assert(rc == HP_TIMEOUT);
+            rc = hp_arm_writer(&w, n);
+            if (rc == HP_OK) continue;
+            assert(rc == HP_TIMEOUT);
+            armed++;
+            struct pollfd p = {fd, POLLIN, 0};
+            assert(poll(&p, 1, 10000) == 1); /* never a lost wake-up */
+        }
+    }
+    assert(pthread_join(t, NULL) == 0);
+    assert(armed > 0);
+    hp_endpoint_shutdown(&w);
+    hp_endpoint_release(&w); /* joins the watcher */
+    hp_endpoint_release(&r);
+    puts("ok writer readiness");
 }
 
 static void *closer(void *arg) {
@@ -482,10 +523,12 @@ static void test_hostile_heap(void) {
 
 int main(int argc, char **argv) {
     if (argc > 1) count = atol(argv[1]);
+    setvbuf(stdout, NULL, _IOLBF, 0); /* forked children must not repeat what was printed */
     test_header_checks();
     test_heap();
     test_single_thread();
     test_two_threads();
+    test_writer_readiness();
     test_close_wakes_sleeper();
     test_hostile_producer();
     test_hostile_consumer();

@@ -1,6 +1,6 @@
 """A peer that scribbles on the shared segment: we get a ProtocolError, never a crash.
 
-Each scenario runs in a forked child (so that a crash, the old behaviour, fails the test
+Each test runs in a child process (so that a crash, the old behaviour, fails the test
 instead of killing the run) that plays the hostile peer itself: it maps the pipe's memfd
 (``ep.fds()``) and writes impossible indices or frames into it, or hands over descriptors
 that do not match their frame, then checks what the victim end raises. The threat model
@@ -10,6 +10,8 @@ is in docs/design.md ("Threat model").
 from __future__ import annotations
 
 import errno
+import functools
+import multiprocessing
 import mmap
 import os
 import resource
@@ -17,7 +19,6 @@ import select
 import socket
 import struct
 import time
-import traceback
 from typing import Any, Callable
 
 import pytest
@@ -67,32 +68,37 @@ class Segment:
         self.field(ring, HEAD, head + 8 + (length + 7) // 8 * 8)
 
 
-def in_child(scenario: Callable[[], None], timeout: float = 30.0) -> None:
-    """Run `scenario` in a forked child; fail unless it returns normally within `timeout`."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child's outcome is its exit status
-        code = 0
+def victim(test: Callable[..., None]) -> Callable[..., None]:
+    """Run the test's body in a child process, which plays both the victim and the hostile
+    peer: a crash (the old behaviour) or a hang then fails the test, not the run.
+
+    The child comes from a forkserver: a fork of the test process itself (which has
+    threads) could deadlock in its allocator under AddressSanitizer."""
+
+    @functools.wraps(test)
+    def run(**params: Any) -> None:
+        proc = multiprocessing.get_context("forkserver").Process(target=_run_body, args=(test.__name__, params))
+        proc.start()
         try:
-            scenario()
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail(f"the victim hung for more than {timeout} s")
-        time.sleep(0.01)
-    assert not os.WIFSIGNALED(status), f"the victim was killed by signal {os.WTERMSIG(status)}"
-    assert os.WEXITSTATUS(status) == 0, "the scenario failed in the child (its traceback is above)"
+            proc.join(30)
+            assert not proc.is_alive(), "the victim hung for more than 30 s"
+        finally:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        assert proc.exitcode is not None and proc.exitcode >= 0, f"the victim was killed by signal {-proc.exitcode}"
+        assert proc.exitcode == 0, "the test failed in the child (its traceback is above)"
+        proc.close()
+
+    run.body = test  # type: ignore[attr-defined]
+    return run
 
 
-def assert_unusable(receive: Callable[[], Any], match: str = "") -> None:
+def _run_body(name: str, params: dict) -> None:
+    globals()[name].body(**params)
+
+
+def assert_unusable(receive: Callable[[], Any], match: str | None = None) -> None:
     """The first call and every later one fail at once with a ProtocolError."""
     for _ in range(2):
         start = time.monotonic()
@@ -104,20 +110,18 @@ def assert_unusable(receive: Callable[[], Any], match: str = "") -> None:
 # -- a hostile producer: the reader must stay inside its ring -------------------------
 
 
+@victim
 def test_frame_running_past_the_end_of_the_ring() -> None:
-    def scenario() -> None:
-        # Simplex: the reader's ring is the last thing of the mapping, so reading past it
-        # read another mapping's bytes (or faulted).
-        reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-        seg = Segment(reader)
-        pos = CAPACITY - 8  # the consumer's tail: a frame here needs a wrap marker
-        seg.field(0, TAIL, pos)
-        seg.put_frame(0, pos, 2000)
-        seg.field(0, HEAD, pos + 2008)  # as many bytes published as the frame claims
-        assert_unusable(reader.recv_bytes, "incoming ring")
-        assert reader.poll(0)  # readable, so that a waiting caller finds the error
-
-    in_child(scenario)
+    # Simplex: the reader's ring is the last thing of the mapping, so reading past it
+    # read another mapping's bytes (or faulted).
+    reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
+    seg = Segment(reader)
+    pos = CAPACITY - 8  # the consumer's tail: a frame here needs a wrap marker
+    seg.field(0, TAIL, pos)
+    seg.put_frame(0, pos, 2000)
+    seg.field(0, HEAD, pos + 2008)  # as many bytes published as the frame claims
+    assert_unusable(reader.recv_bytes, "incoming ring")
+    assert reader.poll(0)  # readable, so that a waiting caller finds the error
 
 
 @pytest.mark.parametrize(
@@ -129,56 +133,50 @@ def test_frame_running_past_the_end_of_the_ring() -> None:
         (CAPACITY * 2 + 16, CAPACITY * 2 - 4),  # the consumer's own index unaligned
     ],
 )
+@victim
 def test_impossible_indices_seen_by_the_reader(head: int, tail: int) -> None:
-    def scenario() -> None:
-        reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-        seg = Segment(reader)
-        seg.field(0, TAIL, tail)
-        seg.field(0, HEAD, head)
-        assert_unusable(reader.recv_bytes)
-        assert_unusable(lambda: reader.recv_bytes(), "unusable")  # sticky, also with data now
-
-    in_child(scenario)
+    reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
+    seg = Segment(reader)
+    seg.field(0, TAIL, tail)
+    seg.field(0, HEAD, head)
+    assert_unusable(reader.recv_bytes)
+    assert_unusable(lambda: reader.recv_bytes(), "unusable")  # sticky, also with data now
 
 
+@victim
 def test_a_reader_waiting_when_the_index_goes_bad_is_told_at_once() -> None:
-    def scenario() -> None:
-        reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-        seg = Segment(reader)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                time.sleep(0.2)  # the parent is asleep in recv by now
-                seg.field(0, HEAD, 12345)
-                os.eventfd_write(_endpoint(reader).fds()[2], 1)  # the wake-up a publish gives
-            finally:
-                os._exit(0)
-        start = time.monotonic()
-        with pytest.raises(hyperpipe.ProtocolError):
-            reader.recv_bytes()
-        assert time.monotonic() - start < 5
-        os.waitpid(pid, 0)
-
-    in_child(scenario)
+    reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
+    seg = Segment(reader)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(0.2)  # the parent is asleep in recv by now
+            seg.field(0, HEAD, 12345)
+            os.eventfd_write(_endpoint(reader).fds()[2], 1)  # the wake-up a publish gives
+        finally:
+            os._exit(0)
+    start = time.monotonic()
+    with pytest.raises(hyperpipe.ProtocolError):
+        reader.recv_bytes()
+    assert time.monotonic() - start < 5
+    os.waitpid(pid, 0)
 
 
+@victim
 def test_frame_fields_out_of_range() -> None:
-    def scenario() -> None:
-        reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-        seg = Segment(reader)
-        seg.publish(0, 16, kind=KIND_DATA, nfds=200, payload=b"x" * 16)  # more fds than a frame has
-        assert_unusable(reader.recv_bytes, "descriptors")
-        reader2, writer2 = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-        seg2 = Segment(reader2)
-        seg2.publish(0, 0, kind=KIND_HEAP_BLOB)  # a heap frame without its offsets
-        assert_unusable(reader2.recv_bytes, "too short")
-        reader3, writer3 = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-        seg3 = Segment(reader3)
-        seg3.field(0, HEAD, 8)
-        seg3.put_frame(0, 0, 0x7FFFFFFF)  # a length beyond what was published
-        assert_unusable(reader3.recv_bytes, "incoming ring")
-
-    in_child(scenario)
+    reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
+    seg = Segment(reader)
+    seg.publish(0, 16, kind=KIND_DATA, nfds=200, payload=b"x" * 16)  # more fds than a frame has
+    assert_unusable(reader.recv_bytes, "descriptors")
+    reader2, writer2 = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
+    seg2 = Segment(reader2)
+    seg2.publish(0, 0, kind=KIND_HEAP_BLOB)  # a heap frame without its offsets
+    assert_unusable(reader2.recv_bytes, "too short")
+    reader3, writer3 = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
+    seg3 = Segment(reader3)
+    seg3.field(0, HEAD, 8)
+    seg3.put_frame(0, 0, 0x7FFFFFFF)  # a length beyond what was published
+    assert_unusable(reader3.recv_bytes, "incoming ring")
 
 
 @pytest.mark.parametrize(
@@ -189,19 +187,17 @@ def test_frame_fields_out_of_range() -> None:
         (64, 1 << 20),  # a live block, but more bytes than it has
     ],
 )
+@victim
 def test_heap_frames_must_name_a_live_block(offset: int, size: int) -> None:
-    def scenario() -> None:
-        reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-        writer.send_bytes(b"b" * 100_000)  # a real block at offset 64, of two granules
-        assert reader.recv_bytes() == b"b" * 100_000
-        seg = Segment(reader)
-        if offset == 64:
-            writer.send_bytes(b"c" * 100_000)  # and keep it alive: its frame holds a reference
-            seg.field(0, HEAD, seg.field(0, HEAD) - 24)  # replace that frame by ours
-        seg.publish(0, 16, kind=KIND_HEAP_BLOB, payload=struct.pack("<QQ", size, offset))
-        assert_unusable(reader.recv_bytes, "heap")
-
-    in_child(scenario)
+    reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
+    writer.send_bytes(b"b" * 100_000)  # a real block at offset 64, of two granules
+    assert reader.recv_bytes() == b"b" * 100_000
+    seg = Segment(reader)
+    if offset == 64:
+        writer.send_bytes(b"c" * 100_000)  # and keep it alive: its frame holds a reference
+        seg.field(0, HEAD, seg.field(0, HEAD) - 24)  # replace that frame by ours
+    seg.publish(0, 16, kind=KIND_HEAP_BLOB, payload=struct.pack("<QQ", size, offset))
+    assert_unusable(reader.recv_bytes, "heap")
 
 
 # -- a hostile consumer: the writer must stay inside its ring ---------------------------
@@ -215,45 +211,39 @@ def test_heap_frames_must_name_a_live_block(offset: int, size: int) -> None:
         (0, 8),  # the consumer ahead of the producer
     ],
 )
+@victim
 def test_impossible_indices_seen_by_the_writer(head: int, tail: int) -> None:
-    def scenario() -> None:
-        reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-        seg = Segment(writer)
-        seg.field(0, HEAD, head)
-        seg.field(0, TAIL, tail)
-        for _ in range(2):
-            with pytest.raises(hyperpipe.ProtocolError, match="outgoing ring"):
-                writer.send_bytes(b"w" * 100)
-
-    in_child(scenario)
-
-
-def test_consumer_claiming_more_out_of_band_messages_than_sent() -> None:
-    def scenario() -> None:
-        reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY, heap_size=0)
-        seg = Segment(writer)
-        seg.field(0, OOB_MSGS_RECV, 5)
+    reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
+    seg = Segment(writer)
+    seg.field(0, HEAD, head)
+    seg.field(0, TAIL, tail)
+    for _ in range(2):
         with pytest.raises(hyperpipe.ProtocolError, match="outgoing ring"):
-            writer.send_bytes(b"m" * 100_000)  # out of band, through a memfd
+            writer.send_bytes(b"w" * 100)
 
-    in_child(scenario)
+
+@victim
+def test_consumer_claiming_more_out_of_band_messages_than_sent() -> None:
+    reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY, heap_size=0)
+    seg = Segment(writer)
+    seg.field(0, OOB_MSGS_RECV, 5)
+    with pytest.raises(hyperpipe.ProtocolError, match="outgoing ring"):
+        writer.send_bytes(b"m" * 100_000)  # out of band, through a memfd
 
 
 # -- the memfds: sealed, so that nobody can truncate them under a mapping -----------------
 
 
+@victim
 def test_segment_cannot_be_truncated() -> None:
-    def scenario() -> None:
-        a, b = hyperpipe.Pipe(transport="shm", ring_size=CAPACITY)
-        memfd = _endpoint(a).fds()[0]
-        with pytest.raises(PermissionError):
-            os.ftruncate(memfd, 0)  # before, the next access to the ring was a SIGBUS
-        with pytest.raises(PermissionError):
-            os.ftruncate(memfd, os.fstat(memfd).st_size * 2)
-        a.send_bytes(b"still fine")
-        assert b.recv_bytes() == b"still fine"
-
-    in_child(scenario)
+    a, b = hyperpipe.Pipe(transport="shm", ring_size=CAPACITY)
+    memfd = _endpoint(a).fds()[0]
+    with pytest.raises(PermissionError):
+        os.ftruncate(memfd, 0)  # before, the next access to the ring was a SIGBUS
+    with pytest.raises(PermissionError):
+        os.ftruncate(memfd, os.fstat(memfd).st_size * 2)
+    a.send_bytes(b"still fine")
+    assert b.recv_bytes() == b"still fine"
 
 
 def test_an_unsealed_segment_is_refused_on_attach() -> None:
@@ -271,24 +261,22 @@ def test_an_unsealed_segment_is_refused_on_attach() -> None:
 
 
 @pytest.mark.parametrize("sealed", [False, True])
+@victim
 def test_out_of_band_memfd_must_be_sealed_and_large_enough(sealed: bool) -> None:
-    def scenario() -> None:
-        reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY, heap_size=0)
-        if sealed:  # sealed, but smaller than the frame says
-            fd = _core.buffer_memfd(4096)
-        else:  # the right size, but the sender could truncate it after we mapped it
-            fd = os.memfd_create("hyperpipe-unsealed")
-            os.ftruncate(fd, 1 << 20)
-        sock = socket.socket(fileno=os.dup(_endpoint(writer).fds()[1]))
-        socket.send_fds(sock, [b"F"], [fd])
-        sock.close()
-        os.close(fd)
-        seg = Segment(writer)
-        seg.publish(0, 8, kind=KIND_BLOB, nfds=1, payload=U64.pack(1 << 20))
-        with pytest.raises(hyperpipe.ProtocolError, match="refused"):
-            reader.recv_bytes()
-
-    in_child(scenario)
+    reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY, heap_size=0)
+    if sealed:  # sealed, but smaller than the frame says
+        fd = _core.buffer_memfd(4096)
+    else:  # the right size, but the sender could truncate it after we mapped it
+        fd = os.memfd_create("hyperpipe-unsealed")
+        os.ftruncate(fd, 1 << 20)
+    sock = socket.socket(fileno=os.dup(_endpoint(writer).fds()[1]))
+    socket.send_fds(sock, [b"F"], [fd])
+    sock.close()
+    os.close(fd)
+    seg = Segment(writer)
+    seg.publish(0, 8, kind=KIND_BLOB, nfds=1, payload=U64.pack(1 << 20))
+    with pytest.raises(hyperpipe.ProtocolError, match="refused"):
+        reader.recv_bytes()
 
 
 def test_buffer_memfds_are_sealed_but_writable() -> None:
@@ -313,25 +301,23 @@ def _lowest_free_fd() -> int:
     return fd
 
 
+@victim
 def test_no_descriptor_for_an_out_of_band_buffer() -> None:
-    def scenario() -> None:
-        reader, writer = hyperpipe.Pipe(False, transport="shm", heap_size=0)
-        big = b"z" * 200_000
-        writer.send_bytes(big)  # its memfd waits in the socket
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fd(), hard))
-        try:
-            with pytest.raises(OSError, match="descriptor") as info:
-                reader.recv_bytes()
-            assert info.value.errno == errno.EMFILE
-            assert not isinstance(info.value, hyperpipe.ProtocolError)
-            with pytest.raises(OSError, match="shared memory") as info:
-                writer.send_bytes(big)  # cannot make its memfd either
-            assert info.value.errno == errno.EMFILE
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        assert not reader.poll(0.05)  # the failed send sent nothing
-        writer.send_bytes(big)  # and the connection goes on
-        assert reader.recv_bytes() == big
-
-    in_child(scenario)
+    reader, writer = hyperpipe.Pipe(False, transport="shm", heap_size=0)
+    big = b"z" * 200_000
+    writer.send_bytes(big)  # its memfd waits in the socket
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fd(), hard))
+    try:
+        with pytest.raises(OSError, match="descriptor") as info:
+            reader.recv_bytes()
+        assert info.value.errno == errno.EMFILE
+        assert not isinstance(info.value, hyperpipe.ProtocolError)
+        with pytest.raises(OSError, match="shared memory") as info:
+            writer.send_bytes(big)  # cannot make its memfd either
+        assert info.value.errno == errno.EMFILE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not reader.poll(0.05)  # the failed send sent nothing
+    writer.send_bytes(big)  # and the connection goes on
+    assert reader.recv_bytes() == big
