@@ -86,8 +86,9 @@ def victim(test: Callable[..., None]) -> Callable[..., None]:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        assert proc.exitcode is not None and proc.exitcode >= 0, f"the victim was killed by signal {-proc.exitcode}"
-        assert proc.exitcode == 0, "the test failed in the child (its traceback is above)"
+        code = proc.exitcode
+        assert code is not None and code >= 0, f"the victim was killed by signal {-(code or 0)}"
+        assert code == 0, "the test failed in the child (its traceback is above)"
         proc.close()
 
     run.body = test  # type: ignore[attr-defined]
@@ -282,7 +283,9 @@ def test_out_of_band_memfd_must_be_sealed_and_large_enough(sealed: bool) -> None
 def test_buffer_memfds_are_sealed_but_writable() -> None:
     fd = _core.buffer_memfd(1 << 16)
     try:
-        assert _core.check_memfd(fd, 1 << 16) is None
+        _core.check_memfd(fd, 1 << 16)  # raises if not
+        with pytest.raises(hyperpipe.ProtocolError, match="smaller"):
+            _core.check_memfd(fd, (1 << 16) + 1)
         with pytest.raises(PermissionError):
             os.ftruncate(fd, 0)
         with mmap.mmap(fd, 1 << 16) as m:
