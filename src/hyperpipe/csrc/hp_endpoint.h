@@ -64,7 +64,8 @@ typedef struct hp_endpoint {
     uint32_t published_cpu;    /* process-local: 1 + the CPU last written to the rings */
     uint64_t max_inflight_bytes, max_inflight_msgs;
     _Atomic uint32_t armed;    /* process-local: 1 + the payload size an armed writer waits to
-                                  send (capped), 0 when nothing is armed; also a private futex */
+                                  send (capped), 0 when nothing is armed, UINT32_MAX when the
+                                  watcher must end; the private futex an idle watcher sleeps on */
     pthread_t watcher;         /* process-local: turns space_seq wake-ups into space_efd counts */
     int watcher_running;
     /* statistics, process-local */
