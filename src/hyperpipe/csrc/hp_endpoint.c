@@ -622,6 +622,7 @@ int hp_arm_writer(hp_endpoint *ep, uint64_t nbytes) {
             return HP_ERRNO;
         }
         ep->watcher_running = 1;
+        pthread_setname_np(ep->watcher, "hp-room-watch"); /* for ps, gdb and the tests */
     }
     efd_drain(ep->space_efd); /* a count from an earlier arming is stale */
     uint32_t want = nbytes >= HP_ARMED_STOP - 2 ? HP_ARMED_STOP - 2 : (uint32_t)nbytes;
