@@ -99,25 +99,41 @@ static int64_t to_deadline_ns(PyObject *deadline, int *ok) {
     return (int64_t)(d * 1e9);
 }
 
-/* Set the Python exception for an hp status; returns NULL for convenience. */
-static PyObject *raise_status(int rc) {
+/* Set the Python exception for an hp status of `self`; returns NULL for convenience. */
+static PyObject *raise_status(EndpointObject *self, int rc) {
     switch (rc) {
     case HP_TIMEOUT: PyErr_SetNone(Err_Timeout ? Err_Timeout : PyExc_TimeoutError); break;
     case HP_CLOSED: PyErr_SetString(Err_Closed ? Err_Closed : PyExc_OSError, "handle is closed"); break;
     case HP_EOF: PyErr_SetNone(Err_PeerClosed ? Err_PeerClosed : PyExc_EOFError); break;
     case HP_EPIPE: PyErr_SetNone(Err_BrokenPipe ? Err_BrokenPipe : PyExc_BrokenPipeError); break;
-    case HP_ECORRUPT:
-        PyErr_SetString(Err_Protocol ? Err_Protocol : PyExc_OSError, "corrupt shared-memory frame");
+    case HP_ECORRUPT: {
+        const char *why = atomic_load_explicit(&self->ep.corrupt, memory_order_relaxed);
+        PyErr_Format(Err_Protocol ? Err_Protocol : PyExc_OSError,
+                     "shared-memory connection unusable: %s", why ? why : "corrupt frame");
         break;
+    }
     case HP_ETOOBIG: PyErr_SetString(PyExc_ValueError, "frame too large for the ring"); break;
     default: PyErr_SetFromErrno(PyExc_OSError); break;
     }
     return NULL;
 }
 
+/* OSError(errnum, "what: strerror"), with its errno attribute, as the stdlib raises them. */
+static PyObject *raise_oserror(int errnum, const char *what) {
+    PyObject *e = PyObject_CallFunction(PyExc_OSError, "is", errnum, what);
+    if (e) {
+        PyObject *msg = PyUnicode_FromFormat("%s: %s", what, strerror(errnum));
+        if (msg) PyObject_SetAttrString(e, "strerror", msg);
+        Py_XDECREF(msg);
+        PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+        Py_DECREF(e);
+    }
+    return NULL;
+}
+
 static int check_open(EndpointObject *self) {
     if (!self->opened || !hp_enter(&self->ep)) {
-        raise_status(HP_CLOSED);
+        raise_status(self, HP_CLOSED);
         return 0;
     }
     return 1;
@@ -234,7 +250,7 @@ static PyObject *Endpoint_send(EndpointObject *self, PyObject *const *args, Py_s
     hp_leave(&self->ep);
     PyBuffer_Release(&view);
     if (rc == -1) return NULL;
-    if (rc != HP_OK) return raise_status(rc);
+    if (rc != HP_OK) return raise_status(self, rc);
     Py_RETURN_NONE;
 }
 
@@ -272,7 +288,7 @@ static PyObject *Endpoint_send_many(EndpointObject *self, PyObject *args) {
     hp_leave(&self->ep);
     Py_DECREF(fast);
     if (rc == -1) return NULL;
-    if (rc != HP_OK) return raise_status(rc);
+    if (rc != HP_OK) return raise_status(self, rc);
     return PyLong_FromSsize_t(i);
 }
 
@@ -317,7 +333,7 @@ static PyObject *Endpoint_send_parts(EndpointObject *self, PyObject *args) {
                        deadline);
     hp_leave(&self->ep);
     if (rc == HP_OK) ret = Py_NewRef(Py_None);
-    else if (rc != -1) raise_status(rc);
+    else if (rc != -1) raise_status(self, rc);
 done:
     PyBuffer_Release(&head);
     if (have_body) PyBuffer_Release(&body);
@@ -339,8 +355,8 @@ static uint64_t frame_oob_bytes(const hp_frame *f) { return frame_logical_size(f
 
 /* A non-DATA frame -> (kind, flags, payload, [fds]); consumes it. */
 static PyObject *special_frame(EndpointObject *self, hp_frame *frame) {
-    int fds[HP_MAX_FDS];
-    if (frame->nfds > HP_MAX_FDS) return raise_status(HP_ECORRUPT);
+    int fds[HP_MAX_FDS]; /* hp_recv_peek checked nfds <= HP_MAX_FDS */
+    if (frame->len < 8) return raise_status(self, hp_corrupt(&self->ep, "a frame is too short for its kind"));
     int rc = frame->nfds ? hp_take_fds(&self->ep, frame->nfds, fds) : HP_OK;
     uint64_t oob = frame_oob_bytes(frame);
     PyObject *payload = PyBytes_FromStringAndSize((const char *)frame->payload, frame->len);
@@ -349,7 +365,10 @@ static PyObject *special_frame(EndpointObject *self, hp_frame *frame) {
         if (rc == HP_OK)
             for (int i = 0; i < frame->nfds; i++) close(fds[i]);
         Py_XDECREF(payload);
-        return rc != HP_OK ? raise_status(rc) : NULL;
+        if (rc == HP_ERRNO && errno == EMFILE)
+            return raise_oserror(EMFILE, "no free descriptor to receive an out-of-band buffer, the message "
+                                         "is lost");
+        return rc != HP_OK ? raise_status(self, rc) : NULL;
     }
     PyObject *list = PyList_New(frame->nfds);
     for (int i = 0; i < frame->nfds; i++) {
@@ -383,7 +402,7 @@ static PyObject *Endpoint_recv(EndpointObject *self, PyObject *const *args, Py_s
     PyObject *ret = NULL;
     int rc = wait_frame(self, deadline, &frame);
     if (rc != HP_OK) {
-        if (rc != -1) raise_status(rc);
+        if (rc != -1) raise_status(self, rc);
     } else {
         uint64_t size = frame.kind == KIND_DATA ? frame.len : frame_logical_size(&frame);
         if (maxlength >= 0 && size > (uint64_t)maxlength) {
@@ -439,13 +458,12 @@ static PyObject *Endpoint_recv_many(EndpointObject *self, PyObject *args) {
         Py_DECREF(b);
         hp_recv_finish(&self->ep, &frame, 0);
         if (PyList_GET_SIZE(list) >= maxcount) break;
-        int r = hp_ring_peek(&self->ep.rx, &frame);
-        if (r <= 0) break;
+        if (hp_recv_peek(&self->ep, &frame) != HP_OK) break; /* a corrupt one fails the next call */
     }
     hp_leave(&self->ep);
     if (rc != HP_OK) {
         Py_XDECREF(list);
-        return rc == -1 ? NULL : raise_status(rc);
+        return rc == -1 ? NULL : raise_status(self, rc);
     }
     return list;
 }
@@ -467,7 +485,7 @@ static PyObject *Endpoint_recv_into(EndpointObject *self, PyObject *args) {
     hp_frame frame;
     int rc = wait_frame(self, deadline, &frame);
     if (rc != HP_OK) {
-        if (rc != -1) raise_status(rc);
+        if (rc != -1) raise_status(self, rc);
     } else if (frame.kind != KIND_DATA) {
         ret = special_frame(self, &frame);
     } else if ((uint64_t)offset + frame.len > (uint64_t)buf.len) {
@@ -501,7 +519,7 @@ static PyObject *Endpoint_poll(EndpointObject *self, PyObject *const *args, Py_s
     hp_leave(&self->ep);
     if (rc == HP_OK || rc == HP_EOF || rc == HP_ECORRUPT) Py_RETURN_TRUE;
     if (rc == HP_TIMEOUT) Py_RETURN_FALSE;
-    return rc == -1 ? NULL : raise_status(rc);
+    return rc == -1 ? NULL : raise_status(self, rc);
 }
 
 /* catch_incoming(max_seconds): if the peer announced a big message it is copying, spin
@@ -563,7 +581,7 @@ static int reserve_block(EndpointObject *self, PyObject *arg, int announce, int6
         *map = get_heap(self, &self->tx_heap, self->ep.tx_index);
         if (!*map) rc = -1;
         else if ((*off = hp_heap_alloc(&(*map)->heap, nbytes)) == -2) {
-            PyErr_SetFromErrno(PyExc_OSError);
+            raise_oserror(errno, "cannot allocate shared heap pages for an out-of-band buffer");
             rc = -1;
         } else if (*off >= 0 && announce) {
             hp_announce(&self->ep, nbytes);
@@ -682,8 +700,8 @@ static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
     HeapMapObject *m = get_heap(self, &self->rx_heap, self->ep.rx_index);
     if (m) {
         if (offset > self->ep.heap_size || nbytes > self->ep.heap_size - offset ||
-            !hp_heap_valid_offset(&m->heap, offset)) {
-            PyErr_SetString(Err_Protocol ? Err_Protocol : PyExc_OSError, "heap block out of range");
+            !hp_heap_check_block(&m->heap, offset, nbytes)) {
+            raise_status(self, hp_corrupt(&self->ep, "a frame refers to no live block of the peer's heap"));
         } else {
             ret = (PyObject *)new_block(m, offset, nbytes, readonly);
         }
@@ -704,6 +722,24 @@ static PyObject *Endpoint_fileno(EndpointObject *self, PyObject *unused) {
     hp_leave(&self->ep);
     if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(fd);
+}
+
+static PyObject *Endpoint_writer_fileno(EndpointObject *self, PyObject *unused) {
+    if (!check_dir(self, 'w')) return NULL;
+    int fd = hp_writer_fileno(&self->ep);
+    hp_leave(&self->ep);
+    if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *Endpoint_arm_writer(EndpointObject *self, PyObject *arg) {
+    unsigned long long nbytes = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !check_dir(self, 'w')) return NULL;
+    int rc = hp_arm_writer(&self->ep, nbytes);
+    hp_leave(&self->ep);
+    if (rc == HP_OK) Py_RETURN_TRUE;
+    if (rc == HP_TIMEOUT) Py_RETURN_FALSE;
+    return raise_status(self, rc);
 }
 
 static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
@@ -733,7 +769,7 @@ static PyObject *Endpoint_after_fork(EndpointObject *self, PyObject *unused) {
 }
 
 static PyObject *Endpoint_fds(EndpointObject *self, PyObject *unused) {
-    if (!self->opened) return raise_status(HP_CLOSED);
+    if (!self->opened) return raise_status(self, HP_CLOSED);
     return Py_BuildValue("(iiii)", self->ep.memfd, self->ep.sock, self->ep.rx_efd, self->ep.tx_efd);
 }
 
@@ -768,6 +804,8 @@ static PyMethodDef Endpoint_methods[] = {
     {"recv_into", (PyCFunction)Endpoint_recv_into, METH_VARARGS, NULL},
     {"poll", (PyCFunction)(void (*)(void))Endpoint_poll, METH_FASTCALL, NULL},
     {"fileno", (PyCFunction)Endpoint_fileno, METH_NOARGS, NULL},
+    {"writer_fileno", (PyCFunction)Endpoint_writer_fileno, METH_NOARGS, NULL},
+    {"arm_writer", (PyCFunction)Endpoint_arm_writer, METH_O, NULL},
     {"close", (PyCFunction)Endpoint_close, METH_NOARGS, NULL},
     {"after_fork", (PyCFunction)Endpoint_after_fork, METH_NOARGS, NULL},
     {"fds", (PyCFunction)Endpoint_fds, METH_NOARGS, NULL},
@@ -811,6 +849,23 @@ static PyObject *core_segment_create(PyObject *mod, PyObject *args) {
     return PyLong_FromLong(fd);
 }
 
+static PyObject *core_buffer_memfd(PyObject *mod, PyObject *arg) {
+    unsigned long long nbytes = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    int fd = hp_memfd_create("hyperpipe-buffer", nbytes, nbytes);
+    if (fd < 0) return raise_oserror(errno, "cannot create shared memory for an out-of-band buffer");
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *core_check_memfd(PyObject *mod, PyObject *args) {
+    int fd;
+    unsigned long long size;
+    if (!PyArg_ParseTuple(args, "iK", &fd, &size)) return NULL;
+    const char *why = hp_memfd_check(fd, size);
+    if (why) return PyErr_Format(Err_Protocol ? Err_Protocol : PyExc_OSError, "out-of-band buffer refused: %s", why);
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_set_errors(PyObject *mod, PyObject *args) {
     PyObject *e[7];
     if (!PyArg_ParseTuple(args, "OOOOOOO", &e[0], &e[1], &e[2], &e[3], &e[4], &e[5], &e[6])) return NULL;
@@ -826,6 +881,10 @@ static PyObject *core_set_errors(PyObject *mod, PyObject *args) {
 static PyMethodDef core_methods[] = {
     {"segment_create", core_segment_create, METH_VARARGS,
      "segment_create(capacity, nrings, heap_size=0) -> memfd of a new, initialised segment"},
+    {"buffer_memfd", core_buffer_memfd, METH_O,
+     "buffer_memfd(nbytes) -> a memfd of nbytes, allocated, sealed against resizing"},
+    {"check_memfd", core_check_memfd, METH_VARARGS,
+     "check_memfd(fd, size): ProtocolError unless fd is a memfd sealed at >= size bytes"},
     {"_set_errors", core_set_errors, METH_VARARGS,
      "_set_errors(timeout, closed, peer_closed, broken_pipe, protocol, too_long, buffer_too_short)"},
     {NULL, NULL, 0, NULL},

@@ -11,6 +11,12 @@ HEAP_GRANULE: int
 def segment_create(capacity: int, nrings: int, heap_size: int = 0, /) -> int:
     """A new memfd holding an initialised segment (rings of `capacity` bytes, heaps)."""
 
+def buffer_memfd(nbytes: int, /) -> int:
+    """A memfd of `nbytes`, allocated now and sealed against resizing (writable)."""
+
+def check_memfd(fd: int, size: int, /) -> None:
+    """ProtocolError unless `fd` is a memfd sealed against resizing, at least `size` bytes."""
+
 def _set_errors(
     timeout: type[BaseException],
     closed: type[BaseException],
@@ -69,6 +75,14 @@ class Endpoint:
     ) -> Union[int, SpecialFrame]: ...
     def poll(self, deadline: Optional[float] = None, /) -> bool: ...
     def fileno(self) -> int: ...
+    def writer_fileno(self) -> int:
+        """A process-local fd that poll() sees readable when the outgoing ring may have room
+        for what arm_writer() armed, or the peer is gone or this end closed (spurious
+        readiness is allowed)."""
+    def arm_writer(self, nbytes: int, /) -> bool:
+        """True if a frame with an `nbytes` payload fits now (nothing armed); else arm
+        writer_fileno() for when the consumer frees space (stale readiness cleared, room
+        checked again after arming) and return False."""
     def close(self) -> None: ...
     def after_fork(self) -> None: ...
     def fds(self) -> tuple[int, int, int, int]: ...

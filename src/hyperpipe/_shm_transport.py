@@ -131,16 +131,9 @@ class SharedBuffer(mmap.mmap):
 
 
 def _new_memfd(nbytes: int) -> int:
-    """A memfd of ``nbytes`` whose pages are allocated now (ENOSPC here, never SIGBUS later)."""
-    fd = os.memfd_create("hyperpipe-buffer", os.MFD_CLOEXEC)
-    try:
-        if nbytes:
-            os.ftruncate(fd, nbytes)
-            os.posix_fallocate(fd, 0, nbytes)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    """A memfd of ``nbytes`` whose pages are allocated now (ENOSPC here, never SIGBUS later),
+    sealed against resizing but writable (a SharedBuffer's)."""
+    return _core.buffer_memfd(nbytes)
 
 
 def _origin(obj: Any) -> Any:
@@ -161,8 +154,11 @@ def _origin(obj: Any) -> Any:
 
 
 def _map_received(fd: int, size: int, writable: bool = True) -> mmap.mmap:
-    """Map a received memfd and close the fd (the mapping keeps the pages)."""
+    """Map a received memfd and close the fd (the mapping keeps the pages); ProtocolError
+    unless the peer sealed it at a size that covers ``size`` (else it could truncate it
+    under us: SIGBUS)."""
     try:
+        _core.check_memfd(fd, size)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         return mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=prot)
     finally:

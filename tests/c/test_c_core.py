@@ -31,7 +31,9 @@ def build_and_run(tmp_path: Path, extra_flags: list[str], count: int) -> str:
 
 def test_c_ring(tmp_path: Path) -> None:
     out = build_and_run(tmp_path, ["-O2"], 200_000)
-    for name in ("header checks", "heap", "single thread", "two threads", "two processes", "killed producer"):
+    names = ("header checks", "heap", "single thread", "two threads", "two processes", "killed producer",
+             "writer readiness", "hostile producer", "hostile consumer", "hostile endpoint", "hostile heap")  # fmt: skip
+    for name in names:
         assert f"ok {name}" in out
 
 

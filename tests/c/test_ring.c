@@ -10,6 +10,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -166,6 +167,46 @@ static void test_two_threads(void) {
     puts("ok two threads");
 }
 
+static void *consumer(void *arg) {
+    hp_endpoint *r = arg;
+    for (long i = 0; i < count; i++) recv_msg(r, i);
+    return NULL;
+}
+
+/* An event loop's writer: try, else arm and poll writer_fileno, against a consumer thread. */
+static void test_writer_readiness(void) {
+    hp_endpoint r, w;
+    make_pair(&r, &w, 8192);
+    r.spin_ns = r.spin_max_ns = 1000; /* the consumer sleeps too */
+    pthread_t t;
+    assert(pthread_create(&t, NULL, consumer, &r) == 0);
+    int fd = hp_writer_fileno(&w);
+    assert(fd >= 0);
+    long armed = 0;
+    for (long i = 0; i < count; i++) {
+        unsigned char buf[4096];
+        uint32_t n = msg_len(i);
+        for (uint32_t k = 0; k < n; k++) buf[k] = msg_byte(i, k);
+        for (;;) {
+            int rc = hp_try_send(&w, 1, 0, (const void *[]){buf}, (uint64_t[]){n}, 1);
+            if (rc == HP_OK) break;
+            assert(rc == HP_TIMEOUT);
+            rc = hp_arm_writer(&w, n);
+            if (rc == HP_OK) continue;
+            assert(rc == HP_TIMEOUT);
+            armed++;
+            struct pollfd p = {fd, POLLIN, 0};
+            assert(poll(&p, 1, 10000) == 1); /* never a lost wake-up */
+        }
+    }
+    assert(pthread_join(t, NULL) == 0);
+    assert(armed > 0);
+    hp_endpoint_shutdown(&w);
+    hp_endpoint_release(&w); /* joins the watcher */
+    hp_endpoint_release(&r);
+    puts("ok writer readiness");
+}
+
 static void *closer(void *arg) {
     usleep(20000);
     hp_endpoint_shutdown(arg);
@@ -277,13 +318,222 @@ static void test_heap(void) {
     puts("ok heap");
 }
 
+/* -- a hostile peer ------------------------------------------------------------------
+ * The rings below live in malloc'd memory of exactly the segment's size, so that under
+ * -fsanitize=address any access outside the segment is reported (mmap'd memory is not
+ * checked). */
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15u;
+static uint64_t rnd(void) { /* xorshift64*: a fixed seed, the same run every time */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * UINT64_C(2685821657736338717);
+}
+
+typedef struct {
+    void *base;
+    hp_ring ring;
+} heap_ring;
+
+static void heap_ring_open(heap_ring *hr, uint64_t capacity) {
+    uint64_t size = hp_segment_rings_size(capacity, 1);
+    hr->base = aligned_alloc(HP_DATA_ALIGN, size);
+    assert(hr->base);
+    hp_segment_init(hr->base, capacity, 1, 0);
+    assert(hp_segment_check(hr->base, size) == NULL);
+    hp_ring_attach(&hr->ring, hr->base, (const hp_seg_header *)hr->base, 0);
+}
+
+static void put_raw_header(hp_ring *ring, uint64_t pos, uint32_t len, uint8_t kind) {
+    memcpy(ring->data + pos, &len, 4);
+    ring->data[pos + 4] = kind;
+    ring->data[pos + 5] = 0;
+}
+
+static void set_indices(hp_ring *ring, uint64_t head, uint64_t tail) {
+    atomic_store(&ring->ctrl->head, head);
+    atomic_store(&ring->ctrl->tail, tail);
+}
+
+/* What the reader may accept: a frame inside the ring and inside what was published. */
+static void assert_peek_safe(hp_ring *ring) {
+    hp_frame f;
+    uint64_t head = atomic_load(&ring->ctrl->head), tail = atomic_load(&ring->ctrl->tail);
+    int r = hp_ring_peek(ring, &f);
+    if (r != HP_RING_READY) return;
+    assert(head - tail <= ring->capacity && (head | tail) % 8 == 0);
+    assert(f.payload >= ring->data + HP_FRAME_HEADER && f.payload + f.len <= ring->data + ring->capacity);
+    assert(f.next_tail > tail && f.next_tail - tail <= head - tail);
+    volatile unsigned char sink = 0;
+    for (uint32_t k = 0; k < f.len; k++) sink ^= f.payload[k]; /* ASan checks every byte */
+    (void)sink;
+}
+
+static void test_hostile_producer(void) {
+    const uint64_t C = 4096;
+    heap_ring hr;
+    heap_ring_open(&hr, C);
+    hp_ring *ring = &hr.ring;
+    hp_frame f;
+    /* the three failures of issue 12 and their neighbours, each reported as corrupt */
+    put_raw_header(ring, C - 8, 2000, 1); /* no wrap marker, runs past the end */
+    set_indices(ring, C + C - 8 + 2008, C + C - 8);
+    assert(hp_ring_peek(ring, &f) == HP_RING_CORRUPT);
+    set_indices(ring, 3 * C, 0); /* more published than the ring holds */
+    assert(hp_ring_peek(ring, &f) == HP_RING_CORRUPT);
+    set_indices(ring, 100, 200); /* producer behind the consumer */
+    assert(hp_ring_peek(ring, &f) == HP_RING_CORRUPT);
+    set_indices(ring, C - 4 + 16, C - 4); /* our own index unaligned: the header would straddle */
+    assert(hp_ring_peek(ring, &f) == HP_RING_CORRUPT);
+    put_raw_header(ring, C - 8, 0, HP_KIND_WRAP); /* a wrap marker, then another one */
+    put_raw_header(ring, 0, 0, HP_KIND_WRAP);
+    set_indices(ring, C - 8 + 64, C - 8);
+    assert(hp_ring_peek(ring, &f) == HP_RING_CORRUPT);
+    put_raw_header(ring, 0, 100, 1); /* after the wrap, more than was published */
+    assert(hp_ring_peek(ring, &f) == HP_RING_CORRUPT);
+    put_raw_header(ring, 0, 48, 1); /* ... and a good one */
+    assert(hp_ring_peek(ring, &f) == HP_RING_READY && f.len == 48 && f.payload == ring->data + 8);
+    assert(f.next_tail == C - 8 + 8 + 56);
+    put_raw_header(ring, 0, UINT32_MAX, 1);
+    set_indices(ring, C, 0);
+    assert(hp_ring_peek(ring, &f) == HP_RING_CORRUPT);
+    /* random indices and headers: never a frame outside the ring or beyond the head */
+    for (long i = 0; i < count; i++) {
+        uint64_t tail = rnd() % (4 * C), head = tail + (rnd() % 8 == 0 ? rnd() : rnd() % (C + 64));
+        if (rnd() % 4 == 0) tail &= ~UINT64_C(7);
+        if (rnd() % 4 == 0) head &= ~UINT64_C(7);
+        uint64_t at = (tail & (C - 1)) & ~UINT64_C(7);
+        uint32_t len = rnd() % 3 == 0 ? (uint32_t)rnd() : (uint32_t)(rnd() % C);
+        put_raw_header(ring, at, len, rnd() % 5 == 0 ? HP_KIND_WRAP : (uint8_t)rnd());
+        put_raw_header(ring, 0, (uint32_t)(rnd() % C), (uint8_t)rnd());
+        set_indices(ring, head, tail);
+        assert_peek_safe(ring);
+    }
+    free(hr.base);
+    puts("ok hostile producer");
+}
+
+static void test_hostile_consumer(void) {
+    const uint64_t C = 4096;
+    heap_ring hr;
+    heap_ring_open(&hr, C);
+    hp_ring *ring = &hr.ring;
+    static unsigned char payload[4096];
+    const void *parts[1] = {payload};
+    uint64_t head;
+    /* an unaligned head: the wrap marker was written 5 bytes past the ring */
+    set_indices(ring, C - 3, C - 3);
+    assert(hp_ring_can_write(ring, 100, &head) == HP_RING_CORRUPT);
+    set_indices(ring, 5 * C, C); /* more in flight than the ring holds */
+    assert(hp_ring_can_write(ring, 100, &head) == HP_RING_CORRUPT);
+    set_indices(ring, 0, 8); /* the consumer ahead of us */
+    assert(hp_ring_can_write(ring, 100, &head) == HP_RING_CORRUPT);
+    /* random indices: whatever the writer accepts, it writes inside the ring */
+    for (long i = 0; i < count; i++) {
+        uint64_t h = rnd() % (8 * C), t = h - (rnd() % 4 == 0 ? rnd() : rnd() % (C + 16));
+        if (rnd() % 3) h &= ~UINT64_C(7);
+        if (rnd() % 3) t &= ~UINT64_C(7);
+        set_indices(ring, h, t);
+        uint64_t lens[1] = {rnd() % (hp_ring_max_payload(ring) + 1)};
+        int r = hp_ring_can_write(ring, (uint32_t)lens[0], &head);
+        if (r == 1) {
+            assert(head == h && h % 8 == 0 && t % 8 == 0 && h - t <= C);
+            hp_ring_write(ring, head, 1, 0, 0, parts, lens, 1);
+            assert(atomic_load(&ring->ctrl->head) - t <= C);
+        }
+    }
+    free(hr.base);
+    puts("ok hostile consumer");
+}
+
+/* The endpoint: a corrupt ring is HP_ECORRUPT at once (no spin, no sleep), and sticky. */
+static void test_hostile_endpoint(void) {
+    hp_endpoint r, w;
+    make_pair(&r, &w, 4096);
+    hp_frame f;
+    atomic_store(&r.rx.ctrl->head, 12345); /* the reader would wait forever on it */
+    int64_t start = hp_now_ns();
+    assert(hp_recv_wait(&r, -1, &f) == HP_ECORRUPT);
+    assert(r.corrupt != NULL && hp_now_ns() - start < 1000000000LL);
+    atomic_store(&r.rx.ctrl->head, 0);
+    assert(hp_recv_wait(&r, 0, &f) == HP_ECORRUPT); /* sticky */
+    atomic_store(&w.tx.ctrl->tail, 8); /* the consumer ahead of the producer */
+    assert(hp_try_send(&w, 1, 0, (const void *[]){"x"}, (uint64_t[]){1}, 1) == HP_ECORRUPT);
+    atomic_store(&w.tx.ctrl->tail, 0);
+    assert(hp_send(&w, 1, 0, (const void *[]){"x"}, (uint64_t[]){1}, 1, NULL, 0, 0, -1) == HP_ECORRUPT);
+    hp_endpoint_release(&r);
+    hp_endpoint_release(&w);
+    make_pair(&r, &w, 4096);
+    assert(hp_send(&w, 1, 0, (const void *[]){"x"}, (uint64_t[]){1}, 1, NULL, 0, 0, -1) == HP_OK);
+    r.rx.data[5] = HP_MAX_FDS + 1; /* more descriptors than a frame carries */
+    assert(hp_recv_wait(&r, 0, &f) == HP_ECORRUPT);
+    hp_endpoint_release(&r);
+    hp_endpoint_release(&w);
+    make_pair(&r, &w, 4096);
+    atomic_store(&w.tx.ctrl->oob_msgs_recv, 3); /* taken more than was ever sent */
+    int fds[1] = {0};
+    assert(hp_send(&w, 2, 0, (const void *[]){"12345678"}, (uint64_t[]){8}, 1, fds, 1, 10, -1) == HP_ECORRUPT);
+    hp_endpoint_release(&r);
+    hp_endpoint_release(&w);
+    puts("ok hostile endpoint");
+}
+
+static void test_hostile_heap(void) {
+    const uint64_t G = HP_HEAP_GRANULE, H = HP_HEAP_BLOCK_HEADER, n = 8;
+    hp_heap h;
+    memset(&h, 0, sizeof h);
+    uint64_t bitmap[1] = {0};
+    h.bits = (_Atomic uint64_t *)bitmap;
+    h.ngranules = n;
+    h.map = h.data = malloc(n * G); /* ASan-checked, unlike the real mapping */
+    assert(h.data);
+    h.map_len = n * G;
+    hp_heap_block_header *hdr = (hp_heap_block_header *)h.data;
+    atomic_store(&hdr->refs, 1);
+    atomic_store(&hdr->granules, 2);
+    bitmap[0] = 3;
+    assert(hp_heap_check_block(&h, H, 2 * G - H));
+    assert(!hp_heap_check_block(&h, H, 2 * G - H + 1)); /* more bytes than the block has */
+    assert(!hp_heap_check_block(&h, H + 8, 1));          /* not a block's offset */
+    assert(!hp_heap_check_block(&h, n * G + H, 1));      /* past the heap */
+    atomic_store(&hdr->granules, (uint32_t)n + 1);       /* a block longer than the heap */
+    assert(!hp_heap_check_block(&h, H, 1));
+    hp_heap_release(&h, H); /* must not clear bits past the bitmap's granules */
+    assert(bitmap[0] == 3 && atomic_load(&hdr->refs) == 0);
+    assert(!hp_heap_check_block(&h, H, 1)); /* no reference left: not a live block */
+    hp_heap_release(&h, H);                 /* an underflow is refused */
+    assert(atomic_load(&hdr->refs) == 0);
+    /* random headers and offsets: checks and drops stay inside the heap and its bitmap */
+    for (long i = 0; i < count / 10; i++) {
+        uint64_t g = rnd() % (n + 2), off = g * G + (rnd() % 4 ? H : rnd() % G);
+        if (g < n) {
+            hp_heap_block_header *b = (hp_heap_block_header *)(h.data + g * G);
+            atomic_store(&b->refs, (uint32_t)(rnd() % 3 ? rnd() % 3 : rnd()));
+            atomic_store(&b->granules, (uint32_t)(rnd() % 3 ? rnd() % (n + 2) : rnd()));
+        }
+        if (hp_heap_check_block(&h, off, rnd() % (2 * G))) assert(off < n * G);
+        hp_heap_release(&h, off);
+        assert((bitmap[0] >> n) == 0); /* never a bit beyond the heap's granules */
+        bitmap[0] |= rnd() & ((UINT64_C(1) << n) - 1);
+    }
+    free(h.data);
+    puts("ok hostile heap");
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) count = atol(argv[1]);
+    setvbuf(stdout, NULL, _IOLBF, 0); /* forked children must not repeat what was printed */
     test_header_checks();
     test_heap();
     test_single_thread();
     test_two_threads();
+    test_writer_readiness();
     test_close_wakes_sleeper();
+    test_hostile_producer();
+    test_hostile_consumer();
+    test_hostile_endpoint();
+    test_hostile_heap();
     if (!getenv("HP_TEST_NO_FORK")) {
         test_two_processes();
         test_killed_producer();

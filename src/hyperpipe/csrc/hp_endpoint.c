@@ -104,7 +104,51 @@ static void futex_wake(_Atomic uint32_t *addr) {
     syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+/* The same on a word of this process only (no timeout). */
+static void futex_wait_private(_Atomic uint32_t *addr, uint32_t expected) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+
+static void futex_wake_private(_Atomic uint32_t *addr) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
 /* -- segment ----------------------------------------------------------------- */
+
+/* What an end requires of a memfd before it maps it: its size is fixed. A peer that
+ * truncated a mapped memfd would make our next access to the lost pages a SIGBUS. */
+#define HP_SIZE_SEALS (F_SEAL_SHRINK | F_SEAL_GROW)
+
+int hp_memfd_create(const char *name, uint64_t size, uint64_t allocate) {
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    int rc = ftruncate(fd, (off_t)size);
+    if (rc == 0 && allocate) {
+        rc = posix_fallocate(fd, 0, (off_t)allocate);
+        if (rc > 0) {
+            errno = rc;
+            rc = -1;
+        }
+    }
+    /* F_SEAL_SEAL: nobody adds a write seal later, which would fail a writable mapping */
+    if (rc == 0) rc = fcntl(fd, F_ADD_SEALS, HP_SIZE_SEALS | F_SEAL_SEAL);
+    if (rc != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+const char *hp_memfd_check(int fd, uint64_t size) {
+    struct stat st;
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || (seals & HP_SIZE_SEALS) != HP_SIZE_SEALS)
+        return "memfd not sealed against shrinking and growing";
+    if (fstat(fd, &st) < 0 || size == 0 || (uint64_t)st.st_size < size) return "memfd smaller than announced";
+    return 0;
+}
 
 int hp_segment_create(uint64_t capacity, uint32_t nrings, uint64_t heap_size) {
     if (capacity < HP_MIN_CAPACITY || capacity > HP_MAX_CAPACITY || (capacity & (capacity - 1)) ||
@@ -113,12 +157,11 @@ int hp_segment_create(uint64_t capacity, uint32_t nrings, uint64_t heap_size) {
         return -1;
     }
     uint64_t rings = hp_segment_rings_size(capacity, nrings);
-    int fd = memfd_create("hyperpipe-ring", MFD_CLOEXEC);
+    /* Allocate the rings and heap bitmaps now; heap data pages are allocated on first use
+       (within the sealed size, which F_SEAL_GROW allows). */
+    int fd = hp_memfd_create("hyperpipe-ring", hp_segment_size(capacity, nrings, heap_size), rings);
     if (fd < 0) return -1;
-    /* Allocate the rings and heap bitmaps now: a full /dev/shm or memory limit is an
-       error here, never a SIGBUS later. Heap data pages are allocated on first use. */
-    int rc = ftruncate(fd, (off_t)hp_segment_size(capacity, nrings, heap_size));
-    if (rc == 0) rc = posix_fallocate(fd, 0, (off_t)rings);
+    int rc = 0;
     for (uint32_t i = 0; rc == 0 && heap_size && i < nrings; i++)
         rc = posix_fallocate(fd, (off_t)hp_segment_heap_offset(capacity, nrings, heap_size, i),
                              (off_t)hp_heap_meta_size(heap_size));
@@ -149,23 +192,21 @@ int hp_endpoint_open(hp_endpoint *ep, int memfd, int sock, int rx_efd, int tx_ef
     ep->tx_efd = tx_efd;
     ep->close_efd = -1;
     ep->epoll_fd = -1;
+    ep->space_efd = -1;
     ep->base = MAP_FAILED;
     *err = 0;
-    struct stat st;
-    if (fstat(memfd, &st) < 0) goto fail;
-    if (st.st_size < 4096) {
+    /* the header first, to learn how much to map */
+    hp_seg_header head;
+    ssize_t got = pread(memfd, &head, sizeof head, 0);
+    if (got < 0) goto fail;
+    if (got != (ssize_t)sizeof head) {
         *err = "segment smaller than its header";
         goto fail;
     }
-    /* the header first, to learn how much to map */
-    hp_seg_header head;
-    if (pread(memfd, &head, sizeof head, 0) != (ssize_t)sizeof head) goto fail;
     /* checked on a private copy: the peer cannot change what we go on to use */
     if ((*err = hp_segment_check(&head, UINT64_MAX)) != 0) goto fail;
-    if (head.total_size > (uint64_t)st.st_size) {
-        *err = "segment larger than its memfd";
-        goto fail;
-    }
+    /* and the memfd can never become smaller than what we map */
+    if ((*err = hp_memfd_check(memfd, head.total_size)) != 0) goto fail;
     uint64_t rings = hp_segment_rings_size(head.capacity, head.nrings);
     ep->base = mmap(NULL, rings, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     if (ep->base == MAP_FAILED) goto fail;
@@ -206,16 +247,31 @@ fail:;
     return -1;
 }
 
+/* `armed` value that tells the watcher thread to end (a word it may be asleep on). */
+#define HP_ARMED_STOP UINT32_MAX
+
+static void stop_watcher(hp_endpoint *ep) {
+    atomic_store_explicit(&ep->armed, HP_ARMED_STOP, memory_order_release);
+    futex_wake_private(&ep->armed);
+    if (ep->has_tx) futex_wake(&ep->tx.ctrl->space_seq);
+}
+
 void hp_endpoint_shutdown(hp_endpoint *ep) {
     if (atomic_exchange(&ep->closed, 1)) return;
     /* close_efd is inherited across fork until hp_endpoint_after_fork replaces it:
        never wake another process's threads */
     if (ep->close_efd >= 0 && getpid() == ep->owner_pid) efd_signal(ep->close_efd);
     if (ep->has_tx) futex_wake(&ep->tx.ctrl->space_seq);
+    stop_watcher(ep);
 }
 
 void hp_endpoint_release(hp_endpoint *ep) {
     atomic_store(&ep->closed, 1);
+    if (ep->watcher_running) { /* before the mapping goes: it reads the ring */
+        stop_watcher(ep);
+        pthread_join(ep->watcher, NULL);
+        ep->watcher_running = 0;
+    }
     close_fd(&ep->sock);
     /* after the socket: a producer that sees the new count and polls sees our HUP too
        (when this was the last copy of our end) */
@@ -229,6 +285,7 @@ void hp_endpoint_release(hp_endpoint *ep) {
     close_fd(&ep->tx_efd);
     close_fd(&ep->close_efd);
     close_fd(&ep->epoll_fd);
+    close_fd(&ep->space_efd);
 }
 
 int hp_endpoint_after_fork(hp_endpoint *ep) {
@@ -240,6 +297,10 @@ int hp_endpoint_after_fork(hp_endpoint *ep) {
     ep->rings_populated = 0; /* fork copied no page tables of the shared mapping */
     close_fd(&ep->close_efd);
     close_fd(&ep->epoll_fd);
+    /* the parent's watcher does not run here, and it signals the parent's space_efd */
+    ep->watcher_running = 0;
+    atomic_store(&ep->armed, 0);
+    close_fd(&ep->space_efd);
     ep->owner_pid = getpid();
     if (atomic_load(&ep->closed)) return 0;
     ep->close_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -320,30 +381,41 @@ static int sender_peer_gone(hp_endpoint *ep, int force) {
 
 /* -- sending ------------------------------------------------------------------ */
 
+/* 1 when the out-of-band caps let this frame go, 0 when not yet, HP_RING_CORRUPT when
+ * the consumer claims to have taken more messages than were sent. The byte counts are
+ * only a cap: the consumer counts a frame's logical size, which for a part of a shared
+ * block is the block's, so its count may pass ours (read as nothing in flight). */
 static int inflight_ok(const hp_endpoint *ep, uint64_t oob_bytes, int nfds) {
     if (!oob_bytes && !nfds) return 1;
     const hp_ring_ctrl *c = ep->tx.ctrl;
-    uint64_t bytes = atomic_load_explicit(&c->oob_bytes_sent, memory_order_relaxed) -
-                     atomic_load_explicit(&c->oob_bytes_recv, memory_order_acquire);
-    uint64_t msgs = atomic_load_explicit(&c->oob_msgs_sent, memory_order_relaxed) -
-                    atomic_load_explicit(&c->oob_msgs_recv, memory_order_acquire);
+    uint64_t bytes_sent = atomic_load_explicit(&c->oob_bytes_sent, memory_order_relaxed);
+    uint64_t bytes_recv = atomic_load_explicit(&c->oob_bytes_recv, memory_order_acquire);
+    uint64_t msgs_sent = atomic_load_explicit(&c->oob_msgs_sent, memory_order_relaxed);
+    uint64_t msgs_recv = atomic_load_explicit(&c->oob_msgs_recv, memory_order_acquire);
+    if (msgs_recv > msgs_sent) return HP_RING_CORRUPT;
+    uint64_t bytes = bytes_recv > bytes_sent ? 0 : bytes_sent - bytes_recv, msgs = msgs_sent - msgs_recv;
     if (msgs == 0 && bytes == 0) return 1; /* one message always goes, whatever its size */
     return bytes + oob_bytes <= ep->max_inflight_bytes && msgs + 1 <= ep->max_inflight_msgs;
 }
 
-static int writable(const hp_endpoint *ep, uint32_t len, uint64_t oob_bytes, int nfds) {
-    return hp_ring_can_write(&ep->tx, len) && inflight_ok(ep, oob_bytes, nfds);
+/* 1 with *head when the frame can go now, 0 when not yet, HP_RING_CORRUPT. */
+static int writable(const hp_endpoint *ep, uint32_t len, uint64_t oob_bytes, int nfds, uint64_t *head) {
+    int room = hp_ring_can_write(&ep->tx, len, head);
+    return room > 0 ? inflight_ok(ep, oob_bytes, nfds) : room;
 }
 
+static const char *const bad_outgoing = "the peer corrupted the outgoing ring's indices or counters";
+
 static int wait_writable(hp_endpoint *ep, uint32_t len, uint64_t oob_bytes, int nfds,
-                         int64_t deadline_ns) {
+                         int64_t deadline_ns, uint64_t *head) {
     hp_ring_ctrl *c = ep->tx.ctrl;
+    int w;
     int64_t spin_end = hp_now_ns() + (int64_t)ep->spin_ns;
     if (deadline_ns >= 0 && deadline_ns < spin_end) spin_end = deadline_ns; /* spin no longer than allowed */
     while (hp_now_ns() < spin_end) {
         int return_ready = 0;
-        HP_SPIN_ROUND(ep, writable(ep, len, oob_bytes, nfds));
-        if (return_ready) return HP_OK;
+        HP_SPIN_ROUND(ep, (w = writable(ep, len, oob_bytes, nfds, head)) != 0);
+        if (return_ready) return w > 0 ? HP_OK : hp_corrupt(ep, bad_outgoing);
         if (atomic_load_explicit(&ep->closed, memory_order_relaxed)) return HP_CLOSED;
     }
     ep->writer_waits++;
@@ -351,7 +423,8 @@ static int wait_writable(hp_endpoint *ep, uint32_t len, uint64_t oob_bytes, int 
         atomic_store_explicit(&c->writer_waiting, 1, memory_order_relaxed);
         atomic_thread_fence(memory_order_seq_cst); /* Dekker pair with hp_ring_release */
         uint32_t seq = atomic_load_explicit(&c->space_seq, memory_order_acquire);
-        if (writable(ep, len, oob_bytes, nfds)) return HP_OK;
+        w = writable(ep, len, oob_bytes, nfds, head);
+        if (w != 0) return w > 0 ? HP_OK : hp_corrupt(ep, bad_outgoing);
         if (atomic_load(&ep->closed)) return HP_CLOSED;
         if (sender_peer_gone(ep, 1)) return HP_EPIPE;
         int64_t slice = HP_PEER_CHECK_NS;
@@ -429,9 +502,9 @@ void hp_unannounce(hp_endpoint *ep) {
     ep->announced = 0;
 }
 
-static void publish(hp_endpoint *ep, uint8_t kind, uint8_t nfds, uint16_t flags,
+static void publish(hp_endpoint *ep, uint64_t head, uint8_t kind, uint8_t nfds, uint16_t flags,
                     const void *const *parts, const uint64_t *lens, int nparts) {
-    hp_ring_write(&ep->tx, kind, nfds, flags, parts, lens, nparts);
+    hp_ring_write(&ep->tx, head, kind, nfds, flags, parts, lens, nparts);
     hp_unannounce(ep);
     if (hp_ring_take_reader_token(&ep->tx)) {
         efd_signal(ep->tx_efd);
@@ -448,11 +521,13 @@ static uint64_t total_len(const uint64_t *lens, int nparts) {
 
 int hp_try_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
                 const uint64_t *lens, int nparts) {
-    uint64_t len = total_len(lens, nparts);
+    uint64_t len = total_len(lens, nparts), head;
+    if (atomic_load_explicit(&ep->corrupt, memory_order_relaxed)) return HP_ECORRUPT;
     if (len > hp_ring_max_payload(&ep->tx)) return HP_ETOOBIG;
     if (sender_peer_gone(ep, 0)) return HP_EPIPE;
-    if (!hp_ring_can_write(&ep->tx, (uint32_t)len)) return HP_TIMEOUT;
-    publish(ep, kind, 0, flags, parts, lens, nparts);
+    int room = hp_ring_can_write(&ep->tx, (uint32_t)len, &head);
+    if (room <= 0) return room == 0 ? HP_TIMEOUT : hp_corrupt(ep, bad_outgoing);
+    publish(ep, head, kind, 0, flags, parts, lens, nparts);
     ep->bytes_sent += len;
     return HP_OK;
 }
@@ -460,12 +535,15 @@ int hp_try_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const
 int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
             const uint64_t *lens, int nparts, const int *fds, int nfds, uint64_t oob_bytes,
             int64_t deadline_ns) {
-    uint64_t len = total_len(lens, nparts);
+    uint64_t len = total_len(lens, nparts), head;
+    if (atomic_load_explicit(&ep->corrupt, memory_order_relaxed)) return HP_ECORRUPT;
     if (len > hp_ring_max_payload(&ep->tx) || nfds > HP_MAX_FDS || nfds < 0) return HP_ETOOBIG;
     if (sender_peer_gone(ep, nfds > 0)) return HP_EPIPE;
-    if (!writable(ep, (uint32_t)len, oob_bytes, nfds)) {
+    int w = writable(ep, (uint32_t)len, oob_bytes, nfds, &head);
+    if (w < 0) return hp_corrupt(ep, bad_outgoing);
+    if (w == 0) {
         if (deadline_ns == 0) return HP_TIMEOUT;
-        int rc = wait_writable(ep, (uint32_t)len, oob_bytes, nfds, deadline_ns);
+        int rc = wait_writable(ep, (uint32_t)len, oob_bytes, nfds, deadline_ns, &head);
         if (rc != HP_OK) return rc;
     }
     hp_ring_ctrl *c = ep->tx.ctrl;
@@ -482,9 +560,81 @@ int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *pa
         atomic_store_explicit(&c->oob_bytes_sent,
                               atomic_load_explicit(&c->oob_bytes_sent, memory_order_relaxed) + oob_bytes,
                               memory_order_relaxed);
-    publish(ep, kind, (uint8_t)nfds, flags, parts, lens, nparts);
+    publish(ep, head, kind, (uint8_t)nfds, flags, parts, lens, nparts);
     ep->bytes_sent += len + oob_bytes;
     return HP_OK;
+}
+
+/* -- room to write, for event loops ---------------------------------------------- */
+
+/* Whether a frame with an `nbytes` payload may go now. Conservative, since the caller's
+ * choice of inline or out of band is not known here: room for the frame inline (at most
+ * the largest inline payload) and under the in-flight caps as if it went out of band.
+ * Once the consumer has taken everything both hold, so an armed writer always wakes. */
+static int arm_fits(const hp_endpoint *ep, uint64_t nbytes) {
+    uint64_t head, max = hp_ring_max_payload(&ep->tx);
+    return writable(ep, (uint32_t)(nbytes < max ? nbytes : max), nbytes, 1, &head);
+}
+
+/* Sleeps while nothing is armed; while armed, waits as a blocked sender does (writer_waiting,
+ * FUTEX_WAIT on space_seq in slices that look at the peer's liveness), then disarms and
+ * signals space_efd. */
+static void *watch_space(void *arg) {
+    hp_endpoint *ep = arg;
+    hp_ring_ctrl *c = ep->tx.ctrl;
+    for (;;) {
+        uint32_t want = atomic_load_explicit(&ep->armed, memory_order_acquire);
+        if (want == HP_ARMED_STOP) break;
+        if (want == 0) {
+            futex_wait_private(&ep->armed, 0);
+            continue;
+        }
+        atomic_store_explicit(&c->writer_waiting, 1, memory_order_relaxed);
+        atomic_thread_fence(memory_order_seq_cst); /* Dekker pair with hp_ring_release */
+        uint32_t seq = atomic_load_explicit(&c->space_seq, memory_order_acquire);
+        if (arm_fits(ep, want - 1) != 0 || sock_hup(ep->sock)) { /* room, corrupt or peer gone */
+            if (atomic_compare_exchange_strong_explicit(&ep->armed, &want, 0, memory_order_acq_rel,
+                                                        memory_order_relaxed))
+                efd_signal(ep->space_efd);
+            continue;
+        }
+        futex_wait(&c->space_seq, seq, HP_PEER_CHECK_NS);
+    }
+    efd_signal(ep->space_efd); /* closing: a waiting event loop finds out */
+    return NULL;
+}
+
+int hp_writer_fileno(hp_endpoint *ep) {
+    if (ep->space_efd < 0) ep->space_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return ep->space_efd;
+}
+
+int hp_arm_writer(hp_endpoint *ep, uint64_t nbytes) {
+    if (atomic_load_explicit(&ep->corrupt, memory_order_relaxed)) return HP_ECORRUPT;
+    int fits = arm_fits(ep, nbytes);
+    if (fits < 0) return hp_corrupt(ep, bad_outgoing);
+    if (fits || sender_peer_gone(ep, 0)) return HP_OK;
+    if (hp_writer_fileno(ep) < 0) return HP_ERRNO;
+    if (!ep->watcher_running) {
+        int rc = pthread_create(&ep->watcher, NULL, watch_space, ep);
+        if (rc != 0) {
+            errno = rc;
+            return HP_ERRNO;
+        }
+        ep->watcher_running = 1;
+        pthread_setname_np(ep->watcher, "hp-room-watch"); /* for ps, gdb and the tests */
+    }
+    efd_drain(ep->space_efd); /* a count from an earlier arming is stale */
+    uint32_t want = nbytes >= HP_ARMED_STOP - 2 ? HP_ARMED_STOP - 2 : (uint32_t)nbytes;
+    atomic_store_explicit(&ep->armed, want + 1, memory_order_release);
+    futex_wake_private(&ep->armed);
+    /* Room that came before the watcher looked is seen by its first check; this one only
+       spares the caller a round through its event loop. */
+    uint32_t armed = want + 1;
+    if (arm_fits(ep, nbytes) > 0 &&
+        atomic_compare_exchange_strong_explicit(&ep->armed, &armed, 0, memory_order_acq_rel, memory_order_relaxed))
+        return HP_OK;
+    return HP_TIMEOUT;
 }
 
 /* -- receiving ---------------------------------------------------------------- */
@@ -533,11 +683,24 @@ void hp_reader_sync(hp_endpoint *ep) {
     if (ep->lazy_held) hp_reader_exit(ep);
 }
 
-static int peek_or_eof(hp_endpoint *ep, hp_frame *frame) {
+int hp_corrupt(hp_endpoint *ep, const char *why) {
+    const char *none = 0; /* the first reason stays */
+    atomic_compare_exchange_strong_explicit(&ep->corrupt, &none, why, memory_order_relaxed, memory_order_relaxed);
+    return HP_ECORRUPT;
+}
+
+int hp_recv_peek(hp_endpoint *ep, hp_frame *frame) {
     int r = hp_ring_peek(&ep->rx, frame);
-    if (r > 0) return HP_OK;
-    if (r < 0) return HP_ECORRUPT;
-    return -1;
+    if (r == HP_RING_EMPTY) return HP_TIMEOUT;
+    if (r == HP_RING_CORRUPT) return hp_corrupt(ep, "the peer corrupted the incoming ring (impossible index or frame)");
+    if (frame->nfds > HP_MAX_FDS) return hp_corrupt(ep, "a frame announces more descriptors than a frame can carry");
+    return HP_OK;
+}
+
+/* HP_OK or HP_ECORRUPT, else -1 (nothing yet). */
+static int peek_or_eof(hp_endpoint *ep, hp_frame *frame) {
+    int rc = hp_recv_peek(ep, frame);
+    return rc == HP_TIMEOUT ? -1 : rc;
 }
 
 /* After a spin that failed: if the frame came soon after all, spinning a little longer
@@ -583,6 +746,7 @@ static int64_t copy_spin_budget(hp_endpoint *ep, int64_t since, int64_t deadline
 
 int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame) {
     int64_t wait_start = 0;
+    if (atomic_load_explicit(&ep->corrupt, memory_order_relaxed)) return HP_ECORRUPT;
     reader_enter(ep);
     int rc = peek_or_eof(ep, frame);
     if (rc >= 0) return rc;
@@ -720,7 +884,13 @@ int hp_take_fds(hp_endpoint *ep, int n, int *out) {
     }
     if (got != n || (msg.msg_flags & MSG_CTRUNC)) {
         for (int i = 0; i < got; i++) close(out[i]);
-        return HP_ECORRUPT;
+        /* Fewer than announced and cut short: the kernel had no descriptor slot for the
+           rest here (RLIMIT_NOFILE). More than fit, or none at all: the peer's doing. */
+        if ((msg.msg_flags & MSG_CTRUNC) && got < n) {
+            errno = EMFILE;
+            return HP_ERRNO;
+        }
+        return hp_corrupt(ep, "the descriptors before a frame are not the ones it announces");
     }
     return HP_OK;
 }

@@ -8,6 +8,8 @@
  *   tx_efd    the peer's rx_efd (we signal it when we publish and it is armed)
  *   close_efd a process-local eventfd that close() from another thread signals
  *   epoll_fd  created on first fileno(): rx_efd (IN) + sock (RDHUP), for select/poll users
+ *   space_efd created on first writer_fileno(): a process-local eventfd that a watcher
+ *             thread signals when an armed writer may have room (event loops)
  * The wakeup protocol is described in docs/design.md ("Wakeup protocol").
  */
 #ifndef HP_ENDPOINT_H
@@ -16,6 +18,7 @@
 #include "hp_heap.h"
 #include "hp_ring.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -25,7 +28,8 @@ enum {
     HP_CLOSED = 2,    /* this end was closed (possibly from another thread) */
     HP_EOF = 3,       /* peer gone and the ring is empty */
     HP_EPIPE = 4,     /* sending to a peer that is gone */
-    HP_ECORRUPT = 5,  /* the ring or the control socket holds something invalid */
+    HP_ECORRUPT = 5,  /* the segment or the control socket holds something impossible:
+                         sticky, every later call on the end fails too (ep->corrupt says why) */
     HP_ETOOBIG = 6,   /* payload larger than the ring can ever hold */
     HP_ERRNO = 7,     /* a system call failed: errno is set */
     HP_EINTR = 8,     /* a signal interrupted a sleep: let the caller run handlers, retry */
@@ -37,7 +41,7 @@ enum {
 typedef struct hp_endpoint {
     void *base;
     uint64_t map_size;
-    int memfd, sock, rx_efd, tx_efd, close_efd, epoll_fd;
+    int memfd, sock, rx_efd, tx_efd, close_efd, epoll_fd, space_efd;
     int has_rx, has_tx;
     int owner_pid;             /* the process whose close_efd this is */
     int rx_index, tx_index;
@@ -52,18 +56,31 @@ typedef struct hp_endpoint {
     int rings_populated;       /* process-local: the rings' page tables were filled here */
     _Atomic int readiness_exposed; /* process-local: fileno() was asked for (hp_reader_sync) */
     int peer_eof;              /* reader-local: sock reported HUP */
+    _Atomic(const char *) corrupt; /* process-local, sticky: why the segment cannot be trusted */
     int64_t last_peer_check;   /* sender-local */
     int peer_gone;             /* sender-local, sticky */
     uint32_t seen_consumer_closes; /* sender-local */
     uint64_t spin_ns, spin_min_ns, spin_max_ns;
     uint32_t published_cpu;    /* process-local: 1 + the CPU last written to the rings */
     uint64_t max_inflight_bytes, max_inflight_msgs;
+    _Atomic uint32_t armed;    /* process-local: 1 + the payload size an armed writer waits to
+                                  send (capped), 0 when nothing is armed, UINT32_MAX when the
+                                  watcher must end; the private futex an idle watcher sleeps on */
+    pthread_t watcher;         /* process-local: turns space_seq wake-ups into space_efd counts */
+    int watcher_running;
     /* statistics, process-local */
     uint64_t msgs_sent, msgs_recv, bytes_sent, bytes_recv;
     uint64_t sleeps, wakes_sent, writer_waits, oob_sent, oob_recv, shared_cpu_yields;
 } hp_endpoint;
 
 int64_t hp_now_ns(void);
+
+/* A memfd of `size` bytes sealed against shrinking and growing (not against writes), its
+ * first `allocate` bytes allocated now (ENOSPC here, never SIGBUS later); -1 (errno). */
+int hp_memfd_create(const char *name, uint64_t size, uint64_t allocate);
+/* 0 when `fd` is a memfd sealed against resizing and at least `size` (> 0) bytes long,
+ * so a mapping of `size` bytes can never fault; else why not (a static message). */
+const char *hp_memfd_check(int fd, uint64_t size);
 
 /* Create a zeroed, initialised segment; returns its memfd or -1 (errno). */
 int hp_segment_create(uint64_t capacity, uint32_t nrings, uint64_t heap_size);
@@ -96,6 +113,16 @@ int hp_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *pa
 int hp_try_send(hp_endpoint *ep, uint8_t kind, uint16_t flags, const void *const *parts,
                 const uint64_t *lens, int nparts);
 
+/* Sender, for event loops: a process-local fd that poll() sees readable when the outgoing
+ * ring may have room for what hp_arm_writer armed, or the peer is gone or the end closed
+ * (spurious readiness allowed); -1 (errno). */
+int hp_writer_fileno(hp_endpoint *ep);
+/* Sender: HP_OK when a frame with an `nbytes` payload fits now (also when the peer is gone:
+ * the send reports it); else arm the watcher to signal hp_writer_fileno() once the consumer
+ * frees space, with stale readiness cleared and the room checked again after arming (no
+ * lost wake-up): HP_TIMEOUT. HP_CLOSED, HP_ECORRUPT or HP_ERRNO on error. */
+int hp_arm_writer(hp_endpoint *ep, uint64_t nbytes);
+
 /* Sender: about to copy `nbytes` for the next frame (out of band). A receiver waiting
  * for it keeps spinning for about as long as the copy should take, instead of going to
  * sleep mid-copy and paying a wake-up. Cleared by the next send or hp_unannounce. */
@@ -110,6 +137,12 @@ int64_t hp_incoming_eta_ns(hp_endpoint *ep);
  * (or closed). For callers that must not block long, e.g. an event loop. */
 int hp_spin_readable(hp_endpoint *ep, int64_t ns);
 
+/* Mark the end unusable because the peer broke the protocol; returns HP_ECORRUPT. */
+int hp_corrupt(hp_endpoint *ep, const char *why);
+
+/* Receiver: look at the next frame without waiting: HP_OK, HP_TIMEOUT (none) or
+ * HP_ECORRUPT. */
+int hp_recv_peek(hp_endpoint *ep, hp_frame *frame);
 /* Receiver: wait for a frame (peeked, not consumed). HP_OK, HP_EOF, HP_TIMEOUT,
  * HP_CLOSED or HP_ECORRUPT. deadline_ns < 0: no limit; 0: do not wait. */
 int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame);
@@ -117,7 +150,9 @@ int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame);
 void hp_recv_finish(hp_endpoint *ep, const hp_frame *frame, uint64_t oob_bytes);
 /* Receiver: restore the wake protocol after a wait that consumed nothing. */
 void hp_reader_exit(hp_endpoint *ep);
-/* Receiver: take the `n` fds sent before the current frame. */
+/* Receiver: take the `n` fds sent before the current frame. HP_ERRNO with errno EMFILE
+ * when this process had no descriptor free for them (they are lost, the stream stays in
+ * step), HP_ECORRUPT when the peer did not send what the frame announced. */
 int hp_take_fds(hp_endpoint *ep, int n, int *out);
 
 /* fd that select()/poll() see readable when a frame or EOF is pending. */

@@ -94,6 +94,15 @@ int hp_heap_valid_offset(const hp_heap *h, uint64_t offset) {
            ((offset - HP_HEAP_BLOCK_HEADER) >> HP_HEAP_GRANULE_SHIFT) < h->ngranules;
 }
 
+int hp_heap_check_block(const hp_heap *h, uint64_t offset, uint64_t nbytes) {
+    if (!hp_heap_valid_offset(h, offset)) return 0;
+    hp_heap_block_header *hdr = block_header(h, offset);
+    uint64_t first = (offset - HP_HEAP_BLOCK_HEADER) >> HP_HEAP_GRANULE_SHIFT;
+    uint64_t granules = atomic_load_explicit(&hdr->granules, memory_order_relaxed);
+    return atomic_load_explicit(&hdr->refs, memory_order_relaxed) > 0 && granules > 0 &&
+           granules <= h->ngranules - first && nbytes <= (granules << HP_HEAP_GRANULE_SHIFT) - HP_HEAP_BLOCK_HEADER;
+}
+
 int64_t hp_heap_alloc(hp_heap *h, uint64_t nbytes) {
     if (nbytes > (h->ngranules << HP_HEAP_GRANULE_SHIFT)) return -1; /* also keeps the sum below from wrapping */
     uint64_t need = (nbytes + HP_HEAP_BLOCK_HEADER + HP_HEAP_GRANULE - 1) >> HP_HEAP_GRANULE_SHIFT;

@@ -68,5 +68,8 @@ void hp_heap_retain(hp_heap *heap, uint64_t offset);
 void hp_heap_release(hp_heap *heap, uint64_t offset);
 /* Whether `offset` can be a block's data offset in this heap (frames are checked). */
 int hp_heap_valid_offset(const hp_heap *heap, uint64_t offset);
+/* Consumer: whether a frame's block at `offset` with `nbytes` of data is a live block of
+ * this heap whose header (written by the peer, so checked) covers those bytes. */
+int hp_heap_check_block(const hp_heap *heap, uint64_t offset, uint64_t nbytes);
 
 #endif

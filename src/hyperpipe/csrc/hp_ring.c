@@ -86,12 +86,21 @@ uint64_t hp_ring_needed(const hp_ring *ring, uint64_t head, uint32_t len) {
     return room_to_end >= total ? total : room_to_end + total;
 }
 
-int hp_ring_can_write(const hp_ring *ring, uint32_t len) {
-    /* head is ours (relaxed); tail acquire so the consumer's reads of the space we
-       are about to overwrite happened before. */
+/* An index pair is possible only when both are frame-aligned and the producer is ahead
+ * of the consumer by at most the capacity (every frame and wrap skip is a multiple of 8). */
+static int indices_ok(const hp_ring *ring, uint64_t head, uint64_t tail) {
+    return ((head | tail) & 7) == 0 && head - tail <= ring->capacity;
+}
+
+int hp_ring_can_write(const hp_ring *ring, uint32_t len, uint64_t *head_out) {
+    /* Our own head is re-read from the segment: another process sharing this end (under
+       its lock) may have advanced it. tail acquire so the consumer's reads of the space
+       we are about to overwrite happened before. */
     uint64_t head = atomic_load_explicit(&ring->ctrl->head, memory_order_relaxed);
     uint64_t tail = atomic_load_explicit(&ring->ctrl->tail, memory_order_acquire);
+    if (!indices_ok(ring, head, tail)) return HP_RING_CORRUPT;
     uint64_t needed = hp_ring_needed(ring, head, len);
+    *head_out = head;
     return needed != 0 && ring->capacity - (head - tail) >= needed;
 }
 
@@ -102,11 +111,10 @@ static void put_header(unsigned char *at, uint32_t len, uint8_t kind, uint8_t nf
     memcpy(at + 6, &flags, 2);
 }
 
-void hp_ring_write(hp_ring *ring, uint8_t kind, uint8_t nfds, uint16_t flags,
+void hp_ring_write(hp_ring *ring, uint64_t head, uint8_t kind, uint8_t nfds, uint16_t flags,
                    const void *const *parts, const uint64_t *part_lens, int nparts) {
     uint64_t len = 0;
     for (int i = 0; i < nparts; i++) len += part_lens[i];
-    uint64_t head = atomic_load_explicit(&ring->ctrl->head, memory_order_relaxed);
     uint64_t pos = head & ring->mask;
     uint64_t total = frame_bytes((uint32_t)len);
     uint64_t skip = 0;
@@ -142,35 +150,34 @@ int hp_ring_readable(const hp_ring *ring) {
 int hp_ring_peek(const hp_ring *ring, hp_frame *frame) {
     uint64_t head = atomic_load_explicit(&ring->ctrl->head, memory_order_acquire);
     uint64_t tail = atomic_load_explicit(&ring->ctrl->tail, memory_order_relaxed);
-    if (head == tail) return 0;
-    uint64_t avail = head - tail;
-    uint64_t pos = tail & ring->mask;
-    uint64_t skip = 0;
-    const unsigned char *at = ring->data + pos;
-    if (avail > ring->capacity) return -1;
-    if (at[4] == HP_KIND_WRAP) {
+    if (head == tail) return HP_RING_EMPTY;
+    if (!indices_ok(ring, head, tail)) return HP_RING_CORRUPT;
+    uint64_t avail = head - tail, pos = tail & ring->mask, skip = 0;
+    unsigned char hdr[HP_FRAME_HEADER]; /* read once: the bytes may change under us */
+    memcpy(hdr, ring->data + pos, sizeof hdr);
+    if (hdr[4] == HP_KIND_WRAP) {
         skip = ring->capacity - pos;
         pos = 0;
-        at = ring->data;
+        memcpy(hdr, ring->data, sizeof hdr);
     }
     uint32_t len;
-    memcpy(&len, at, 4);
-    /* The peer may be buggy or hostile: never trust a length beyond what was published. */
-    if (len > hp_ring_max_payload(ring) || skip + frame_bytes(len) > avail || at[4] == HP_KIND_WRAP)
-        return -1;
-    frame->payload = at + HP_FRAME_HEADER;
+    memcpy(&len, hdr, 4);
+    if (hdr[4] == HP_KIND_WRAP || len > hp_ring_max_payload(ring)) return HP_RING_CORRUPT;
+    /* within what was published, and inside the ring: a frame never straddles its end */
+    uint64_t bytes = frame_bytes(len);
+    if (skip + bytes > avail || pos + bytes > ring->capacity) return HP_RING_CORRUPT;
+    frame->payload = ring->data + pos + HP_FRAME_HEADER;
     frame->len = len;
-    frame->kind = at[4];
-    frame->nfds = at[5];
-    memcpy(&frame->flags, at + 6, 2);
-    frame->total = skip + frame_bytes(len);
-    return 1;
+    frame->kind = hdr[4];
+    frame->nfds = hdr[5];
+    memcpy(&frame->flags, hdr + 6, 2);
+    frame->next_tail = tail + skip + bytes;
+    return HP_RING_READY;
 }
 
 int hp_ring_release(hp_ring *ring, const hp_frame *frame) {
-    uint64_t tail = atomic_load_explicit(&ring->ctrl->tail, memory_order_relaxed);
     /* release: our reads of the payload happen before the producer may overwrite it */
-    atomic_store_explicit(&ring->ctrl->tail, tail + frame->total, memory_order_release);
+    atomic_store_explicit(&ring->ctrl->tail, frame->next_tail, memory_order_release);
     atomic_thread_fence(memory_order_seq_cst); /* StoreLoad vs writer_waiting */
     if (!atomic_load_explicit(&ring->ctrl->writer_waiting, memory_order_relaxed)) return 0;
     return atomic_exchange_explicit(&ring->ctrl->writer_waiting, 0, memory_order_acq_rel) == 1;

@@ -30,6 +30,12 @@
  *                   side: a scheduling hint with no ordering duty (a stale value costs one
  *                   needless or one missed yield, never a lost message).
  * Header fields are written once before the segment is shared and never change.
+ *
+ * Nothing read from the segment is trusted (docs/design.md "Threat model"): the peer may
+ * be buggy or hostile and can rewrite any of it at any time. Each call reads an index
+ * once, checks it (aligned, the pair within the capacity) and works on that private copy;
+ * a frame is checked against what was published and against the end of the ring. An
+ * impossible value is reported (HP_RING_CORRUPT), never used.
  */
 #ifndef HP_RING_H
 #define HP_RING_H
@@ -87,15 +93,19 @@ typedef struct hp_ring {
     uint64_t mask;
 } hp_ring;
 
-/* A frame as seen by the consumer before it is released. */
+/* A frame as seen by the consumer before it is released (a private copy of its header). */
 typedef struct hp_frame {
     const unsigned char *payload;
     uint32_t len;
     uint8_t kind;
     uint8_t nfds;
     uint16_t flags;
-    uint64_t total;  /* bytes the frame occupies, wrap skip included */
+    uint64_t next_tail;  /* the tail that releases it: the peek's checked tail + the frame's
+                            bytes, wrap skip included */
 } hp_frame;
+
+/* Results of the ring calls that read the peer's index. */
+enum { HP_RING_CORRUPT = -1, HP_RING_EMPTY = 0, HP_RING_READY = 1 };
 
 /* -- segment ------------------------------------------------------------- */
 #define HP_MAX_HEAP (UINT64_C(1) << 36)
@@ -117,17 +127,21 @@ void hp_ring_attach(hp_ring *ring, void *base, const hp_seg_header *checked, uin
 uint64_t hp_ring_max_payload(const hp_ring *ring);
 /* Bytes a payload of `len` needs at the current head, or 0 if it never fits. */
 uint64_t hp_ring_needed(const hp_ring *ring, uint64_t head, uint32_t len);
-/* True when the producer can write `len` bytes now. */
-int hp_ring_can_write(const hp_ring *ring, uint32_t len);
-/* Producer: copy the parts of a payload and publish it (caller checked space). */
-void hp_ring_write(hp_ring *ring, uint8_t kind, uint8_t nfds, uint16_t flags,
+/* Producer: whether `len` bytes fit now: 1 with *head (our index, checked against the
+ * consumer's tail), 0 when there is no room yet, HP_RING_CORRUPT. */
+int hp_ring_can_write(const hp_ring *ring, uint32_t len, uint64_t *head);
+/* Producer: copy the parts of a payload at `head` (from hp_ring_can_write in the same
+ * call) and publish it. */
+void hp_ring_write(hp_ring *ring, uint64_t head, uint8_t kind, uint8_t nfds, uint16_t flags,
                    const void *const *parts, const uint64_t *part_lens, int nparts);
 /* Producer: after a publish, take the reader's wake token; 1 if the caller must wake it. */
 enum { HP_TOKEN_WRITER = 0, HP_TOKEN_ARMED = 1, HP_TOKEN_READER = 2 };
 int hp_ring_take_reader_token(hp_ring *ring);
-/* Consumer: non-zero when a frame is available. */
+/* Consumer: non-zero when a frame (or an impossible index, which hp_ring_peek reports)
+ * is there. */
 int hp_ring_readable(const hp_ring *ring);
-/* Consumer: look at the next frame (0 if none). Never blocks. */
+/* Consumer: look at the next frame: HP_RING_READY, HP_RING_EMPTY or HP_RING_CORRUPT.
+ * Never blocks. */
 int hp_ring_peek(const hp_ring *ring, hp_frame *frame);
 /* Consumer: release a peeked frame; returns 1 if a waiting writer must be woken. */
 int hp_ring_release(hp_ring *ring, const hp_frame *frame);
