@@ -7,8 +7,8 @@ serialize each direction with a lock, and hand whole frames to a ``Transport``.
 
 from __future__ import annotations
 
-import atexit
 import os
+import sys
 import threading
 import time
 import weakref
@@ -424,26 +424,89 @@ def _rebuild_connection(reduced: tuple, readable: bool, writable: bool, codec: A
     return Connection(rebuild(*args), readable, writable, codec=codec)
 
 
+# -- the one owner of every connection's life in this process ---------------------------
+#
+# One fork hook and one exit path for every transport (transports register none of their
+# own). docs/design.md, "Lifecycle", says what happens at exit and why in this order.
+
+
 def _after_fork_in_child() -> None:
+    # Every fork, multiprocessing's or not: the parent's threads (and the locks they may
+    # hold) do not exist here, and each transport drops its per-process state once.
     for conn in list(_live):
         conn._send_lock = threading.Lock()
         conn._recv_lock = threading.Lock()
         transport = conn._transport
         if transport is not None:
             transport.after_fork_in_child()
+    # The inherited exit closer is the parent's (a Finalize ignores other processes').
+    _register_exit_closer()
 
 
-def _close_all_at_exit() -> None:
-    # Runs before multiprocessing joins the children at exit (atexit is LIFO and
-    # multiprocessing.util registered first): a child blocked in recv on a connection we
-    # still hold then gets EOFError instead of waiting for us forever.
+def _feeding_queue_threads() -> set[int]:
+    """ids of the Connections a live ``multiprocessing.Queue`` feeder thread uses.
+
+    The feeder's arguments hold bound methods of the queue's two connections (their
+    order differs between Python versions, so all of them are scanned). The feeder
+    flushes what was put and closes the writer itself, joined at exit priority -5.
+    """
+    queues = sys.modules.get("multiprocessing.queues")
+    if queues is None:
+        return set()
+    feed = queues.Queue._feed
+    found = set()
+    for thread in threading.enumerate():
+        if getattr(thread, "_target", None) is not feed:
+            continue
+        for arg in getattr(thread, "_args", ()):
+            owner = getattr(arg, "__self__", arg)
+            if isinstance(owner, Connection):
+                found.add(id(owner))
+    return found
+
+
+def _join_non_daemon_threads() -> None:
+    # The main process joined them before exit functions run; a child started by
+    # multiprocessing runs its exit function first (Process._bootstrap) and joins them
+    # after: join them now, as the stdlib will, so that what they send is not cut off.
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon and thread is not threading.main_thread():
+            thread.join()
+
+
+def _close_at_exit() -> None:
+    """Close every connection that can no longer deliver data, at process exit.
+
+    Runs as a ``multiprocessing.util.Finalize`` of priority 0: after user atexit handlers
+    registered after ``import multiprocessing``, after non-daemon threads ended and after
+    higher-priority finalizers (Pool's, Queue's sentinel, native queues' flush); before
+    multiprocessing joins the children, so a child blocked in ``recv`` on a connection we
+    hold gets EOFError instead of waiting for us forever.
+    """
+    _join_non_daemon_threads()
+    kept = _feeding_queue_threads()
     for conn in list(_live):
+        if id(conn) in kept:
+            continue
         try:
             conn.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - exiting: one broken end must not keep the rest open
             pass
 
 
+_exit_closer: Optional[util.Finalize] = None
+
+
+def _register_exit_closer(_: Any = None) -> None:
+    global _exit_closer
+    if _exit_closer is not None:
+        _exit_closer.cancel()
+    _exit_closer = util.Finalize(None, _close_at_exit, exitpriority=0)
+
+
+_register_exit_closer()
 os.register_at_fork(after_in_child=_after_fork_in_child)
-assert util is not None  # multiprocessing.util's atexit hook must be registered before ours
-atexit.register(_close_all_at_exit)
+# A child started by multiprocessing clears the finalizers it inherited or unpickled
+# (Process._bootstrap) and then runs these: register the exit closer again there.
+util.register_after_fork(_close_at_exit, _register_exit_closer)

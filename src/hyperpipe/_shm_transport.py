@@ -32,7 +32,7 @@ import struct
 import sys
 import time
 import weakref
-from multiprocessing import reduction, util
+from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional
 
@@ -191,17 +191,6 @@ class ShmTransport(Transport):
         self._send = endpoint.send
         self._recv = endpoint.recv
         self._reset_pickler()
-        # Closed at process exit, also in fork/forkserver children (which skip atexit):
-        # the peer's next send then sees the close at once, not after the 10 ms liveness
-        # check that covers crashes.
-        self._finalizer = util.Finalize(self, endpoint.close, exitpriority=10)
-        # A child's Process._bootstrap clears the finalizers it inherited or unpickled,
-        # then runs the after-fork hooks: register again there.
-        util.register_after_fork(self, ShmTransport._renew_finalizer)
-        _live.add(self)
-
-    def _renew_finalizer(self) -> None:
-        self._finalizer = util.Finalize(self, self._ep.close, exitpriority=10)
 
     # -- pickling -------------------------------------------------------------------
     def _reset_pickler(self) -> None:
@@ -498,7 +487,7 @@ class ShmTransport(Transport):
         return self._ep.catch_incoming(max_seconds)
 
     def close(self) -> None:
-        self._finalizer()
+        self._ep.close()
 
     @property
     def closed(self) -> bool:
@@ -530,22 +519,6 @@ class ShmTransport(Transport):
 
 
 pickle_buffer = Any  # pickle.PickleBuffer, spelled loosely for 3.9 typing
-
-_live: "weakref.WeakSet[ShmTransport]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # Every fork, multiprocessing's or not: the close eventfds and the heap mappings'
-    # owner belong to the parent.
-    for transport in list(_live):
-        try:
-            transport.after_fork_in_child()
-        except Exception:  # noqa: BLE001 - a closed end has nothing to renew
-            pass
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 def _rebuild_shm_transport(
     memfd: Any, sock: Any, rx: Any, tx: Any, rx_index: int, tx_index: int, options: dict
