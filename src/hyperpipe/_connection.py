@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
 from . import errors
-from ._transport import Deadline, Transport
+from ._transport import PASSED, Capabilities, Deadline, Transport
 
 _ForkingPickler = reduction.ForkingPickler
 
@@ -270,12 +270,7 @@ class Connection(Generic[_SendT, _RecvT]):
         lock = self._send_lock
         _acquire(lock, deadline, "send_bytes_many")
         try:
-            send_frames = getattr(transport, "send_frames", None)
-            if send_frames is not None:
-                send_frames(views, deadline)
-            else:
-                for view in views:
-                    transport.send_frame(view, deadline)
+            transport.send_frames(views, deadline)
         finally:
             lock.release()
 
@@ -289,12 +284,9 @@ class Connection(Generic[_SendT, _RecvT]):
         shared-memory transport has them; others raise ``NotImplementedError``.
         """
         transport = self._for_sending()
-        allocate = getattr(transport, "allocate_buffer", None)
-        if allocate is None:
-            raise NotImplementedError(f"the {transport.name} transport has no shared buffers")
         if nbytes < 0:
             raise ValueError("nbytes is negative")
-        return allocate(nbytes)
+        return transport.allocate_buffer(nbytes)
 
     # -- receiving ------------------------------------------------------------------
     def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
@@ -347,8 +339,11 @@ class Connection(Generic[_SendT, _RecvT]):
     def recv(self, *, timeout: Optional[float] = None, copy: bool = True) -> _RecvT:
         """Receive one object.
 
-        ``copy=False`` lets the shared-memory transport return large buffers (numpy
-        arrays, bytes-likes) as views of the shared segment instead of private copies.
+        ``copy=True`` (the default): every buffer of the object is the receiver's alone,
+        writable and written by no other process. ``copy=False``: out-of-band buffers
+        (64 KiB or more, shared-memory transport) may be read-only views of shared memory
+        instead, with no copy; one the sender filled through ``allocate_buffer`` stays
+        shared with it, so its later writes show through. Other transports ignore it.
         """
         transport = self._transport
         if transport is None or not self._readable:
@@ -379,36 +374,65 @@ class Connection(Generic[_SendT, _RecvT]):
         lock = self._recv_lock
         _acquire(lock, deadline, "recv_bytes_many")
         try:
-            recv_frames = getattr(transport, "recv_frames", None)
-            if recv_frames is not None:
-                frames = recv_frames(maxcount, deadline)
-            else:
-                frames = [transport.recv_frame(None, deadline)]
-                while len(frames) < maxcount and transport.poll(0):
-                    try:
-                        frames.append(transport.recv_frame(None, time.monotonic()))
-                    except (errors.TimeoutError, EOFError):
-                        break
+            frames = transport.recv_frames(maxcount, deadline)
         finally:
             lock.release()
         return [f if type(f) is bytes else bytes(f) for f in frames]
 
     def poll(self, timeout: Optional[float] = 0.0) -> bool:
-        """Whether there is any input available to be read (``None`` waits forever)."""
+        """Whether there is any input available to be read (``None`` waits forever).
+
+        While another thread is receiving, the answer is about data this thread could
+        read: ``False`` once ``timeout`` passes with that receive still going on.
+        """
         transport = self._for_receiving()
-        if timeout is not None and timeout != timeout:
+        if timeout is None:
+            deadline = None
+        elif timeout != timeout:  # NaN
             raise ValueError("timeout must be a number or None")
+        elif timeout <= 0:
+            deadline = PASSED
+        else:
+            deadline = time.monotonic() + timeout
         # Under the receive lock: transports keep per-receiver state (partial frames,
         # wake tokens) that poll() touches too.
-        deadline = _deadline(timeout)
         lock = self._recv_lock
-        _acquire(lock, deadline, "poll")
+        if not lock.acquire(False):
+            if deadline is None:
+                lock.acquire()
+            elif not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
         try:
-            if timeout is None or timeout <= 0:
-                return transport.poll(timeout)
-            return transport.poll(max(0.0, deadline - time.monotonic()))  # type: ignore[operator]
+            return transport.poll(deadline)
         finally:
             lock.release()
+
+    # -- for event loops (hyperpipe.asyncio uses these) ----------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the transport offers beyond the basics (batches, shared buffers, descriptors)."""
+        return self._open_transport().capabilities
+
+    def catch_incoming(self, max_seconds: float) -> bool:
+        """If the peer is visibly about to deliver a message (shared memory: it announced a
+        big copy to us), wait for it without sleeping, at most ``max_seconds``: an event
+        loop calls this before it sleeps on ``fileno()``. True if a message waits."""
+        return self._for_receiving().catch_incoming(max_seconds)
+
+    def arm_writable(self) -> bool:
+        """After a send timed out: True if it may be retried at once; False once armed, then
+        wait on ``writable_fileno()`` before retrying (``capabilities.writable_fd``)."""
+        return self._for_sending().arm_writable()
+
+    def writable_fileno(self) -> tuple[int, int]:
+        """``(fd, event)`` an event loop waits on for room to write: ``select.POLLOUT``
+        means wait until ``fd`` is writable, ``select.POLLIN`` until it is readable."""
+        return self._for_sending().writable_fileno()
+
+    def send_backlog(self) -> int:
+        """Bytes of accepted messages the transport has not yet handed to the system (the
+        socket transport finishes a big message in the background)."""
+        return self._for_sending().send_backlog()
 
     # -- travelling to other processes ------------------------------------------------
     def __reduce__(self) -> tuple:

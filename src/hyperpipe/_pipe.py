@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ._connection import Connection
-from ._transport import Transport, select_transport
+from ._select import select_transport
+from ._transport import Transport
 
 
 def Pipe(

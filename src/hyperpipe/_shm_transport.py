@@ -27,17 +27,17 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
-import time
 import weakref
 from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional
 
 from . import errors
-from ._transport import Deadline, Transport
+from ._transport import Capabilities, Deadline, Transport
 
 try:
     from . import _core
@@ -190,6 +190,11 @@ class ShmTransport(Transport):
         self._oob_threshold = self._inline + 1
         self._send = endpoint.send
         self._recv = endpoint.recv
+        # Payload size of the last inline frame that did not fit (arm_writable waits for it).
+        self._blocked_size = 1
+        self.capabilities = Capabilities(
+            batch=True, out_of_band=True, writable_fd=hasattr(endpoint, "arm_writer")
+        )
         self._reset_pickler()
 
     # -- pickling -------------------------------------------------------------------
@@ -216,7 +221,11 @@ class ShmTransport(Transport):
     # -- sending --------------------------------------------------------------------
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
         if len(data) <= self._inline:
-            self._send(data, deadline)
+            try:
+                self._send(data, deadline)
+            except errors.TimeoutError:
+                self._blocked_size = len(data)
+                raise
         else:
             self._send_blob(data, deadline)
 
@@ -282,7 +291,11 @@ class ShmTransport(Transport):
         try:
             if not buffers:
                 if len(stream) <= self._inline:
-                    self._send(stream, deadline)
+                    try:
+                        self._send(stream, deadline)
+                    except errors.TimeoutError:
+                        self._blocked_size = len(stream)
+                        raise
                 else:
                     self._send_object_oob(stream, [], deadline)
             else:
@@ -470,21 +483,22 @@ class ShmTransport(Transport):
         return ForkingPickler.loads(stream, buffers=buffers)
 
     # -- readiness and lifetime -------------------------------------------------------
-    def poll(self, timeout: Optional[float]) -> bool:
-        if timeout is None:
-            return self._ep.poll(None)
-        if timeout <= 0:
-            return self._ep.poll(0.0)
-        return self._ep.poll(time.monotonic() + timeout)
+    def poll(self, deadline: Deadline) -> bool:
+        return self._ep.poll(deadline)
 
     def fileno(self) -> int:
         return self._ep.fileno()
 
     def catch_incoming(self, max_seconds: float) -> bool:
-        """If the peer is copying a big message to us, spin (GIL released, no sleep) until it
-        lands, at most ``max_seconds``: for an event loop, which otherwise sleeps and pays a
-        wake-up. True if a message waits."""
+        # The peer announced the big message it is copying to us: spin (GIL released, no
+        # sleep) until it lands, cheaper than the event loop's sleep and wake-up.
         return self._ep.catch_incoming(max_seconds)
+
+    def arm_writable(self) -> bool:
+        return self._ep.arm_writer(self._blocked_size)
+
+    def writable_fileno(self) -> tuple[int, int]:
+        return self._ep.writer_fileno(), select.POLLIN
 
     def close(self) -> None:
         self._ep.close()

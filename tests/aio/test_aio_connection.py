@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import pickle
+import select
 import socket
 import struct
 import threading
@@ -573,3 +574,44 @@ def test_a_new_send_does_not_overtake_a_waiting_one(run):
     finally:
         tx.close()
         b.close()
+
+
+def test_a_send_waiting_for_room_sleeps_only_without_a_descriptor(run, duplex, monkeypatch):
+    # A full pipe: the awaited send waits on the transport's room-to-write descriptor, and
+    # wakes when the peer reads. It sleeps in a loop only where the transport has none.
+    a, b = duplex
+    conn = a.connection
+    if not conn.capabilities.writable_fd:
+        pytest.skip(f"the {conn.transport} transport has no room-to-write descriptor here")
+    filler = helpers.pattern(4096)
+    while True:
+        try:
+            conn.send_bytes(filler, timeout=0)
+        except hyperpipe.TimeoutError:
+            break
+    assert conn.arm_writable() is False
+    fd, event = conn.writable_fileno()
+    assert event in (select.POLLIN, select.POLLOUT)
+    sleeps = []
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay, *args):
+        if delay > 0 and not conn.send_backlog():  # the socket may still flush a parked frame
+            sleeps.append(delay)
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)
+
+    async def main():
+        sending = asyncio.ensure_future(a.send_bytes(b"last"))
+        await real_sleep(0.05)
+        assert not sending.done()
+        while not sending.done():
+            await b.recv_bytes(timeout=STEP)  # each read makes room
+            await real_sleep(0)
+        await sending
+        while (await b.recv_bytes(timeout=STEP)) != b"last":
+            pass
+
+    run(main)
+    assert sleeps == []

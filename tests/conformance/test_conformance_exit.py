@@ -155,9 +155,9 @@ COUNT_FORKS = textwrap.dedent(
 
 @pytest.mark.parametrize("transport", ["shm", "socket"])
 def test_after_fork_in_child_runs_once_per_end(transport, tmp_path):
-    from hyperpipe import _transport
+    from hyperpipe import _select
 
-    if transport not in _transport.available_transports():
+    if transport not in _select.available_transports():
         pytest.skip(f"no {transport} transport here")
     script = tmp_path / "count_forks.py"
     script.write_text(COUNT_FORKS)
