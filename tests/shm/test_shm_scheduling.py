@@ -145,6 +145,12 @@ def _receive_in_thread(end: Any, timeout: float) -> tuple[threading.Thread, dict
     return thread, got
 
 
+def _publish_heap_block(ep: Any, offset: int) -> None:
+    """Send the BIG bytes already copied into our heap block at ``offset`` (as send_bytes does)."""
+    head, size = _shm_transport._oob_head(BIG, offset, [(0, BIG)], 0)
+    ep.send_parts(_shm_transport.KIND_OOB, 0, head, None, (), size, None)
+
+
 def test_a_receiver_spins_through_an_announced_copy(pair: Any) -> None:
     # The sender reserves heap space (which announces the copy), then takes 2 ms, 40
     # times the spin window, before it publishes: the receiver keeps spinning instead of
@@ -159,7 +165,7 @@ def test_a_receiver_spins_through_an_announced_copy(pair: Any) -> None:
     thread, got = _receive_in_thread(b, timeout=10)
     time.sleep(0.002)
     ep.heap_write(offset, payload)
-    ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (), BIG, None)
+    _publish_heap_block(ep, offset)
     thread.join(10)
     assert not thread.is_alive()
     assert "error" not in got, got.get("error")
@@ -200,7 +206,7 @@ def test_an_announced_copy_wakes_a_sleeping_receiver_at_once(pair: Any) -> None:
     assert a.statistics()["wakeups_sent"] == wakes + 1  # woken by the announcement
     time.sleep(0.002)
     ep.heap_write(offset, payload)
-    ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (), BIG, None)
+    _publish_heap_block(ep, offset)
     thread.join(10)
     assert not thread.is_alive() and "error" not in got
     assert len(got["frame"]) == BIG and got["frame"][-1] == 2
@@ -223,8 +229,7 @@ def test_catch_incoming_waits_only_for_an_announced_copy(pair: Any) -> None:
     def publish_soon() -> None:
         time.sleep(0.002)
         ep.heap_write(offset, payload)
-        ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (),
-                      BIG, None)
+        _publish_heap_block(ep, offset)
 
     sender = threading.Thread(target=publish_soon)
     sender.start()
