@@ -583,7 +583,7 @@ def test_a_send_waiting_for_room_sleeps_only_without_a_descriptor(run, duplex, m
     conn = a.connection
     if not conn.capabilities.writable_fd:
         pytest.skip(f"the {conn.transport} transport has no room-to-write descriptor here")
-    filler = helpers.pattern(4096)
+    filler, last = helpers.pattern(4096), helpers.pattern(4096, seed=1)  # no room for either
     while True:
         try:
             conn.send_bytes(filler, timeout=0)
@@ -603,15 +603,17 @@ def test_a_send_waiting_for_room_sleeps_only_without_a_descriptor(run, duplex, m
     monkeypatch.setattr(asyncio, "sleep", counting_sleep)
 
     async def main():
-        sending = asyncio.ensure_future(a.send_bytes(b"last"))
+        sending = asyncio.ensure_future(a.send_bytes(last))
         await real_sleep(0.05)
         assert not sending.done()
+        got = []
         while not sending.done():
-            await b.recv_bytes(timeout=STEP)  # each read makes room
+            got.append(await b.recv_bytes(timeout=STEP))  # each read makes room
             await real_sleep(0)
         await sending
-        while (await b.recv_bytes(timeout=STEP)) != b"last":
-            pass
+        while last not in got:
+            got.append(await b.recv_bytes(timeout=STEP))
+        assert got.count(last) == 1 and got.index(last) == len(got) - 1
 
     run(main)
     assert sleeps == []
