@@ -16,7 +16,7 @@ Contract (every implementation, every method):
 - Blocking waits must be woken by ``close()`` from another thread of the same process;
   the woken call raises ``ConnectionClosedError``. ``close()`` itself never waits for
   them, and never leaves half a frame in the stream: a frame being written is finished
-  (within ``CLOSE_GRACE`` seconds) or was never started.
+  (within a bound: 2 s) or was never started.
 - Clean end of stream before a frame -> ``PeerClosedError`` (an ``EOFError``); end of
   stream inside a frame -> ``ProtocolError("got end of file during message")``;
   sending to a peer that is gone -> ``BrokenPipeError``.
@@ -42,9 +42,6 @@ Deadline = Optional[float]
 
 #: A deadline that has passed: "do not wait".
 PASSED: float = 0.0
-
-#: How long ``close()`` lets a frame already being written finish before it closes.
-CLOSE_GRACE = 2.0
 
 
 def poll_ms(deadline: Deadline) -> int:

@@ -49,9 +49,10 @@ _RecvT = TypeVar("_RecvT")
 
 logger = logging.getLogger("hyperpipe.asyncio")
 
-# When readiness of the descriptor cannot be trusted (a transport whose fd stays readable
-# without a message, or a send blocked behind the socket transport's background flush),
-# wait with sleeps that grow from the first to the last value instead of spinning.
+# When no descriptor can tell (a transport without one, a descriptor that stays readable
+# without a message, a send queued behind the socket transport's background flush or
+# behind the cap on bytes in flight), wait with sleeps that grow from the first to the
+# last value instead of spinning.
 _BACKOFF_FIRST = 0.0002
 _BACKOFF_LAST = 0.002
 
@@ -297,6 +298,10 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
                     pass
             if conn.catch_incoming(_CATCH_SECONDS):
                 continue  # a big message being copied to us landed while we spun
+            if not conn.capabilities.readable_fd:
+                await asyncio.sleep(backoff)  # no descriptor to wait on
+                backoff = min(backoff * 2, _BACKOFF_LAST)
+                continue
             if woken:
                 # Readiness said yes but no whole message came: part of a frame arrived
                 # (more is on its way) or the wake-up was stale. poll(0) consumes a stale
