@@ -118,3 +118,28 @@ def test_event_loop_facts_default_to_the_plain_descriptor(ends):
     assert a.send_backlog() == 0
     assert a.arm_writable() is False
     assert a.writable_fileno() == (a.fileno(), select.POLLOUT)
+
+
+class NoDescriptorTransport(MinimalTransport):
+    capabilities = Capabilities(readable_fd=False)
+
+    def fileno(self):
+        raise AssertionError("an event loop must not wait on the descriptor of this transport")
+
+
+def test_asyncio_waits_without_a_readable_descriptor():
+    import asyncio
+
+    from hyperpipe.asyncio import AsyncConnection
+
+    shared = _Shared()
+    a = hyperpipe.Connection(MinimalTransport(shared, 0))
+    b = AsyncConnection(hyperpipe.Connection(NoDescriptorTransport(shared, 1)))
+    timer = threading.Timer(0.05, a.send, ("late",))
+    timer.start()
+    try:
+        assert asyncio.run(asyncio.wait_for(b.recv(), 30)) == "late"
+    finally:
+        timer.join(10)
+        a.close()
+        b.close()
