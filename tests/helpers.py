@@ -182,3 +182,24 @@ class FailsToPickle:
 
 def python_executable() -> str:
     return sys.executable
+
+
+# -- what a process sends just before it exits (tests/conformance/test_conformance_exit.py) --
+
+
+def child_sends_from_a_thread_then_returns(conn: Any, count: int) -> None:
+    """Return from run() while a non-daemon thread is still sending ``count`` objects."""
+    import threading
+
+    def send_later() -> None:
+        time.sleep(0.2)  # run() has returned by now: the exit path is under way
+        for i in range(count):
+            conn.send(("item", i))
+
+    threading.Thread(target=send_later).start()
+
+
+def child_puts_on_a_queue_then_returns(queue: Any, count: int) -> None:
+    """Put ``count`` objects on a multiprocessing.Queue and return (its feeder flushes them)."""
+    for i in range(count):
+        queue.put(("item", i))

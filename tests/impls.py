@@ -50,13 +50,13 @@ def make_impl(name: str) -> Impl:
             transport=None,
         )
     import hyperpipe
-    from hyperpipe import _transport
+    from hyperpipe import _select
 
     transport = name.split("-", 1)[1]
-    if transport not in _transport.available_transports():
+    if transport not in _select.available_transports():
         pytest.skip(
             f"transport {transport!r} is not available here "
-            f"(available: {_transport.available_transports()})"
+            f"(available: {_select.available_transports()})"
         )
     return Impl(
         name=name,

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from hyperpipe import _transport
+from hyperpipe import _select
 
 pytest.importorskip("numpy")
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "workers_send_arrays.py"
 
 
-@pytest.mark.skipif("shm" not in _transport.available_transports(), reason="needs the shared-memory transport")
+@pytest.mark.skipif("shm" not in _select.available_transports(), reason="needs the shared-memory transport")
 def test_workers_send_arrays_example() -> None:
     # 3 workers x 40 arrays of 2 MiB; the example checks every array itself and fails
     # (an AssertionError on stderr, a non-zero exit) on a wrong one.

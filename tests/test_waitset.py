@@ -12,9 +12,9 @@ from typing import Any, Iterator
 import pytest
 
 import hyperpipe
-from hyperpipe import _transport
+from hyperpipe import _select
 
-TRANSPORTS = [t for t in ("shm", "socket") if t in _transport.available_transports()]
+TRANSPORTS = [t for t in ("shm", "socket") if t in _select.available_transports()]
 
 
 @pytest.fixture

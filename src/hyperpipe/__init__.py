@@ -21,7 +21,7 @@ require_core_if_asked()  # HYPERPIPE_REQUIRE_CORE=1: no silent fallback
 from . import errors as errors
 from ._connection import Connection as Connection
 from ._pipe import Pipe as Pipe
-from ._transport import available_transports, select_transport
+from ._select import available_transports, select_transport
 from ._wait import WaitSet as WaitSet
 from ._wait import wait as wait
 from .errors import AuthenticationError as AuthenticationError

@@ -7,8 +7,8 @@ serialize each direction with a lock, and hand whole frames to a ``Transport``.
 
 from __future__ import annotations
 
-import atexit
 import os
+import sys
 import threading
 import time
 import weakref
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
 from . import errors
-from ._transport import Deadline, Transport
+from ._transport import PASSED, Capabilities, Deadline, Transport
 
 _ForkingPickler = reduction.ForkingPickler
 
@@ -270,12 +270,7 @@ class Connection(Generic[_SendT, _RecvT]):
         lock = self._send_lock
         _acquire(lock, deadline, "send_bytes_many")
         try:
-            send_frames = getattr(transport, "send_frames", None)
-            if send_frames is not None:
-                send_frames(views, deadline)
-            else:
-                for view in views:
-                    transport.send_frame(view, deadline)
+            transport.send_frames(views, deadline)
         finally:
             lock.release()
 
@@ -289,12 +284,9 @@ class Connection(Generic[_SendT, _RecvT]):
         shared-memory transport has them; others raise ``NotImplementedError``.
         """
         transport = self._for_sending()
-        allocate = getattr(transport, "allocate_buffer", None)
-        if allocate is None:
-            raise NotImplementedError(f"the {transport.name} transport has no shared buffers")
         if nbytes < 0:
             raise ValueError("nbytes is negative")
-        return allocate(nbytes)
+        return transport.allocate_buffer(nbytes)
 
     # -- receiving ------------------------------------------------------------------
     def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
@@ -347,8 +339,11 @@ class Connection(Generic[_SendT, _RecvT]):
     def recv(self, *, timeout: Optional[float] = None, copy: bool = True) -> _RecvT:
         """Receive one object.
 
-        ``copy=False`` lets the shared-memory transport return large buffers (numpy
-        arrays, bytes-likes) as views of the shared segment instead of private copies.
+        ``copy=True`` (the default): every buffer of the object is the receiver's alone,
+        writable and written by no other process. ``copy=False``: out-of-band buffers
+        (64 KiB or more, shared-memory transport) may be read-only views of shared memory
+        instead, with no copy; one the sender filled through ``allocate_buffer`` stays
+        shared with it, so its later writes show through. Other transports ignore it.
         """
         transport = self._transport
         if transport is None or not self._readable:
@@ -379,36 +374,65 @@ class Connection(Generic[_SendT, _RecvT]):
         lock = self._recv_lock
         _acquire(lock, deadline, "recv_bytes_many")
         try:
-            recv_frames = getattr(transport, "recv_frames", None)
-            if recv_frames is not None:
-                frames = recv_frames(maxcount, deadline)
-            else:
-                frames = [transport.recv_frame(None, deadline)]
-                while len(frames) < maxcount and transport.poll(0):
-                    try:
-                        frames.append(transport.recv_frame(None, time.monotonic()))
-                    except (errors.TimeoutError, EOFError):
-                        break
+            frames = transport.recv_frames(maxcount, deadline)
         finally:
             lock.release()
         return [f if type(f) is bytes else bytes(f) for f in frames]
 
     def poll(self, timeout: Optional[float] = 0.0) -> bool:
-        """Whether there is any input available to be read (``None`` waits forever)."""
+        """Whether there is any input available to be read (``None`` waits forever).
+
+        While another thread is receiving, the answer is about data this thread could
+        read: ``False`` once ``timeout`` passes with that receive still going on.
+        """
         transport = self._for_receiving()
-        if timeout is not None and timeout != timeout:
+        if timeout is None:
+            deadline = None
+        elif timeout != timeout:  # NaN
             raise ValueError("timeout must be a number or None")
+        elif timeout <= 0:
+            deadline = PASSED
+        else:
+            deadline = time.monotonic() + timeout
         # Under the receive lock: transports keep per-receiver state (partial frames,
         # wake tokens) that poll() touches too.
-        deadline = _deadline(timeout)
         lock = self._recv_lock
-        _acquire(lock, deadline, "poll")
+        if not lock.acquire(False):
+            if deadline is None:
+                lock.acquire()
+            elif not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
         try:
-            if timeout is None or timeout <= 0:
-                return transport.poll(timeout)
-            return transport.poll(max(0.0, deadline - time.monotonic()))  # type: ignore[operator]
+            return transport.poll(deadline)
         finally:
             lock.release()
+
+    # -- for event loops (hyperpipe.asyncio uses these) ----------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the transport offers beyond the basics (batches, shared buffers, descriptors)."""
+        return self._open_transport().capabilities
+
+    def catch_incoming(self, max_seconds: float) -> bool:
+        """If the peer is visibly about to deliver a message (shared memory: it announced a
+        big copy to us), wait for it without sleeping, at most ``max_seconds``: an event
+        loop calls this before it sleeps on ``fileno()``. True if a message waits."""
+        return self._for_receiving().catch_incoming(max_seconds)
+
+    def arm_writable(self) -> bool:
+        """After a send timed out: True if it may be retried at once; False once armed, then
+        wait on ``writable_fileno()`` before retrying (``capabilities.writable_fd``)."""
+        return self._for_sending().arm_writable()
+
+    def writable_fileno(self) -> tuple[int, int]:
+        """``(fd, event)`` an event loop waits on for room to write: ``select.POLLOUT``
+        means wait until ``fd`` is writable, ``select.POLLIN`` until it is readable."""
+        return self._for_sending().writable_fileno()
+
+    def send_backlog(self) -> int:
+        """Bytes of accepted messages the transport has not yet handed to the system (the
+        socket transport finishes a big message in the background)."""
+        return self._for_sending().send_backlog()
 
     # -- travelling to other processes ------------------------------------------------
     def __reduce__(self) -> tuple:
@@ -424,26 +448,89 @@ def _rebuild_connection(reduced: tuple, readable: bool, writable: bool, codec: A
     return Connection(rebuild(*args), readable, writable, codec=codec)
 
 
+# -- the one owner of every connection's life in this process ---------------------------
+#
+# One fork hook and one exit path for every transport (transports register none of their
+# own). docs/design.md, "Lifecycle", says what happens at exit and why in this order.
+
+
 def _after_fork_in_child() -> None:
+    # Every fork, multiprocessing's or not: the parent's threads (and the locks they may
+    # hold) do not exist here, and each transport drops its per-process state once.
     for conn in list(_live):
         conn._send_lock = threading.Lock()
         conn._recv_lock = threading.Lock()
         transport = conn._transport
         if transport is not None:
             transport.after_fork_in_child()
+    # The inherited exit closer is the parent's (a Finalize ignores other processes').
+    _register_exit_closer()
 
 
-def _close_all_at_exit() -> None:
-    # Runs before multiprocessing joins the children at exit (atexit is LIFO and
-    # multiprocessing.util registered first): a child blocked in recv on a connection we
-    # still hold then gets EOFError instead of waiting for us forever.
+def _feeding_queue_threads() -> set[int]:
+    """ids of the Connections a live ``multiprocessing.Queue`` feeder thread uses.
+
+    The feeder's arguments hold bound methods of the queue's two connections (their
+    order differs between Python versions, so all of them are scanned). The feeder
+    flushes what was put and closes the writer itself, joined at exit priority -5.
+    """
+    queues = sys.modules.get("multiprocessing.queues")
+    if queues is None:
+        return set()
+    feed = queues.Queue._feed
+    found = set()
+    for thread in threading.enumerate():
+        if getattr(thread, "_target", None) is not feed:
+            continue
+        for arg in getattr(thread, "_args", ()):
+            owner = getattr(arg, "__self__", arg)
+            if isinstance(owner, Connection):
+                found.add(id(owner))
+    return found
+
+
+def _join_non_daemon_threads() -> None:
+    # The main process joined them before exit functions run; a child started by
+    # multiprocessing runs its exit function first (Process._bootstrap) and joins them
+    # after: join them now, as the stdlib will, so that what they send is not cut off.
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon and thread is not threading.main_thread():
+            thread.join()
+
+
+def _close_at_exit() -> None:
+    """Close every connection that can no longer deliver data, at process exit.
+
+    Runs as a ``multiprocessing.util.Finalize`` of priority 0: after user atexit handlers
+    registered after ``import multiprocessing``, after non-daemon threads ended and after
+    higher-priority finalizers (Pool's, Queue's sentinel, native queues' flush); before
+    multiprocessing joins the children, so a child blocked in ``recv`` on a connection we
+    hold gets EOFError instead of waiting for us forever.
+    """
+    _join_non_daemon_threads()
+    kept = _feeding_queue_threads()
     for conn in list(_live):
+        if id(conn) in kept:
+            continue
         try:
             conn.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - exiting: one broken end must not keep the rest open
             pass
 
 
+_exit_closer: Optional[util.Finalize] = None
+
+
+def _register_exit_closer(_: Any = None) -> None:
+    global _exit_closer
+    if _exit_closer is not None:
+        _exit_closer.cancel()
+    _exit_closer = util.Finalize(None, _close_at_exit, exitpriority=0)
+
+
+_register_exit_closer()
 os.register_at_fork(after_in_child=_after_fork_in_child)
-assert util is not None  # multiprocessing.util's atexit hook must be registered before ours
-atexit.register(_close_all_at_exit)
+# A child started by multiprocessing clears the finalizers it inherited or unpickled
+# (Process._bootstrap) and then runs these: register the exit closer again there.
+util.register_after_fork(_close_at_exit, _register_exit_closer)

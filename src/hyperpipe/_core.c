@@ -39,6 +39,7 @@ typedef struct {
     PyObject_HEAD
     hp_endpoint ep;
     int opened;
+    int release_pending; /* closed while a call was inside: the last to leave releases */
     int in_recv; /* a thread waits in hp_recv_wait with the GIL released (see fileno) */
     HeapMapObject *tx_heap, *rx_heap; /* mapped on first use */
 } EndpointObject;
@@ -139,11 +140,21 @@ static int check_open(EndpointObject *self) {
     return 1;
 }
 
+/* Leave a call (hp_leave). The last call out of an endpoint closed while it was inside
+ * releases it. Calls enter, leave and close with the GIL held, so this needs no more. */
+static void leave(EndpointObject *self) {
+    hp_leave(&self->ep);
+    if (self->release_pending && atomic_load(&self->ep.active) == 0) {
+        self->release_pending = 0;
+        hp_endpoint_release(&self->ep);
+    }
+}
+
 /* check_open plus the direction: 'r' needs the incoming ring, 'w' the outgoing one. */
 static int check_dir(EndpointObject *self, char dir) {
     if (!check_open(self)) return 0;
     if (dir == 'r' ? self->ep.has_rx : self->ep.has_tx) return 1;
-    hp_leave(&self->ep);
+    leave(self);
     PyErr_SetString(PyExc_OSError, dir == 'r' ? "connection is write-only" : "connection is read-only");
     return 0;
 }
@@ -173,10 +184,10 @@ static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
 static void Endpoint_dealloc(EndpointObject *self) {
     Py_CLEAR(self->tx_heap);
     Py_CLEAR(self->rx_heap);
-    if (self->opened) {
+    if (self->opened || self->release_pending) { /* pending: forked while a call was inside */
         hp_endpoint_shutdown(&self->ep);
         hp_endpoint_release(&self->ep);
-        self->opened = 0;
+        self->opened = self->release_pending = 0;
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -247,7 +258,7 @@ static PyObject *Endpoint_send(EndpointObject *self, PyObject *const *args, Py_s
     if (rc == HP_TIMEOUT && deadline != 1) {
         rc = send_blocking(self, KIND_DATA, 0, parts, lens, 1, NULL, 0, 0, deadline);
     }
-    hp_leave(&self->ep);
+    leave(self);
     PyBuffer_Release(&view);
     if (rc == -1) return NULL;
     if (rc != HP_OK) return raise_status(self, rc);
@@ -285,7 +296,7 @@ static PyObject *Endpoint_send_many(EndpointObject *self, PyObject *args) {
         PyBuffer_Release(&view);
         if (rc != HP_OK) break;
     }
-    hp_leave(&self->ep);
+    leave(self);
     Py_DECREF(fast);
     if (rc == -1) return NULL;
     if (rc != HP_OK) return raise_status(self, rc);
@@ -331,7 +342,7 @@ static PyObject *Endpoint_send_parts(EndpointObject *self, PyObject *args) {
     int rc;
     rc = send_blocking(self, (uint8_t)kind, (uint16_t)flags, parts, lens, 2, fds, nfds, oob_bytes,
                        deadline);
-    hp_leave(&self->ep);
+    leave(self);
     if (rc == HP_OK) ret = Py_NewRef(Py_None);
     else if (rc != -1) raise_status(self, rc);
 done:
@@ -416,7 +427,7 @@ static PyObject *Endpoint_recv(EndpointObject *self, PyObject *const *args, Py_s
             ret = special_frame(self, &frame);
         }
     }
-    hp_leave(&self->ep);
+    leave(self);
     return ret;
 }
 
@@ -460,7 +471,7 @@ static PyObject *Endpoint_recv_many(EndpointObject *self, PyObject *args) {
         if (PyList_GET_SIZE(list) >= maxcount) break;
         if (hp_recv_peek(&self->ep, &frame) != HP_OK) break; /* a corrupt one fails the next call */
     }
-    hp_leave(&self->ep);
+    leave(self);
     if (rc != HP_OK) {
         Py_XDECREF(list);
         return rc == -1 ? NULL : raise_status(self, rc);
@@ -502,7 +513,7 @@ static PyObject *Endpoint_recv_into(EndpointObject *self, PyObject *args) {
         ret = PyLong_FromUnsignedLong(frame.len);
         hp_recv_finish(&self->ep, &frame, 0);
     }
-    hp_leave(&self->ep);
+    leave(self);
 out:
     PyBuffer_Release(&buf);
     return ret;
@@ -516,7 +527,7 @@ static PyObject *Endpoint_poll(EndpointObject *self, PyObject *const *args, Py_s
     hp_frame frame;
     int rc = wait_frame(self, deadline, &frame);
     if (rc == HP_OK) hp_reader_leave(&self->ep);
-    hp_leave(&self->ep);
+    leave(self);
     if (rc == HP_OK || rc == HP_EOF || rc == HP_ECORRUPT) Py_RETURN_TRUE;
     if (rc == HP_TIMEOUT) Py_RETURN_FALSE;
     return rc == -1 ? NULL : raise_status(self, rc);
@@ -541,7 +552,7 @@ static PyObject *Endpoint_catch_incoming(EndpointObject *self, PyObject *arg) {
         ready = hp_spin_readable(&self->ep, eta < ns ? eta : ns);
         Py_END_ALLOW_THREADS
     }
-    hp_leave(&self->ep);
+    leave(self);
     return PyBool_FromLong(ready);
 }
 
@@ -587,7 +598,7 @@ static int reserve_block(EndpointObject *self, PyObject *arg, int announce, int6
             hp_announce(&self->ep, nbytes);
         }
     }
-    hp_leave(&self->ep);
+    leave(self);
     return rc;
 }
 
@@ -621,7 +632,7 @@ static PyObject *Endpoint_heap_write(EndpointObject *self, PyObject *args) {
         }
         ret = Py_NewRef(Py_None);
     }
-    hp_leave(&self->ep);
+    leave(self);
 out:
     PyBuffer_Release(&src);
     return ret;
@@ -634,7 +645,7 @@ static PyObject *Endpoint_heap_release(EndpointObject *self, PyObject *arg) {
     if (self->tx_heap) hp_heap_release(&self->tx_heap->heap, offset);
     if (self->opened && hp_enter(&self->ep)) { /* that message will not come */
         hp_unannounce(&self->ep);
-        hp_leave(&self->ep);
+        leave(self);
     }
     Py_RETURN_NONE;
 }
@@ -684,7 +695,7 @@ static PyObject *Endpoint_heap_share(EndpointObject *self, PyObject *args) {
             ret = Py_BuildValue("(KK)", (unsigned long long)b->offset, (unsigned long long)(p - start));
         }
     }
-    hp_leave(&self->ep);
+    leave(self);
 out:
     PyBuffer_Release(&data);
     return ret;
@@ -706,7 +717,7 @@ static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
             ret = (PyObject *)new_block(m, offset, nbytes, readonly);
         }
     }
-    hp_leave(&self->ep);
+    leave(self);
     return ret;
 }
 
@@ -719,7 +730,7 @@ static PyObject *Endpoint_fileno(EndpointObject *self, PyObject *unused) {
        released) restores the invariant itself when it leaves; otherwise do it here. */
     if (fd >= 0 && self->ep.has_rx && !self->in_recv) hp_reader_sync(&self->ep);
     else if (fd >= 0) atomic_store_explicit(&self->ep.readiness_exposed, 1, memory_order_release);
-    hp_leave(&self->ep);
+    leave(self);
     if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(fd);
 }
@@ -727,7 +738,7 @@ static PyObject *Endpoint_fileno(EndpointObject *self, PyObject *unused) {
 static PyObject *Endpoint_writer_fileno(EndpointObject *self, PyObject *unused) {
     if (!check_dir(self, 'w')) return NULL;
     int fd = hp_writer_fileno(&self->ep);
-    hp_leave(&self->ep);
+    leave(self);
     if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(fd);
 }
@@ -736,7 +747,7 @@ static PyObject *Endpoint_arm_writer(EndpointObject *self, PyObject *arg) {
     unsigned long long nbytes = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred() || !check_dir(self, 'w')) return NULL;
     int rc = hp_arm_writer(&self->ep, nbytes);
-    hp_leave(&self->ep);
+    leave(self);
     if (rc == HP_OK) Py_RETURN_TRUE;
     if (rc == HP_TIMEOUT) Py_RETURN_FALSE;
     return raise_status(self, rc);
@@ -744,17 +755,12 @@ static PyObject *Endpoint_arm_writer(EndpointObject *self, PyObject *arg) {
 
 static PyObject *Endpoint_close(EndpointObject *self, PyObject *unused) {
     if (!self->opened) Py_RETURN_NONE;
-    hp_endpoint_shutdown(&self->ep);
-    int waited = 0;
-    Py_BEGIN_ALLOW_THREADS
-    /* Woken calls leave promptly; never unmap under one that is still inside. */
-    while (atomic_load(&self->ep.active) > 0 && waited < 50000) {
-        usleep(100);
-        waited++;
-    }
-    Py_END_ALLOW_THREADS
-    if (atomic_load(&self->ep.active) == 0) hp_endpoint_release(&self->ep);
+    hp_endpoint_shutdown(&self->ep); /* wakes blocked calls; no call can enter any more */
     self->opened = 0;
+    /* A call still inside (woken, on its way out, or finishing the frame it is copying)
+       releases when it leaves: never unmap under it, never wait for it here. */
+    if (atomic_load(&self->ep.active) == 0) hp_endpoint_release(&self->ep);
+    else self->release_pending = 1;
     Py_CLEAR(self->tx_heap); /* live blocks keep their own reference to the mapping */
     Py_CLEAR(self->rx_heap);
     Py_RETURN_NONE;

@@ -14,7 +14,7 @@ import threading
 import warnings
 from typing import Optional
 
-from ._transport import TRANSPORT_ENV
+from ._select import TRANSPORT_ENV
 
 #: set (to anything but "0") to make a missing C core an error, at build and at import
 REQUIRE_ENV = "HYPERPIPE_REQUIRE_CORE"

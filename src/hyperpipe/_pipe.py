@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 from ._connection import Connection
 from ._core_status import warn_on_fallback
-from ._transport import Transport, select_transport
+from ._select import select_transport
+from ._transport import Transport
 
 
 def Pipe(

@@ -7,19 +7,19 @@ seen) and one eventfd per direction (the reader's wake-up, also what ``fileno()`
 reports through a small epoll set). docs/design.md describes the layout, the memory
 orderings, the wakeup protocol and the out-of-band buffers.
 
-Frames on a ring:
+Frames on a ring, two kinds:
 
-- ``KIND_DATA``        the payload itself (``send_bytes`` or a pickle with no big buffer);
-- ``KIND_HEAP_BLOB``   ``<QQ size, offset>``: the bytes are a block of the sender's heap
-  (a region of the segment mapped once by both ends, see ``csrc/hp_heap.h``);
-- ``KIND_HEAP_OBJECT`` a protocol-5 pickle whose big buffers (and, if large, the stream
-  itself) are in one heap block: ``<QQII total, base, nbuf, 0>`` +
-  ``nbuf * <QQ offset, size>`` + ``<QQ stream_offset, stream_size>``
-  (``stream_offset == INLINE``: the stream follows in the frame);
-- ``KIND_BLOB`` / ``KIND_OBJECT`` the same, in a memfd passed over the socket just before
-  the frame (``base`` is 0): used when the heap is full or disabled, and for
-  ``allocate_buffer`` buffers (``FLAG_SHARED``).
-The first 8 bytes of every frame but ``KIND_DATA`` hold its logical size.
+- ``KIND_DATA`` the payload itself (``send_bytes`` or a pickle with no big buffer);
+- ``KIND_OOB``  a message whose big buffers are out of band, in one block of the sender's
+  heap (a region of the segment mapped once by both ends, see ``csrc/hp_heap.h``) or in a
+  memfd passed over the socket just before the frame (heap full or disabled, and
+  ``allocate_buffer``'s own memfds). Payload: ``_OOB_HEAD`` (block size, heap offset or
+  ``_MEMFD``, buffer count) + one ``_OOB_SPAN`` (offset, size) per buffer + one for the
+  pickle stream (offset ``_INLINE``: the stream follows in the frame). An empty stream is
+  raw bytes (``send_bytes``): one buffer. ``FLAG_SHARED``: the sender keeps a writable
+  mapping of the block (``allocate_buffer``).
+The first 8 bytes of a ``KIND_OOB`` frame hold its block size: the C core counts it
+against the cap on bytes in flight.
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
-import time
 import weakref
-from multiprocessing import reduction, util
+from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional
 
 from . import errors
 from ._pickling import dumps
-from ._transport import Deadline, Transport
+from ._transport import Capabilities, Deadline, Transport
 
 try:
     from . import _core
@@ -46,19 +46,16 @@ except ImportError:  # the optional C extension was not built
     _core = None  # type: ignore[assignment]
 
 KIND_DATA = 1
-KIND_BLOB = 2
-KIND_OBJECT = 3
-KIND_HEAP_BLOB = 4
-KIND_HEAP_OBJECT = 5
+KIND_OOB = 2
 #: the sender keeps a writable mapping of the buffer (allocate_buffer): copy=True copies
 FLAG_SHARED = 1
 
-_INLINE = (1 << 64) - 1
+_INLINE = (1 << 64) - 1  # a stream offset: the stream follows the spans in the frame
+_MEMFD = -1  # a block offset: the block is the memfd passed with the frame
 _PAGE = mmap.PAGESIZE
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-_Q = struct.Struct("<Q")
-_OBJ_HEAD = struct.Struct("<QQII")
-_PAIR = struct.Struct("<QQ")
+_OOB_HEAD = struct.Struct("<QQqI")
+_OOB_SPAN = struct.Struct("<QQ")
 
 DEFAULT_OPTIONS: dict[str, int] = {
     # Bytes per direction, a power of two. 256 KiB streams small messages as fast as 1 MiB
@@ -136,6 +133,31 @@ def _new_memfd(nbytes: int) -> int:
     return _core.buffer_memfd(nbytes)
 
 
+_EMPTY = memoryview(b"")
+
+
+def _oob_size(block: int, spans: list, stream_len: int) -> int:
+    """A ``KIND_OOB`` message's size as ``recv_bytes(maxlength)`` and the in-flight cap see
+    it: the raw bytes' length, or the block's for an object."""
+    return block if stream_len else spans[0][1]
+
+
+def _byte_view(data: Any) -> memoryview:
+    return data if type(data) is memoryview else memoryview(data)
+
+
+def _oob_head(
+    block: int, base: int, spans: list, stream_len: int, stream_at: int = _INLINE
+) -> tuple[bytes, int]:
+    """The ``KIND_OOB`` frame's fixed part (``stream_at``: where the stream starts in the
+    block) and the message's size, which the frame begins with."""
+    size = _oob_size(block, spans, stream_len)
+    parts = [_OOB_HEAD.pack(size, block, base, len(spans))]
+    parts += [_OOB_SPAN.pack(at, n) for at, n in spans]
+    parts.append(_OOB_SPAN.pack(stream_at, stream_len))
+    return b"".join(parts), size
+
+
 def _origin(obj: Any) -> Any:
     """The SharedBuffer or heap block (allocate_buffer) that ``obj`` views, if any.
 
@@ -185,20 +207,16 @@ class ShmTransport(Transport):
         self._heap_sent = 0
         self._heap_received = 0
         self._oob_threshold = self._inline + 1
+        # Out-of-band buffers per message: their spans must fit in the frame (more go in band).
+        self._max_oob_buffers = (self._inline - _OOB_HEAD.size) // _OOB_SPAN.size - 1
         self._send = endpoint.send
         self._recv = endpoint.recv
+        # Payload size of the last inline frame that did not fit (arm_writable waits for it).
+        self._blocked_size = 1
+        self.capabilities = Capabilities(
+            batch=True, out_of_band=True, writable_fd=hasattr(endpoint, "arm_writer")
+        )
         self._reset_pickler()
-        # Closed at process exit, also in fork/forkserver children (which skip atexit):
-        # the peer's next send then sees the close at once, not after the 10 ms liveness
-        # check that covers crashes.
-        self._finalizer = util.Finalize(self, endpoint.close, exitpriority=10)
-        # A child's Process._bootstrap clears the finalizers it inherited or unpickled,
-        # then runs the after-fork hooks: register again there.
-        util.register_after_fork(self, ShmTransport._renew_finalizer)
-        _live.add(self)
-
-    def _renew_finalizer(self) -> None:
-        self._finalizer = util.Finalize(self, self._ep.close, exitpriority=10)
 
     # -- pickling -------------------------------------------------------------------
     def _reset_pickler(self) -> None:
@@ -207,6 +225,8 @@ class ShmTransport(Transport):
         self._pickler = ForkingPickler(self._pickle_file, 5, True, self._buffer_callback)
 
     def _buffer_callback(self, buf: "pickle_buffer") -> bool:
+        if len(self._oob_buffers) >= self._max_oob_buffers:
+            return True  # in band: the frame has room for this many spans only
         with buf.raw() as raw:
             if raw.nbytes < self._oob_threshold:
                 return True  # in band
@@ -224,9 +244,13 @@ class ShmTransport(Transport):
     # -- sending --------------------------------------------------------------------
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
         if len(data) <= self._inline:
-            self._send(data, deadline)
+            try:
+                self._send(data, deadline)
+            except errors.TimeoutError:
+                self._blocked_size = len(data)
+                raise
         else:
-            self._send_blob(data, deadline)
+            self._send_oob(_EMPTY, [_byte_view(data)], deadline)
 
     def send_frames(self, frames: list, deadline: Deadline) -> None:
         inline = self._inline
@@ -235,49 +259,10 @@ class ShmTransport(Transport):
             if len(frame) > inline:
                 if start < i:
                     self._ep.send_many(frames[start:i], deadline)
-                self._send_blob(frame, deadline)
+                self._send_oob(_EMPTY, [_byte_view(frame)], deadline)
                 start = i + 1
         if start < len(frames):
             self._ep.send_many(frames[start:] if start else frames, deadline)
-
-    def _send_blob(self, data: memoryview, deadline: Deadline) -> None:
-        if type(data) is not memoryview:
-            data = memoryview(data)
-        size = len(data)
-        ep = self._ep
-        origin = _origin(data.obj) if data.contiguous else None
-        if origin is not None:
-            if isinstance(origin, SharedBuffer):
-                if len(origin) == size:
-                    ep.send_parts(KIND_BLOB, FLAG_SHARED, _Q.pack(size), None, (origin._hp_fd,), size, deadline)
-                    return
-            else:
-                # A block of our own heap (allocate_buffer) starting where the data does:
-                # the frame takes a reference to it, nothing is copied.
-                shared = ep.heap_share(origin, data)
-                if shared is not None:
-                    offset, at = shared
-                    if at == 0:
-                        self._send_heap_frame(KIND_HEAP_BLOB, FLAG_SHARED, _PAIR.pack(size, offset), None,
-                                              offset, size, deadline)
-                        return
-                    ep.heap_release(offset)
-        offset = ep.heap_alloc(size) if self._heap else -1
-        if offset >= 0:
-            try:
-                ep.heap_write(offset, data)
-            except BaseException:
-                ep.heap_release(offset)
-                raise
-            self._send_heap_frame(KIND_HEAP_BLOB, 0, _PAIR.pack(size, offset), None, offset, size, deadline)
-            return
-        fd = _new_memfd(size)
-        try:
-            with mmap.mmap(fd, size, flags=_MAP_FLAGS) as mm:
-                mm[:] = data
-            ep.send_parts(KIND_BLOB, 0, _Q.pack(size), None, (fd,), size, deadline)
-        finally:
-            os.close(fd)
 
     def send_object(self, obj: Any, deadline: Deadline) -> None:
         f, buffers = self._dumps()
@@ -288,90 +273,101 @@ class ShmTransport(Transport):
             raise
         stream = f.getbuffer()
         try:
-            if not buffers:
-                if len(stream) <= self._inline:
+            if not buffers and len(stream) <= self._inline:
+                try:
                     self._send(stream, deadline)
-                else:
-                    self._send_object_oob(stream, [], deadline)
+                except errors.TimeoutError:
+                    self._blocked_size = len(stream)
+                    raise
             else:
-                self._send_object_oob(stream, buffers, deadline)
+                raws = [b.raw() for b in buffers]
+                try:
+                    self._send_oob(stream, raws, deadline)
+                finally:
+                    for raw in raws:
+                        raw.release()
         finally:
             stream.release()
             self._oob_buffers = []
             # The memo refers to what was pickled: keep nothing of the caller's alive.
             self._pickler.clear_memo()
 
-    def _send_heap_frame(self, kind: int, flags: int, head: bytes, body: Any, offset: int, size: int,
-                         deadline: Deadline) -> None:
+    def _send_oob(self, stream: memoryview, raws: list, deadline: Deadline) -> None:
+        """Send a ``KIND_OOB`` frame: ``raws`` (flat byte views) out of band, ``stream``
+        (empty for raw bytes) in the frame if it fits, else in the block with them.
+
+        The ladder: the caller's own shared pages (allocate_buffer), sent as they are;
+        else one block of our heap; else a fresh memfd.
+        """
+        ep = self._ep
+        spans_size = _OOB_HEAD.size + _OOB_SPAN.size * (len(raws) + 1)
+        stream_fits = spans_size + len(stream) <= self._inline
+        if len(raws) == 1 and stream_fits and raws[0].contiguous:
+            raw = raws[0]
+            origin = _origin(raw.obj)
+            if isinstance(origin, SharedBuffer):
+                if len(origin) == raw.nbytes:
+                    head, size = _oob_head(raw.nbytes, _MEMFD, [(0, raw.nbytes)], len(stream))
+                    ep.send_parts(KIND_OOB, FLAG_SHARED, head, stream, (origin._hp_fd,), size, deadline)
+                    return
+            elif origin is not None:
+                # A block of our own heap (allocate_buffer): the frame takes a reference
+                # to it, nothing is copied.
+                shared = ep.heap_share(origin, raw)
+                if shared is not None:
+                    base, at = shared
+                    head, size = _oob_head(len(origin), base, [(at, raw.nbytes)], len(stream))
+                    self._send_heap_frame(FLAG_SHARED, head, size, stream, base, deadline)
+                    return
+        spans = []
+        total = 0
+        for raw in raws:
+            at = _page_align(total)
+            spans.append((at, raw.nbytes))
+            total = at + raw.nbytes
+        if stream_fits:
+            body: Any = stream
+            stream_at = _INLINE
+        else:
+            body = None
+            stream_at = total
+            total += len(stream)
+        total = max(total, 1)
+        base = ep.heap_alloc(total) if self._heap else -1
+        if base >= 0:
+            head, size = _oob_head(total, base, spans, len(stream), stream_at)
+            try:
+                for (at, _), raw in zip(spans, raws):
+                    ep.heap_write(base + at, raw)
+                if body is None:
+                    ep.heap_write(base + stream_at, stream)
+            except BaseException:
+                ep.heap_release(base)
+                raise
+            self._send_heap_frame(0, head, size, body, base, deadline)
+            return
+        head, size = _oob_head(total, _MEMFD, spans, len(stream), stream_at)
+        fd = _new_memfd(total)
+        try:
+            with mmap.mmap(fd, total, flags=_MAP_FLAGS) as mm:
+                for (at, n), raw in zip(spans, raws):
+                    mm[at : at + n] = raw
+                if body is None:
+                    mm[stream_at : stream_at + len(stream)] = stream
+            ep.send_parts(KIND_OOB, 0, head, body, (fd,), size, deadline)
+        finally:
+            os.close(fd)
+
+    def _send_heap_frame(
+        self, flags: int, head: bytes, size: int, body: Any, base: int, deadline: Deadline
+    ) -> None:
         """Send a frame that refers to a block of our heap, which holds a reference for it."""
         try:
-            self._ep.send_parts(kind, flags, head, body, (), size, deadline)
+            self._ep.send_parts(KIND_OOB, flags, head, body, (), size, deadline)
         except BaseException:
-            self._ep.heap_release(offset)  # the frame was not sent: its reference goes
+            self._ep.heap_release(base)  # the frame was not sent: its reference goes
             raise
         self._heap_sent += 1
-
-    def _send_object_oob(self, stream: memoryview, buffers: list, deadline: Deadline) -> None:
-        raws = [b.raw() for b in buffers]
-        ep = self._ep
-        try:
-            if len(raws) == 1 and len(stream) <= self._inline - 64:
-                # zero-copy: the user's own shared pages (allocate_buffer) go across
-                size = raws[0].nbytes
-                origin = _origin(raws[0].obj)
-                if isinstance(origin, SharedBuffer) and len(origin) == size:
-                    head = _OBJ_HEAD.pack(size, 0, 1, 0) + _PAIR.pack(0, size) + _PAIR.pack(_INLINE, len(stream))
-                    ep.send_parts(KIND_OBJECT, FLAG_SHARED, head, stream, (origin._hp_fd,), size, deadline)
-                    return
-                shared = ep.heap_share(origin, raws[0]) if origin is not None and not isinstance(origin, SharedBuffer) else None
-                if shared is not None:
-                    offset, at = shared
-                    block = len(origin)
-                    head = _OBJ_HEAD.pack(block, offset, 1, 0) + _PAIR.pack(at, size) + _PAIR.pack(_INLINE, len(stream))
-                    self._send_heap_frame(KIND_HEAP_OBJECT, FLAG_SHARED, head, stream, offset, size, deadline)
-                    return
-            table = []
-            offset = 0
-            for raw in raws:
-                table.append((offset, raw.nbytes))
-                offset = _page_align(offset + raw.nbytes)
-            stream_inline = len(stream) <= self._inline - 64 - 16 * len(raws)
-            if stream_inline:
-                stream_at = _INLINE
-            else:
-                stream_at = offset
-                offset += len(stream)
-            total = max(offset, 1)
-            base = ep.heap_alloc(total) if self._heap else -1
-            parts = [_OBJ_HEAD.pack(total, max(base, 0), len(raws), 0)]
-            parts += [_PAIR.pack(o, n) for o, n in table]
-            parts.append(_PAIR.pack(stream_at, len(stream)))
-            head = b"".join(parts)
-            body = stream if stream_inline else None
-            if base >= 0:
-                try:
-                    for (o, n), raw in zip(table, raws):
-                        ep.heap_write(base + o, raw)
-                    if not stream_inline:
-                        ep.heap_write(base + stream_at, stream)
-                except BaseException:
-                    ep.heap_release(base)
-                    raise
-                self._send_heap_frame(KIND_HEAP_OBJECT, 0, head, body, base, total, deadline)
-                return
-            fd = _new_memfd(total)
-            try:
-                with mmap.mmap(fd, total, flags=_MAP_FLAGS) as mm:
-                    for (o, n), raw in zip(table, raws):
-                        mm[o : o + n] = raw
-                    if not stream_inline:
-                        mm[stream_at : stream_at + len(stream)] = stream
-                ep.send_parts(KIND_OBJECT, 0, head, body, (fd,), total, deadline)
-            finally:
-                os.close(fd)
-        finally:
-            for raw in raws:
-                raw.release()
 
     def allocate_buffer(self, nbytes: int) -> Any:
         if nbytes == 0:
@@ -388,40 +384,27 @@ class ShmTransport(Transport):
         r = self._recv(maxlength, deadline)
         if type(r) is bytes:
             return r
-        return self._special_frame(r)
+        return self._oob_frame(r)
 
     def recv_frames(self, maxcount: int, deadline: Deadline) -> list:
         frames = self._ep.recv_many(maxcount, deadline)
         if frames and type(frames[0]) is tuple:
-            frames[0] = self._special_frame(frames[0])
+            frames[0] = self._oob_frame(frames[0])
         return frames
 
-    def _special_frame(self, r: tuple) -> Any:
-        kind, flags, payload, fds = r
-        if kind == KIND_HEAP_BLOB:
-            size, offset = _PAIR.unpack_from(payload)
-            self._heap_received += 1
-            return memoryview(self._ep.heap_block(offset, size, True))
-        if kind == KIND_BLOB:
-            (size,) = _Q.unpack_from(payload)
-            return memoryview(_map_received(fds[0], size, writable=False))
-        if kind == KIND_OBJECT or kind == KIND_HEAP_OBJECT:
-            # recv_bytes of something sent with send(): the stdlib gives the pickle bytes,
-            # so give an in-band pickle of the same object.
-            return dumps(self._load_object(kind, flags, payload, fds, True), 5)
-        self._close_fds(fds)
-        raise errors.ProtocolError(f"unknown shared-memory frame kind {kind}")
-
-    @staticmethod
-    def _close_fds(fds: list) -> None:
-        for fd in fds:
-            os.close(fd)
+    def _oob_frame(self, r: tuple) -> Any:
+        """A special frame as ``recv_bytes`` returns it: raw bytes as a read-only view; an
+        object sent with ``send()`` as the stdlib gives it, an (in-band) pickle of it."""
+        stream, buffers = self._open_oob(r, readonly=True)
+        if not stream:
+            return buffers[0]
+        return dumps(ForkingPickler.loads(stream, buffers=buffers), 5)
 
     def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
         r = self._ep.recv_into(buf, offset, deadline)
         if type(r) is int:
             return r
-        frame = self._special_frame(r)
+        frame = self._oob_frame(r)
         size = len(frame)
         if offset + size > len(buf):
             raise errors.BufferTooShort(bytes(frame))
@@ -432,70 +415,82 @@ class ShmTransport(Transport):
         r = self._recv(None, deadline)
         if type(r) is bytes:
             return ForkingPickler.loads(r)
-        kind, flags, payload, fds = r
-        if kind == KIND_HEAP_OBJECT or kind == KIND_OBJECT:
-            return self._load_object(kind, flags, payload, fds, copy)
-        return ForkingPickler.loads(self._special_frame(r))
-
-    def _load_object(self, kind: int, flags: int, payload: bytes, fds: list, copy: bool) -> Any:
-        try:
-            total, base, nbuf, _ = _OBJ_HEAD.unpack_from(payload)
-            pos = _OBJ_HEAD.size
-            table = [_PAIR.unpack_from(payload, pos + 16 * i) for i in range(nbuf)]
-            pos += 16 * nbuf
-            stream_at, stream_len = _PAIR.unpack_from(payload, pos)
-            pos += 16
-        except struct.error:
-            self._close_fds(fds)
-            raise errors.ProtocolError("corrupt out-of-band object frame") from None
-        if any(o + n > total for o, n in table) or (stream_at != _INLINE and stream_at + stream_len > total):
-            self._close_fds(fds)
-            raise errors.ProtocolError("out-of-band buffer beyond its block")
-        shared = bool(flags & FLAG_SHARED)
-        if kind == KIND_HEAP_OBJECT:
-            # A heap block is ours until its last view dies: writable and independent of
-            # the sender, which reuses it only after that.
-            view = memoryview(self._ep.heap_block(base, total, not copy))
-            self._heap_received += 1
-        else:
-            if len(fds) != 1:
-                self._close_fds(fds)
-                raise errors.ProtocolError("out-of-band object frame without its buffer")
-            # A private memfd handed over by the sender (which unmapped it) is ours alone.
-            # A shared one (allocate_buffer) is copied unless the caller asked for views.
-            view = memoryview(_map_received(fds[0], total, writable=not shared))
-        if stream_at == _INLINE:
-            stream: Any = memoryview(payload)[pos : pos + stream_len]
-        else:
-            stream = view[stream_at : stream_at + stream_len]
-        buffers: list[Any]
-        if not copy:
-            buffers = [view[o : o + n].toreadonly() for o, n in table]
-        elif shared:
-            buffers = [bytearray(view[o : o + n]) for o, n in table]
-        else:
-            buffers = [view[o : o + n] for o, n in table]
+        stream, buffers = self._open_oob(r, readonly=not copy)
+        if not stream:
+            return ForkingPickler.loads(buffers[0])  # raw bytes, sent with send_bytes()
         return ForkingPickler.loads(stream, buffers=buffers)
 
+    def _open_oob(self, r: tuple, readonly: bool) -> tuple[Any, list]:
+        """``(stream, buffers)`` of a received ``KIND_OOB`` frame, every span checked.
+
+        ``readonly``: views of the block (no copy). Otherwise buffers of our own: a heap
+        block or private memfd is ours alone once received; a shared one is copied.
+        """
+        kind, flags, payload, fds = r
+        try:
+            if kind != KIND_OOB:
+                raise errors.ProtocolError(f"unknown shared-memory frame kind {kind}")
+            try:
+                size, total, base, nbuf = _OOB_HEAD.unpack_from(payload)
+                end = _OOB_HEAD.size + _OOB_SPAN.size * (nbuf + 1)
+                spans = [_OOB_SPAN.unpack_from(payload, pos) for pos in range(_OOB_HEAD.size, end, _OOB_SPAN.size)]
+            except struct.error:
+                raise errors.ProtocolError("corrupt out-of-band frame") from None
+            stream_at, stream_len = spans.pop()
+            inline = stream_at == _INLINE
+            if inline:
+                if end + stream_len != len(payload):
+                    raise errors.ProtocolError("out-of-band frame with a stream of the wrong size")
+            elif stream_at + stream_len > total:
+                raise errors.ProtocolError("out-of-band stream beyond its block")
+            if any(at + n > total for at, n in spans) or (not stream_len and nbuf != 1):
+                raise errors.ProtocolError("out-of-band buffer beyond its block")
+            if size != _oob_size(total, spans, stream_len):
+                raise errors.ProtocolError("out-of-band frame with the wrong size")
+            if len(fds) != (1 if base == _MEMFD else 0):
+                raise errors.ProtocolError("out-of-band frame with the wrong descriptors")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        shared = bool(flags & FLAG_SHARED)
+        if base != _MEMFD:
+            # A heap block is ours until its last view dies: writable and independent of
+            # the sender (unless shared), which reuses it only after that.
+            view = memoryview(self._ep.heap_block(base, total, readonly))
+            self._heap_received += 1
+        else:
+            # A private memfd handed over by the sender (which unmapped it) is ours alone.
+            view = memoryview(_map_received(fds[0], total, writable=not (readonly or shared)))
+        stream = memoryview(payload)[end:] if inline else view[stream_at : stream_at + stream_len]
+        if readonly:
+            buffers: list[Any] = [view[at : at + n].toreadonly() for at, n in spans]
+        elif shared:
+            buffers = [bytearray(view[at : at + n]) for at, n in spans]
+        else:
+            buffers = [view[at : at + n] for at, n in spans]
+        return stream, buffers
+
     # -- readiness and lifetime -------------------------------------------------------
-    def poll(self, timeout: Optional[float]) -> bool:
-        if timeout is None:
-            return self._ep.poll(None)
-        if timeout <= 0:
-            return self._ep.poll(0.0)
-        return self._ep.poll(time.monotonic() + timeout)
+    def poll(self, deadline: Deadline) -> bool:
+        return self._ep.poll(deadline)
 
     def fileno(self) -> int:
         return self._ep.fileno()
 
     def catch_incoming(self, max_seconds: float) -> bool:
-        """If the peer is copying a big message to us, spin (GIL released, no sleep) until it
-        lands, at most ``max_seconds``: for an event loop, which otherwise sleeps and pays a
-        wake-up. True if a message waits."""
+        # The peer announced the big message it is copying to us: spin (GIL released, no
+        # sleep) until it lands, cheaper than the event loop's sleep and wake-up.
         return self._ep.catch_incoming(max_seconds)
 
+    def arm_writable(self) -> bool:
+        return self._ep.arm_writer(self._blocked_size)
+
+    def writable_fileno(self) -> tuple[int, int]:
+        return self._ep.writer_fileno(), select.POLLIN
+
     def close(self) -> None:
-        self._finalizer()
+        self._ep.close()
 
     @property
     def closed(self) -> bool:
@@ -527,22 +522,6 @@ class ShmTransport(Transport):
 
 
 pickle_buffer = Any  # pickle.PickleBuffer, spelled loosely for 3.9 typing
-
-_live: "weakref.WeakSet[ShmTransport]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # Every fork, multiprocessing's or not: the close eventfds and the heap mappings'
-    # owner belong to the parent.
-    for transport in list(_live):
-        try:
-            transport.after_fork_in_child()
-        except Exception:  # noqa: BLE001 - a closed end has nothing to renew
-            pass
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 def _rebuild_shm_transport(
     memfd: Any, sock: Any, rx: Any, tx: Any, rx_index: int, tx_index: int, options: dict

@@ -43,7 +43,7 @@ from typing import Any, NoReturn, Optional
 
 from . import errors
 from ._pickling import dumps
-from ._transport import Deadline, Transport, poll_ms
+from ._transport import Capabilities, Deadline, Transport, poll_ms
 
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
@@ -101,6 +101,7 @@ class SocketTransport(Transport):
     """One end of a byte stream (socket, SSL socket or pipe fd) carrying stdlib frames."""
 
     name = "socket"
+    capabilities = Capabilities(batch=True, writable_fd=True)  # the descriptor itself: POLLOUT
 
     def __init__(
         self,
@@ -706,14 +707,13 @@ class SocketTransport(Transport):
             raise errors.TimeoutError("recv timed out")
         return body
 
-    def poll(self, timeout: Optional[float]) -> bool:
+    def poll(self, deadline: Deadline) -> bool:
         self._rx_busy = True
         try:
             if self._closed:
                 raise errors.ConnectionClosedError()
             if self._rx_broken is not None or self._rx_ready is not None:
                 return True
-            deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
             if not self._is_ssl:
                 return bool(self._wait(_POLLIN, deadline))
             # TLS: readable bytes may be protocol records (e.g. session tickets) and not a

@@ -10,8 +10,9 @@ that never blocks the event loop::
 
 How it works: each call first tries the synchronous method with ``timeout=0`` (a
 non-blocking attempt). When nothing can be done yet it waits for the connection's file
-descriptor to become readable (``loop.add_reader``) or writable (``loop.add_writer``) and
-tries again. There is no thread per call and no polling loop.
+descriptor to become readable (``loop.add_reader``), or for the room to write the transport
+describes (``Connection.arm_writable``/``writable_fileno``), and tries again. There is no
+thread per call and no polling loop. Only public ``Connection`` methods are used.
 
 Cancellation is safe because the transports are: a receive that did not complete keeps the
 part of the frame that arrived inside the transport, so the next ``recv`` returns that
@@ -39,7 +40,6 @@ from typing import Any, Awaitable, Callable, Generic, Optional, TypeVar
 
 from . import _auth, errors
 from ._connection import Connection
-from ._pickling import dumps
 from ._pipe import Pipe
 
 __all__ = ["AsyncConnection", "open_pipe", "connect", "serve", "Server"]
@@ -49,9 +49,10 @@ _RecvT = TypeVar("_RecvT")
 
 logger = logging.getLogger("hyperpipe.asyncio")
 
-# When readiness of the descriptor cannot be trusted (a transport whose fd stays readable
-# without a message, or a send blocked behind the socket transport's background flush),
-# wait with sleeps that grow from the first to the last value instead of spinning.
+# When no descriptor can tell (a transport without one, a descriptor that stays readable
+# without a message, a send queued behind the socket transport's background flush or
+# behind the cap on bytes in flight), wait with sleeps that grow from the first to the
+# last value instead of spinning.
 _BACKOFF_FIRST = 0.0002
 _BACKOFF_LAST = 0.002
 
@@ -65,13 +66,6 @@ def _fd_readable_now(fd: int) -> bool:
 def _wake(fut: "asyncio.Future[None]") -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _has_send_backlog(conn: Connection[Any, Any]) -> bool:
-    """True while the transport still writes a message it accepted (socket transport)."""
-    transport = conn._transport
-    backlog = getattr(transport, "send_backlog", None)
-    return bool(backlog is not None and backlog())
 
 
 #: How long a receive may spin (blocking the loop) for a big message the peer announced it
@@ -154,7 +148,10 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
             )
         self._conn = conn
         self._readable = _Readiness(writing=False)
+        # Room to write: the descriptor itself writable (socket), or a wake-up descriptor
+        # readable (shared memory), as the transport says.
         self._writable = _Readiness(writing=True)
+        self._room = _Readiness(writing=False)
         self._recv_lock: Optional[asyncio.Lock] = None
         self._send_lock: Optional[asyncio.Lock] = None
         # Receives/sends in progress (queued on the lock or waiting): while there are none,
@@ -193,8 +190,8 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
     def close(self) -> None:
         """Close the connection; coroutines waiting on it raise ``ConnectionClosedError``."""
         # Stop the loop watching the descriptor before it is closed (and maybe reused).
-        self._readable.abort(errors.ConnectionClosedError())
-        self._writable.abort(errors.ConnectionClosedError())
+        for readiness in (self._readable, self._writable, self._room):
+            readiness.abort(errors.ConnectionClosedError())
         self._conn.close()
 
     async def drain(self) -> None:
@@ -207,7 +204,7 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
         wrap in ``asyncio.timeout`` to bound the wait.
         """
         backoff = _BACKOFF_FIRST
-        while _has_send_backlog(self._conn):
+        while self._conn.send_backlog():
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_LAST)
 
@@ -299,9 +296,12 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
                     return attempt()
                 except errors.TimeoutError:
                     pass
-            catch = getattr(conn._transport, "catch_incoming", None)
-            if catch is not None and catch(_CATCH_SECONDS):
+            if conn.catch_incoming(_CATCH_SECONDS):
                 continue  # a big message being copied to us landed while we spun
+            if not conn.capabilities.readable_fd:
+                await asyncio.sleep(backoff)  # no descriptor to wait on
+                backoff = min(backoff * 2, _BACKOFF_LAST)
+                continue
             if woken:
                 # Readiness said yes but no whole message came: part of a frame arrived
                 # (more is on its way) or the wake-up was stale. poll(0) consumes a stale
@@ -319,51 +319,43 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
             await self._readable.wait(conn.fileno())
             woken = True
 
-    def _sending(
-        self,
-        first: Callable[[], None],
-        retry: Callable[[], Callable[[], None]],
-        timeout: Optional[float],
-        what: str,
-    ) -> Awaitable[None]:
+    def _sending(self, attempt: Callable[[], None], timeout: Optional[float], what: str) -> Awaitable[None]:
         return self._at_once_or_in_turn(
-            not self._senders, first, lambda tried: self._send(first, retry, tried), timeout, what
+            not self._senders, attempt, lambda tried: self._send(attempt, tried), timeout, what
         )
 
-    async def _send(
-        self, first: Callable[[], None], retry: Callable[[], Callable[[], None]], tried: bool = False
-    ) -> None:
-        """Try ``first()``; while it times out, wait and call the attempt ``retry()`` made."""
+    async def _send(self, attempt: Callable[[], None], tried: bool = False) -> None:
+        """Try ``attempt()``; while it times out, wait for room to write and try again."""
         self._senders += 1
         try:
             async with self._lock(sending=True):
-                await self._send_locked(first, retry, tried)
+                await self._send_locked(attempt, tried)
         finally:
             self._senders -= 1
 
-    async def _send_locked(
-        self, first: Callable[[], None], retry: Callable[[], Callable[[], None]], tried: bool
-    ) -> None:
+    async def _send_locked(self, attempt: Callable[[], None], tried: bool) -> None:
         if not tried:
             try:
-                first()
+                attempt()
                 return
             except errors.TimeoutError:
                 pass
-        attempt = retry()
         conn = self._conn
-        sleeping = conn.transport != "socket"
         backoff = _BACKOFF_FIRST
+        fits_but_failed = False
         while True:
-            if sleeping:
-                # The shared-memory transport has no "room to write" descriptor, and a
-                # socket send that timed out although the socket was writable is queued
-                # behind a frame the transport is still flushing from another thread.
+            if fits_but_failed or conn.send_backlog() or not conn.capabilities.writable_fd:
+                # No descriptor tells when: the transport has none, it is still flushing an
+                # earlier message from another thread, or the frame fitted and the send
+                # still timed out (e.g. the cap on bytes in flight). Sleep, then ask again.
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_LAST)
+                fits_but_failed = False
+            elif conn.arm_writable():
+                fits_but_failed = True  # retry at once
             else:
-                await self._writable.wait(conn.fileno())
-                sleeping = True
+                fd, event = conn.writable_fileno()
+                await (self._writable if event == select.POLLOUT else self._room).wait(fd)
             try:
                 attempt()
                 return
@@ -386,41 +378,20 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
     async def send(self, obj: _SendT, *, timeout: Optional[float] = None) -> None:
         """Send a picklable object (or one the connection's codec encodes)."""
         conn = self._conn
-
-        def first() -> None:
-            conn.send(obj, timeout=0)
-
-        def retry() -> Callable[[], None]:
-            if conn.transport != "socket":
-                # The shared-memory transport's send() may pass big buffers out of band.
-                return first
-            # Encode once, not on every retry; the frame is the one send() would write.
-            codec = getattr(conn, "_codec", None)
-            data = dumps(obj) if codec is None else codec.dumps(obj)
-            return lambda: conn.send_bytes(data, timeout=0)
-
-        await self._sending(first, retry, timeout, "send")
+        await self._sending(lambda: conn.send(obj, timeout=0), timeout, "send")
 
     async def send_bytes(
         self, buf: Any, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
     ) -> None:
         """Send ``buf[offset:offset+size]`` (bytes) as one message."""
         conn = self._conn
-
-        def first() -> None:
-            conn.send_bytes(buf, offset, size, timeout=0)
-
-        await self._sending(first, lambda: first, timeout, "send_bytes")
+        await self._sending(lambda: conn.send_bytes(buf, offset, size, timeout=0), timeout, "send_bytes")
 
     async def send_bytes_many(self, bufs: Any, *, timeout: Optional[float] = None) -> None:
         """Send each buffer as its own message; all of them go, or (on timeout/cancel) none."""
         conn = self._conn
         bufs = list(bufs)
-
-        def first() -> None:
-            conn.send_bytes_many(bufs, timeout=0)
-
-        await self._sending(first, lambda: first, timeout, "send_bytes_many")
+        await self._sending(lambda: conn.send_bytes_many(bufs, timeout=0), timeout, "send_bytes_many")
 
     # -- receiving ----------------------------------------------------------------
     async def recv(self, *, timeout: Optional[float] = None, copy: bool = True) -> _RecvT:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import pickle
+import select
 import socket
 import struct
 import threading
@@ -573,3 +574,46 @@ def test_a_new_send_does_not_overtake_a_waiting_one(run):
     finally:
         tx.close()
         b.close()
+
+
+def test_a_send_waiting_for_room_sleeps_only_without_a_descriptor(run, duplex, monkeypatch):
+    # A full pipe: the awaited send waits on the transport's room-to-write descriptor, and
+    # wakes when the peer reads. It sleeps in a loop only where the transport has none.
+    a, b = duplex
+    conn = a.connection
+    if not conn.capabilities.writable_fd:
+        pytest.skip(f"the {conn.transport} transport has no room-to-write descriptor here")
+    filler, last = helpers.pattern(4096), helpers.pattern(4096, seed=1)  # no room for either
+    while True:
+        try:
+            conn.send_bytes(filler, timeout=0)
+        except hyperpipe.TimeoutError:
+            break
+    assert conn.arm_writable() is False
+    fd, event = conn.writable_fileno()
+    assert event in (select.POLLIN, select.POLLOUT)
+    sleeps = []
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay, *args):
+        if delay > 0 and not conn.send_backlog():  # the socket may still flush a parked frame
+            sleeps.append(delay)
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)
+
+    async def main():
+        sending = asyncio.ensure_future(a.send_bytes(last))
+        await real_sleep(0.05)
+        assert not sending.done()
+        got = []
+        while not sending.done():
+            got.append(await b.recv_bytes(timeout=STEP))  # each read makes room
+            await real_sleep(0)
+        await sending
+        while last not in got:
+            got.append(await b.recv_bytes(timeout=STEP))
+        assert got.count(last) == 1 and got.index(last) == len(got) - 1
+
+    run(main)
+    assert sleeps == []

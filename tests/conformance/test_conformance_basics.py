@@ -320,6 +320,21 @@ def test_recv_bytes_into_read_only_buffer_loses_nothing(duplex):
     assert a.recv_bytes() == b"abc"
 
 
+def test_recv_gives_buffers_of_its_own(duplex, run_in_thread):
+    # recv() (copy=True in hyperpipe): a received array is writable and nobody else's, also
+    # when it travelled out of band through shared memory.
+    np = pytest.importorskip("numpy")
+    a, b = duplex
+    sent = np.arange(1 << 17, dtype=np.float64)  # 1 MiB: more than a socket buffer holds
+    run_in_thread(b.send, sent)
+    first = a.recv()
+    assert first.flags.writeable and (first == sent).all()
+    first[:] = -1.0
+    run_in_thread(b.send, sent)
+    second = a.recv()
+    assert (second == sent).all() and (first == -1.0).all()
+
+
 # -- poll -------------------------------------------------------------------------------------
 
 
@@ -379,6 +394,29 @@ def test_poll_with_a_second_message_already_buffered(duplex):
     assert a.poll(0) is True
     assert a.recv_bytes() == b"two"
     assert a.poll(0) is False
+
+
+def test_poll_while_another_thread_receives_answers_about_data(ends, run_in_thread):
+    # poll() says whether data is there; another thread blocked in recv() does not make it
+    # raise (it returns False once the timeout passes with nothing this thread could read).
+    rx, tx = ends
+    started = threading.Event()
+    got = []
+
+    def receive():
+        started.set()
+        got.append(rx.recv())
+
+    thread = run_in_thread(receive)
+    assert started.wait(10)
+    time.sleep(0.1)  # let it block in recv
+    assert rx.poll() is False
+    start = time.monotonic()
+    assert rx.poll(0.2) is False
+    assert time.monotonic() - start >= 0.2 - CLOCK_RES
+    tx.send("x")
+    thread.join(10)
+    assert got == ["x"] and not thread.errors
 
 
 # -- fileno -----------------------------------------------------------------------------------

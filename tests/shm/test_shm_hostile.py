@@ -25,9 +25,9 @@ import pytest
 
 import hyperpipe
 from hyperpipe import _core
+from hyperpipe._shm_transport import _MEMFD, KIND_DATA, KIND_OOB, _oob_head
 
 CAPACITY = 4096
-KIND_DATA, KIND_BLOB, KIND_HEAP_BLOB = 1, 2, 4  # hyperpipe._shm_transport's frame kinds
 HEADER = struct.Struct("<QIIIIQQQQQ")  # hp_seg_header (csrc/hp_ring.h)
 CTRL_OFFSET = 64
 HEAD, TAIL = 0, 64  # offsets in an hp_ring_ctrl
@@ -171,7 +171,7 @@ def test_frame_fields_out_of_range() -> None:
     assert_unusable(reader.recv_bytes, "descriptors")
     reader2, writer2 = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
     seg2 = Segment(reader2)
-    seg2.publish(0, 0, kind=KIND_HEAP_BLOB)  # a heap frame without its offsets
+    seg2.publish(0, 0, kind=KIND_OOB)  # an out-of-band frame without its table
     assert_unusable(reader2.recv_bytes, "too short")
     reader3, writer3 = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
     seg3 = Segment(reader3)
@@ -194,10 +194,11 @@ def test_heap_frames_must_name_a_live_block(offset: int, size: int) -> None:
     writer.send_bytes(b"b" * 100_000)  # a real block at offset 64, of two granules
     assert reader.recv_bytes() == b"b" * 100_000
     seg = Segment(reader)
+    head, _ = _oob_head(size, offset, [(0, size)], 0)
     if offset == 64:
         writer.send_bytes(b"c" * 100_000)  # and keep it alive: its frame holds a reference
-        seg.field(0, HEAD, seg.field(0, HEAD) - 24)  # replace that frame by ours
-    seg.publish(0, 16, kind=KIND_HEAP_BLOB, payload=struct.pack("<QQ", size, offset))
+        seg.field(0, HEAD, seg.field(0, HEAD) - ((8 + len(head) + 7) & ~7))  # replace that frame by ours
+    seg.publish(0, len(head), kind=KIND_OOB, payload=head)
     assert_unusable(reader.recv_bytes, "heap")
 
 
@@ -275,7 +276,8 @@ def test_out_of_band_memfd_must_be_sealed_and_large_enough(sealed: bool) -> None
     sock.close()
     os.close(fd)
     seg = Segment(writer)
-    seg.publish(0, 8, kind=KIND_BLOB, nfds=1, payload=U64.pack(1 << 20))
+    head, _ = _oob_head(1 << 20, _MEMFD, [(0, 1 << 20)], 0)
+    seg.publish(0, len(head), kind=KIND_OOB, nfds=1, payload=head)
     with pytest.raises(hyperpipe.ProtocolError, match="refused"):
         reader.recv_bytes()
 

@@ -200,22 +200,69 @@ def test_parts_of_a_shared_buffer_and_other_pipes(pair: Any) -> None:
     part = b.recv_object(soon(), copy=False)
     arr[1000] = -1.0
     assert part[0] == -1.0 and part[-1] == len(arr) - 1 and len(part) == len(arr) - 1000
-    # send_bytes of a part that does not start the block: copied, still right
+    # send_bytes of a part that does not start the block: the same pages go too
     a.send_frame(memoryview(buf)[8:], None)
     frame = b.recv_frame(None, soon())
     assert bytes(frame[:8]) == np.float64(1.0).tobytes() and len(frame) == 2 * MiB - 8
+    arr[1] = 7.0
+    assert bytes(frame[:8]) == np.float64(7.0).tobytes()
     # another pipe cannot refer to this pipe's heap: it copies
     c, d = shm_pipe(True)
     try:
         c.send_object(arr, None)
         copied = d.recv_object(soon(), copy=False)
         arr[1] = 42.0
-        assert copied[1] == 1.0 and copied[1000] == -1.0
+        assert copied[1] == 7.0 and copied[1000] == -1.0
         del copied
     finally:
         c.close()
         d.close()
     del part, frame, arr, buf
+
+
+@pytest.mark.parametrize("heap_size", [0, 8 * MiB])
+def test_maxlength_sees_the_exact_size_of_a_big_message(heap_size: int) -> None:
+    a, b = shm_pipe(True, heap_size=heap_size)
+    try:
+        size = 3 * MiB + 5  # not a whole number of pages
+        for _ in range(2):
+            a.send_frame(memoryview(bytes(size)), None)
+        with pytest.raises(hyperpipe.MessageTooLongError):
+            b.recv_frame(size - 1, soon())
+        assert len(b.recv_frame(size, soon())) == size
+    finally:
+        a.close()
+        b.close()
+
+
+def test_more_buffers_than_a_frame_has_spans_for() -> None:
+    # A 4 KiB ring has room for the spans of ~120 buffers: the rest go in band.
+    a, b = shm_pipe(True, ring_size=4096)
+    try:
+        buffers = [pickle.PickleBuffer(bytearray([i % 251]) * 8192) for i in range(300)]
+        a.send_object(buffers, soon())
+        got = b.recv_object(soon())
+        assert [bytes(g) for g in got] == [bytes(buf.raw()) for buf in buffers]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_bytes_in_flight_balance_for_parts_of_a_shared_block() -> None:
+    # The frame of a slice of an allocate_buffer block counts what the receiver uncounts.
+    a, b = shm_pipe(True, max_inflight_bytes=4 * MiB)
+    try:
+        arr = np.frombuffer(a.allocate_buffer(2 * MiB), dtype=np.uint8)
+        for _ in range(20):
+            a.send_object(arr[4096 : 4096 + MiB], soon(10))
+            assert len(b.recv_object(soon(), copy=False)) == MiB
+        for _ in range(3):  # 3 MiB in flight, under the cap: none waits for the reader
+            a.send_frame(memoryview(bytes(MiB)), time.monotonic() + 5)
+        assert [len(b.recv_frame(None, soon())) for _ in range(3)] == [MiB] * 3
+        del arr
+    finally:
+        a.close()
+        b.close()
 
 
 class _Payload:

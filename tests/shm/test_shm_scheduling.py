@@ -145,6 +145,13 @@ def _receive_in_thread(end: Any, timeout: float) -> tuple[threading.Thread, dict
     return thread, got
 
 
+def _heap_block_publisher(ep: Any, offset: int) -> Any:
+    """What sends the BIG bytes copied into our heap block at ``offset`` (as send_bytes
+    does), made before the timed part begins."""
+    head, size = _shm_transport._oob_head(BIG, offset, [(0, BIG)], 0)
+    return lambda: ep.send_parts(_shm_transport.KIND_OOB, 0, head, None, (), size, None)
+
+
 def test_a_receiver_spins_through_an_announced_copy(pair: Any) -> None:
     # The sender reserves heap space (which announces the copy), then takes 2 ms, 40
     # times the spin window, before it publishes: the receiver keeps spinning instead of
@@ -156,10 +163,11 @@ def test_a_receiver_spins_through_an_announced_copy(pair: Any) -> None:
     b.recv_frame(None, None).release()
     offset = ep.heap_alloc(BIG)
     assert offset >= 0
+    publish = _heap_block_publisher(ep, offset)
     thread, got = _receive_in_thread(b, timeout=10)
     time.sleep(0.002)
     ep.heap_write(offset, payload)
-    ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (), BIG, None)
+    publish()
     thread.join(10)
     assert not thread.is_alive()
     assert "error" not in got, got.get("error")
@@ -197,10 +205,11 @@ def test_an_announced_copy_wakes_a_sleeping_receiver_at_once(pair: Any) -> None:
     time.sleep(0.05)  # far past its spin window: asleep
     wakes = a.statistics()["wakeups_sent"]
     offset = ep.heap_alloc(BIG)
+    publish = _heap_block_publisher(ep, offset)
     assert a.statistics()["wakeups_sent"] == wakes + 1  # woken by the announcement
     time.sleep(0.002)
     ep.heap_write(offset, payload)
-    ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (), BIG, None)
+    publish()
     thread.join(10)
     assert not thread.is_alive() and "error" not in got
     assert len(got["frame"]) == BIG and got["frame"][-1] == 2
@@ -219,12 +228,12 @@ def test_catch_incoming_waits_only_for_an_announced_copy(pair: Any) -> None:
     a.send_frame(payload, None)  # the heap's pages exist in both processes
     b.recv_frame(None, None).release()
     offset = ep.heap_alloc(BIG)  # announced as ~8 ms away
+    publish = _heap_block_publisher(ep, offset)
 
     def publish_soon() -> None:
         time.sleep(0.002)
         ep.heap_write(offset, payload)
-        ep.send_parts(_shm_transport.KIND_HEAP_BLOB, 0, _shm_transport._PAIR.pack(BIG, offset), None, (),
-                      BIG, None)
+        publish()
 
     sender = threading.Thread(target=publish_soon)
     sender.start()

@@ -235,6 +235,38 @@ def test_close_from_another_thread_wakes_full_send() -> None:
     assert len(errors) == 1 and isinstance(errors[0], hyperpipe.ConnectionClosedError)
 
 
+@pytest.mark.parametrize("size", [1000, 1 << 20])
+def test_close_during_sends_from_another_thread(size: int) -> None:
+    # The peer gets every message whole, then EOF: released by the sending thread when it
+    # leaves, although its exception (and the frames in its traceback) is still alive.
+    reader, writer = hyperpipe.Pipe(False, transport="shm")
+    errors: list = []
+    message = bytes(range(256)) * (size // 256)
+
+    def sending() -> None:
+        try:
+            while True:
+                writer.send_bytes(message)
+        except BaseException as exc:  # noqa: BLE001 - kept, with its traceback, on purpose
+            errors.append(exc)
+
+    t = threading.Thread(target=sending)
+    t.start()
+    got = [reader.recv_bytes() for _ in range(5)]
+    writer.close()
+    t.join(10)
+    assert not t.is_alive() and len(errors) == 1
+    assert isinstance(errors[0], hyperpipe.ConnectionClosedError)
+    while True:
+        assert reader.poll(10), "no EOF after the last message"
+        try:
+            got.append(reader.recv_bytes())
+        except EOFError:
+            break
+    assert all(m == message for m in got)
+    reader.close()
+
+
 def test_sender_and_receiver_threads_concurrently(pair: Any) -> None:
     a, b = pair
     n = 20000

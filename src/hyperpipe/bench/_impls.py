@@ -118,7 +118,7 @@ class HyperpipePipe(Impl):
     def available(self) -> Optional[str]:
         try:
             hyperpipe = importlib.import_module("hyperpipe")
-            transports = importlib.import_module("hyperpipe._transport").available_transports()
+            transports = importlib.import_module("hyperpipe._select").available_transports()
         except Exception as exc:  # the package is being written: say why, do not crash
             return f"import hyperpipe failed: {exc!r}"
         if not hasattr(hyperpipe, "Pipe"):
