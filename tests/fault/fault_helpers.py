@@ -99,14 +99,15 @@ def exhaust_descriptors() -> list[int]:
 # -- what the survivor holds -----------------------------------------------------------
 
 
+def _link(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # the descriptor of the listdir itself
+        return ""
+
+
 def _fd_table() -> dict[int, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the descriptor of the listdir itself
-    return table
+    return {int(fd): _link(fd) for fd in os.listdir("/proc/self/fd")}
 
 
 def _hyperpipe_mappings() -> list[str]:
