@@ -106,8 +106,8 @@ def _link(fd: str) -> str:
         return ""
 
 
-def _fd_table() -> dict[int, str]:
-    return {int(fd): _link(fd) for fd in os.listdir("/proc/self/fd")}
+def fd_table() -> dict[int, str]:
+    return {int(fd): target for fd in os.listdir("/proc/self/fd") if (target := _link(fd))}
 
 
 def _hyperpipe_mappings() -> list[str]:
@@ -123,12 +123,12 @@ class Resources:
 
     def __init__(self) -> None:
         gc.collect()
-        self.fds = _fd_table()
+        self.fds = fd_table()
         self.mappings = collections.Counter(_hyperpipe_mappings())
 
     def leaked(self) -> list[str]:
         gc.collect()
-        new_fds = [f"fd {fd} -> {target}" for fd, target in _fd_table().items() if self.fds.get(fd) != target]
+        new_fds = [f"fd {fd} -> {target}" for fd, target in fd_table().items() if self.fds.get(fd) != target]
         new_maps = collections.Counter(_hyperpipe_mappings()) - self.mappings
         return new_fds + [f"mapping {name} x{n}" for name, n in new_maps.items()]
 
