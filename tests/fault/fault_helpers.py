@@ -140,7 +140,8 @@ FIGURES: dict[str, Any] = collections.defaultdict(lambda: collections.defaultdic
 COUNTS: collections.Counter = collections.Counter()
 
 
-def record_latency(transport: str, victim: str, size: int, seconds: float) -> None:
+def record_kill(transport: str, victim: str, size: int, seconds: Optional[float]) -> None:
+    """One kill: the time from it to the survivor's error, or None if the round went wrong."""
     FIGURES["kill-to-error latency"][(transport, victim, size)].append(seconds)
 
 
@@ -154,14 +155,15 @@ def latency_table() -> list[str]:
     if not rows:
         return []
     lines = [
-        "| transport | killed | size | kills | p50 ms | p99 ms | max ms |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| transport | killed | size | kills | wrong | p50 ms | p99 ms | max ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for (transport, victim, size), values in sorted(rows.items()):
+    for (transport, victim, size), outcomes in sorted(rows.items()):
+        values = [v for v in outcomes if v is not None]
+        figures = [statistics.median(values), percentile(values, 0.99), max(values)] if values else []
+        shown = " | ".join(f"{v * 1e3:.1f}" for v in figures) if values else "- | - | -"
         lines.append(
-            f"| {transport} | {victim} | {human_size(size)} | {len(values)} "
-            f"| {statistics.median(values) * 1e3:.1f} | {percentile(values, 0.99) * 1e3:.1f} "
-            f"| {max(values) * 1e3:.1f} |"
+            f"| {transport} | {victim} | {human_size(size)} | {len(outcomes)} | {outcomes.count(None)} | {shown} |"
         )
     return lines
 

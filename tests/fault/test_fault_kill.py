@@ -36,7 +36,7 @@ from fault_helpers import (
     checked_message,
     drain_until_killed,
     human_size,
-    record_latency,
+    record_kill,
     rng_for,
     stream_until_killed,
 )
@@ -150,6 +150,14 @@ def _round(transport: str, victim: str, size: int, delay: float) -> tuple[float,
             bounded_join(proc)
 
 
+def _kind(exc: Exception) -> str:
+    if isinstance(exc, hyperpipe.TimeoutError):
+        return "hang"
+    if isinstance(exc, AssertionError):
+        return "corrupt, missing or early message"
+    return f"{type(exc).__qualname__} instead of EOFError/BrokenPipeError"
+
+
 def _run_cell(transport: str, victim: str, size: int, rounds: int) -> None:
     rng = rng_for("kill", transport, victim, size)
     anomalies: list[str] = []
@@ -161,15 +169,19 @@ def _run_cell(transport: str, victim: str, size: int, rounds: int) -> None:
             latency, count = _round(transport, victim, size, rng.uniform(0, KILL_WINDOW[size]))
         except Exception as exc:  # an anomaly of this round; the cell goes on
             anomalies.append(f"round {number}: {type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+            COUNTS[f"SIGKILL anomalies: {_kind(exc)}"] += 1
+            record_kill(transport, victim, size, None)
             continue
-        latencies.append(latency)
-        record_latency(transport, victim, size, latency)
         messages += count
         leaked = before.leaked()
         if leaked:
             anomalies.append(f"round {number}: the survivor leaked {leaked}")
+            COUNTS["SIGKILL anomalies: leak"] += 1
+            record_kill(transport, victim, size, None)
+        else:
+            latencies.append(latency)
+            record_kill(transport, victim, size, latency)
     COUNTS["SIGKILLs"] += rounds
-    COUNTS["SIGKILL rounds with an anomaly"] += len(anomalies)
     COUNTS["messages checked around kills"] += messages
     worst = f", worst {max(latencies) * 1e3:.1f} ms to the error" if latencies else ""
     print(f"seed {SEED}: {rounds} kills, {messages} messages{worst}, {len(anomalies)} anomalies")
