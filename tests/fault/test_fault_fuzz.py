@@ -92,7 +92,7 @@ def wire_streams(draw: Any) -> bytes:
 
 def expected_outcome(stream: bytes, maxlength: Optional[int]) -> tuple[list[bytes], str]:
     """The standard library's reading of ``stream``: whole messages, then how it ends."""
-    messages = []
+    messages: list[bytes] = []
     pos = 0
     while True:
         if pos == len(stream):
@@ -128,7 +128,7 @@ ENDINGS: dict[str, tuple[type, ...]] = {
 def _feed(stream: bytes, chunks: list[int]) -> tuple[Any, threading.Thread]:
     """A Connection over a socketpair whose raw end writes ``stream`` in chunks, then closes."""
     raw, ours = socket.socketpair()
-    conn = hyperpipe.Connection(ours.detach())
+    conn: hyperpipe.Connection[Any, Any] = hyperpipe.Connection(ours.detach())
 
     def write() -> None:
         with raw:
