@@ -4,10 +4,12 @@ Frames: valid frames, evil headers (negative, 2**31 - 1, 2**62 behind the long-l
 escape...), garbage, then a mutation (cut, flipped byte, inserted bytes), written in random
 chunks into the raw end of a socketpair whose other end is a ``hyperpipe.Connection``. A
 reference parser of the standard library's format says what must come out: exactly the
-whole messages it finds, then ``EOFError`` at a clean end, ``OSError`` for an impossible
-header or one over ``maxlength``, and for a stream cut inside a frame ``EOFError`` or
-``OSError`` (the strict form is ``test_end_of_file_inside_a_frame``). Never a hang (every
-receive has a timeout), never more memory than the bytes that arrived justify.
+whole messages it finds, then ``PeerClosedError`` (an ``EOFError``) at a clean end,
+``ProtocolError`` (an ``OSError``) for an impossible header, ``MessageTooLongError`` (the
+stdlib's ``OSError("bad message length")``) for one over ``maxlength``, and for a stream cut
+inside a frame ``EOFError`` or ``ProtocolError`` (the strict form is
+``test_end_of_file_inside_a_frame``). Never a hang (every receive has a timeout), never
+more memory than the bytes that arrived justify.
 
 Handshake: replies to a ``Listener``'s challenge (the right answer, mutated or not, and
 arbitrary bytes) and challenges to a ``Client``: each ends in ``AuthenticationError`` for
@@ -118,10 +120,10 @@ def expected_outcome(stream: bytes, maxlength: Optional[int]) -> tuple[list[byte
 
 #: What may end each kind of stream (the cut case: EOFError once fixed, see the module doc).
 ENDINGS: dict[str, tuple[type, ...]] = {
-    "end": (EOFError,),
-    "cut": (EOFError, OSError),
-    "invalid": (OSError,),
-    "too long": (OSError,),
+    "end": (hyperpipe.PeerClosedError,),
+    "cut": (EOFError, hyperpipe.ProtocolError),
+    "invalid": (hyperpipe.ProtocolError,),
+    "too long": (hyperpipe.MessageTooLongError,),
 }
 
 
