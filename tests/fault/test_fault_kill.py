@@ -90,7 +90,9 @@ class _Killer:
         self.killed_at = time.monotonic()
         os.kill(self._pid, signal.SIGKILL)
 
-    def wait(self) -> float:
+    def stop(self) -> float:
+        """When the kill happened (0.0 if it did not: a round that failed first cancels it)."""
+        self._timer.cancel()
         self._timer.join(STEP_TIMEOUT)
         return self.killed_at
 
@@ -106,7 +108,8 @@ def _kill_the_sender(survivor: Any, proc: Any, size: int, delay: float) -> tuple
             seq += 1
     except EOFError:
         ended = time.monotonic()
-    killed_at = killer.wait()
+    finally:
+        killed_at = killer.stop()
     assert killed_at, "EOFError before the child was killed"
     with pytest.raises(EOFError):
         survivor.recv_bytes(timeout=STEP_TIMEOUT)  # and it stays at EOF
@@ -125,7 +128,8 @@ def _kill_the_receiver(survivor: Any, proc: Any, size: int, delay: float) -> tup
             sent += 1
     except BrokenPipeError:
         ended = time.monotonic()
-    killed_at = killer.wait()
+    finally:
+        killed_at = killer.stop()
     assert killed_at, "BrokenPipeError before the child was killed"
     return ended - killed_at, sent
 
