@@ -204,7 +204,7 @@ def _big_receive_with_no_descriptor(channel: Any, b: Any) -> dict:
     _close_all(opened)
     if error is not None:  # the message must still be there
         try:
-            check_message(b.recv_bytes(timeout=2.0), 2, BIG)
+            check_message(b.recv_bytes(timeout=1.0), 2, BIG)
         except hyperpipe.TimeoutError:
             return {"error": error, "lost": True}
     return {"error": error, "lost": False}
