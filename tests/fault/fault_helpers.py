@@ -67,6 +67,25 @@ def check_message(data: Any, seq: int, size: int) -> None:
     assert view[_SEQ.size : -_SEQ.size] == expected, f"message {seq}: body corrupted"
 
 
+def send_checked(conn: Any, seq: int, message: bytes, timeout: Optional[float] = None) -> None:
+    """Even messages go as bytes, odd ones as a pickled ``(seq, bytearray)``: both wire paths
+    (on the shm transport a big bytearray is an out-of-band buffer of the pickle)."""
+    if seq % 2 == 0:
+        conn.send_bytes(message, timeout=timeout)
+    else:
+        conn.send((seq, bytearray(message)), timeout=timeout)
+
+
+def recv_checked(conn: Any, seq: int, size: int, timeout: float) -> None:
+    """Receive message ``seq`` the way ``send_checked`` sent it, and check it."""
+    if seq % 2 == 0:
+        check_message(conn.recv_bytes(timeout=timeout), seq, size)
+    else:
+        got, body = conn.recv(timeout=timeout)
+        assert got == seq, f"expected object message {seq}, got {got}"
+        check_message(body, seq, size)
+
+
 # -- child targets ---------------------------------------------------------------------
 
 
@@ -74,15 +93,20 @@ def stream_until_killed(conn: Any, size: int) -> None:
     """Send checked messages 0, 1, 2... until the test kills this process."""
     seq = 0
     while True:
-        conn.send_bytes(checked_message(seq, size))
+        send_checked(conn, seq, checked_message(seq, size))
         seq += 1
 
 
 def drain_until_killed(conn: Any) -> None:
     """Receive (and drop) messages until the test kills this process."""
     conn.send_bytes(b"ready")
+    seq = 0
     while True:
-        conn.recv_bytes()
+        if seq % 2 == 0:
+            conn.recv_bytes()
+        else:
+            conn.recv()
+        seq += 1
 
 
 def exhaust_descriptors() -> list[int]:

@@ -4,7 +4,8 @@ A round: a forked child streams checked messages to the test process (or drains 
 test sends), a timer thread SIGKILLs it at a random moment, and the survivor must
 
 - get every message whole and in order (sequence number at both ends, a body that depends
-  on it) and then ``EOFError``; a sender gets ``BrokenPipeError``;
+  on it; every other message goes as a pickled object rather than bytes) and then
+  ``EOFError``; a sender gets ``BrokenPipeError``;
 - never wait longer than ``STEP_TIMEOUT`` for any call (a hang fails the round);
 - hold no new descriptor or hyperpipe mapping once it has closed its end.
 
@@ -32,12 +33,13 @@ from fault_helpers import (
     MiB,
     Resources,
     bounded_join,
-    check_message,
     checked_message,
     drain_until_killed,
     human_size,
     record_kill,
+    recv_checked,
     rng_for,
+    send_checked,
     stream_until_killed,
 )
 
@@ -99,12 +101,12 @@ class _Killer:
 
 def _kill_the_sender(survivor: Any, proc: Any, size: int, delay: float) -> tuple[float, int]:
     """Receive until EOF while the streaming child is killed; returns (latency, messages)."""
-    check_message(survivor.recv_bytes(timeout=STEP_TIMEOUT), 0, size)  # it is streaming
+    recv_checked(survivor, 0, size, STEP_TIMEOUT)  # it is streaming
     killer = _Killer(proc.pid, delay)
     seq = 1
     try:
         while True:
-            check_message(survivor.recv_bytes(timeout=STEP_TIMEOUT), seq, size)
+            recv_checked(survivor, seq, size, STEP_TIMEOUT)
             seq += 1
     except EOFError:
         ended = time.monotonic()
@@ -124,7 +126,7 @@ def _kill_the_receiver(survivor: Any, proc: Any, size: int, delay: float) -> tup
     sent = 0
     try:
         while True:
-            survivor.send_bytes(message, timeout=STEP_TIMEOUT)
+            send_checked(survivor, sent, message, STEP_TIMEOUT)
             sent += 1
     except BrokenPipeError:
         ended = time.monotonic()
