@@ -64,6 +64,29 @@ def frame_views(data: Any) -> list:
     return [memoryview(header(size)), data]
 
 
+# Objects of these types pickle the same with or without ForkingPickler's reducers.
+_FLAT_TYPES = frozenset({bytes, str, int, float, bool, type(None)})
+_FLAT_MAX_ITEMS = 16
+
+
+def _is_flat(obj: Any) -> bool:
+    """A scalar, or a short tuple/list of scalars: no reducer, no buffer can be involved."""
+    kind = type(obj)
+    if kind in _FLAT_TYPES:
+        return True
+    if (kind is tuple or kind is list) and len(obj) <= _FLAT_MAX_ITEMS:
+        return all(type(item) in _FLAT_TYPES for item in obj)
+    return False
+
+
+def dumps(obj: Any) -> Any:
+    """``ForkingPickler.dumps(obj)``, byte for byte; small flat objects skip building a
+    ForkingPickler (its dispatch-table copy is most of the cost of a small message)."""
+    if _is_flat(obj):
+        return pickle.dumps(obj)
+    return ForkingPickler.dumps(obj)
+
+
 def dumps_oob(obj: Any) -> tuple[memoryview, list[memoryview]]:
     """Pickle ``obj`` (protocol 5), leaving big contiguous buffers out of the stream.
 
@@ -71,6 +94,8 @@ def dumps_oob(obj: Any) -> tuple[memoryview, list[memoryview]]:
     memory, nothing copied); with no buffers the stream is an ordinary in-band pickle.
     """
     buffers: list[memoryview] = []
+    if _is_flat(obj):
+        return memoryview(pickle.dumps(obj, OOB_PROTOCOL)), buffers
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()  # flat, C-contiguous bytes; raises for a non-contiguous one
@@ -149,6 +174,8 @@ class FrameReader:
         self.reset()
 
     def reset(self) -> None:
+        #: True once any byte of a frame has been consumed.
+        self.in_frame = False
         self._stage = _HEAD
         self._got = 0  # bytes of the current piece (header part or frame part) received
         self._need = 4
@@ -157,11 +184,6 @@ class FrameReader:
         self._parts: list[Any] = []
         self._direct = False
         self._is_oob = False
-
-    @property
-    def in_frame(self) -> bool:
-        """True once any byte of a frame has been consumed."""
-        return self._stage != _HEAD or self._got > 0
 
     def target(self) -> memoryview:
         """Where the next bytes of the stream go (never empty)."""
@@ -193,6 +215,7 @@ class FrameReader:
     def advance(self, n: int) -> Any:
         """``n`` bytes were written into ``target()``; returns the frame once complete, else None."""
         self._got += n
+        self.in_frame = True
         while self._got == self._need:
             frame = self._next_piece()
             if frame is not None:

@@ -46,7 +46,6 @@ import socket
 import ssl
 import threading
 import time
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, NoReturn, Optional
 
 from . import _framing, errors
@@ -134,7 +133,6 @@ class SocketTransport(Transport):
         self._rx_busy = False
         self._rx_blocking = False  # the receiver is (about to be) inside a blocking recv
         self._tx_busy = False
-        self._tx_thread = 0
         self._active = 0
         self._closed = False
         self._close_by = 0.0
@@ -168,34 +166,48 @@ class SocketTransport(Transport):
                 return
         self._release_if_idle()
 
+    # The four below run on every call: acquire()/release() rather than "with", which
+    # costs twice as much; nothing between them can raise.
     def _enter_rx(self, blocking: bool) -> None:
-        with self._state_lock:
-            if self._closed:
-                raise errors.ConnectionClosedError()
+        lock = self._state_lock
+        lock.acquire()
+        closed = self._closed
+        if not closed:
             self._rx_busy = True
             self._rx_blocking = blocking
+        lock.release()
+        if closed:
+            raise errors.ConnectionClosedError()
 
     def _leave_rx(self) -> None:
-        with self._state_lock:
-            self._rx_busy = self._rx_blocking = False
-            if not self._closed:
-                return
-        self._release_if_idle()
+        lock = self._state_lock
+        lock.acquire()
+        self._rx_busy = self._rx_blocking = False
+        closed = self._closed
+        lock.release()
+        if closed:
+            self._release_if_idle()
 
     def _enter_tx(self) -> None:
-        with self._state_lock:
-            if self._closed:
-                raise errors.ConnectionClosedError()
+        lock = self._state_lock
+        lock.acquire()
+        closed = self._closed
+        if not closed:
             self._tx_busy = True
-            self._tx_thread = threading.get_ident()
+        lock.release()
+        if closed:
+            raise errors.ConnectionClosedError()
 
     def _leave_tx(self) -> None:
-        with self._state_lock:
-            self._tx_busy = False
-            if not self._closed:
-                return
+        lock = self._state_lock
+        lock.acquire()
+        self._tx_busy = False
+        closed = self._closed
+        if closed:
             self._tx_done.notify_all()
-        self._release_if_idle()
+        lock.release()
+        if closed:
+            self._release_if_idle()
 
     def close(self) -> None:
         with self._state_lock:
@@ -218,7 +230,9 @@ class SocketTransport(Transport):
                 pass
         with self._state_lock:
             # A frame being sent finishes first (bounded): the peer never sees half of it.
-            if self._tx_busy and self._tx_thread != threading.get_ident():
+            # (A close() from a signal handler interrupting that very send waits out the
+            # bound, then the send finishes or is cut as below.)
+            if self._tx_busy:
                 self._tx_done.wait_for(lambda: not self._tx_busy, CLOSE_SEND_BOUND)
         self._release_if_idle()
 
@@ -452,7 +466,7 @@ class SocketTransport(Transport):
                 return
             self.send_frame(stream, deadline)
             return
-        self.send_frame(ForkingPickler.dumps(obj), deadline)
+        self.send_frame(_framing.dumps(obj), deadline)
 
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
         size = len(data)
@@ -513,10 +527,6 @@ class SocketTransport(Transport):
             self._leave_tx()
 
     # -- receiving ------------------------------------------------------------------
-    def _blocking(self, deadline: Deadline) -> bool:
-        """Wait in the read itself (no poll): a plain socket and no deadline."""
-        return deadline is None and self._plain is not None
-
     def _end_of_stream(self) -> NoReturn:
         if self._closed:  # our own shutdown woke a blocking read
             raise errors.ConnectionClosedError()
@@ -549,7 +559,8 @@ class SocketTransport(Transport):
             return ready
         reader = self._reader
         reader.maxlength, reader.into = maxlength, into
-        blocking = self._blocking(deadline)
+        # Wait in the read itself (no poll): a plain socket and no deadline.
+        blocking = deadline is None and self._plain is not None
         try:
             frame = reader.feed(head) if head else None
             while frame is None:
@@ -623,7 +634,7 @@ class SocketTransport(Transport):
         self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
     ) -> Any:
         """One frame as ``_receive`` returns it; TimeoutError at the deadline."""
-        self._enter_rx(self._blocking(deadline))
+        self._enter_rx(deadline is None and self._plain is not None)
         try:
             if into is None and not (
                 self._reader.in_frame or self._is_ssl or self._rx_broken or self._rx_ready
