@@ -230,3 +230,31 @@ def test_a_stdlib_client_gets_ordinary_frames(family: str, address_for: Any, aut
         thread.join(STEP_TIMEOUT)
         (got, server_oob), = outcome
         assert got == _message() and server_oob is False
+
+
+def test_an_asyncio_server_reads_what_a_client_sends_out_of_band(family: str, address_for: Any) -> None:
+    """hyperpipe.asyncio.serve announces (its handshake is _auth's) and reads the frames."""
+    import asyncio
+
+    from hyperpipe.asyncio import serve
+
+    async def main() -> None:
+        async def echo(aconn: Any) -> None:
+            await aconn.send(await aconn.recv())
+
+        server = await serve(echo, address_for(family), authkey=KEY)
+        try:
+
+            def client() -> Any:
+                with Client(server.address, authkey=KEY, timeout=STEP_TIMEOUT) as conn:
+                    conn.send(_message())
+                    return conn.statistics()["oob"], conn.recv(timeout=STEP_TIMEOUT)
+
+            oob, echoed = await asyncio.wait_for(asyncio.to_thread(client), STEP_TIMEOUT)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert oob is True
+        assert echoed == _message()
+
+    asyncio.run(main())
