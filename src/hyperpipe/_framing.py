@@ -305,8 +305,8 @@ class FrameReader:
         return frame
 
     def keep_partial(self) -> None:
-        """The call reading into the caller's buffer is leaving mid-payload: copy what came
-        into a buffer of our own, so that any later call can finish the frame."""
+        """The call that set ``into`` is leaving: if the payload was going into the caller's
+        buffer, copy what came into one of our own, so that any later call can finish it."""
         if self._direct and self._stage == _PARTS:
             buf, offset = self.into  # type: ignore[misc]
             own = _allocate(self._sizes[0])

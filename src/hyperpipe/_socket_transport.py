@@ -70,6 +70,8 @@ _ERRNO_PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN, errno.ENOTCO
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # _wait(): close() woke the call.
 _CLOSED = -1
+_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_CUT = f"closed while sending: the peer read nothing for {CLOSE_SEND_BOUND} s, so the message was cut"
 
 
 class SocketTransport(Transport):
@@ -133,6 +135,7 @@ class SocketTransport(Transport):
         self._rx_busy = False
         self._rx_blocking = False  # the receiver is (about to be) inside a blocking recv
         self._tx_busy = False
+        self._tx_blocking = False  # the sender is (about to be) inside a blocking write
         self._active = 0
         self._closed = False
         self._close_by = 0.0
@@ -188,12 +191,13 @@ class SocketTransport(Transport):
         if closed:
             self._release_if_idle()
 
-    def _enter_tx(self) -> None:
+    def _enter_tx(self, blocking: bool) -> None:
         lock = self._state_lock
         lock.acquire()
         closed = self._closed
         if not closed:
             self._tx_busy = True
+            self._tx_blocking = blocking
         lock.release()
         if closed:
             raise errors.ConnectionClosedError()
@@ -201,7 +205,7 @@ class SocketTransport(Transport):
     def _leave_tx(self) -> None:
         lock = self._state_lock
         lock.acquire()
-        self._tx_busy = False
+        self._tx_busy = self._tx_blocking = False
         closed = self._closed
         if closed:
             self._tx_done.notify_all()
@@ -234,6 +238,13 @@ class SocketTransport(Transport):
             # bound, then the send finishes or is cut as below.)
             if self._tx_busy:
                 self._tx_done.wait_for(lambda: not self._tx_busy, CLOSE_SEND_BOUND)
+            shut_tx = self._tx_blocking
+        if shut_tx:
+            # A write blocked in the kernel past the bound: only a shutdown ends it.
+            try:
+                self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+            except OSError:
+                pass
         self._release_if_idle()
 
     def _release_if_idle(self) -> None:
@@ -336,19 +347,25 @@ class SocketTransport(Transport):
         except ConnectionResetError:
             return 0
 
-    def _write_some(self, views: list[memoryview]) -> int:
-        """Write as much of ``views`` as possible without blocking; bytes written (0 if none)."""
+    def _write_some(self, views: list[memoryview], blocking: bool = False) -> int:
+        """Write as much of ``views`` as possible; bytes written (0 if none could be).
+
+        ``blocking`` (a plain socket only): wait in the write itself until all is written.
+        """
+        flags = _NOSIGNAL if blocking else _SEND_FLAGS
         try:
             if self._is_ssl:
                 return self._sock.send(views[0])  # type: ignore[union-attr]
             if self._sock is not None:
                 if len(views) == 1:
-                    return self._sock.send(views[0], _SEND_FLAGS)
-                return self._sock.sendmsg(views, (), _SEND_FLAGS)
+                    return self._sock.send(views[0], flags)
+                return self._sock.sendmsg(views, (), flags)
             return os.writev(self._fd, views)
         except _WOULD_BLOCK:
             return 0
         except OSError as exc:
+            if self._closed:  # close() gave up on the frame after CLOSE_SEND_BOUND
+                raise errors.ConnectionClosedError(_CUT) from None
             _raise_send_error(exc)
 
     # -- sending --------------------------------------------------------------------
@@ -366,10 +383,13 @@ class SocketTransport(Transport):
         ``written``: bytes of the same frame(s) already written by the caller. Raises
         TimeoutError only if nothing at all was written, or if parking is not allowed.
         ``close()`` stops a write that has not started; one that has gets until
-        ``CLOSE_SEND_BOUND`` after the close to finish.
+        ``CLOSE_SEND_BOUND`` after the close to finish. With no deadline on a plain socket
+        the writes block, as the stdlib's do (close() shuts a write still blocked at the
+        bound down).
         """
+        blocking = deadline is None and closable and self._plain is not None
         while views:
-            n = self._write_some([v[:_IO_CHUNK] for v in views[:64]])
+            n = n_written = self._write_some([v[:_IO_CHUNK] for v in views[:64]], blocking)
             written += n
             while n:
                 head = views[0]
@@ -381,6 +401,9 @@ class SocketTransport(Transport):
                     n = 0
             if not views:
                 return
+            if blocking and n_written:
+                continue  # a signal cut the write short (nothing at all: the fd is
+                # non-blocking after all, e.g. set so by another process: poll)
             ev = self._wait(_POLLOUT, deadline, closable=closable)
             if ev == _CLOSED:
                 if not written:
@@ -391,10 +414,7 @@ class SocketTransport(Transport):
             if ev & (_POLLOUT | _POLLERR):
                 continue  # writable, or the next write reports the error (EPIPE)
             if self._closed and not closable and time.monotonic() >= self._close_by:
-                raise errors.ConnectionClosedError(
-                    f"closed while sending: the peer read nothing for {CLOSE_SEND_BOUND} s, "
-                    "so the message was cut"
-                )
+                raise errors.ConnectionClosedError(_CUT)
             if written == 0:
                 raise errors.TimeoutError("send timed out before any data was written")
             if not may_park:
@@ -480,17 +500,20 @@ class SocketTransport(Transport):
         # The common case, kept short: one write takes the whole frame. Nothing is parked,
         # so no background flush is writing (it empties _pending as its writes complete)
         # and, senders being one at a time, none can start before this frame is written.
-        self._enter_tx()
+        sock = self._plain
+        blocking = deadline is None and sock is not None
+        self._enter_tx(blocking)
         try:
-            sock = self._plain
             try:
                 if sock is not None:
-                    written = sock.send(frame, _SEND_FLAGS)
+                    written = sock.send(frame, _NOSIGNAL if blocking else _SEND_FLAGS)
                 else:
                     written = os.write(self._fd, frame)
             except BlockingIOError:
                 written = 0
             except OSError as exc:
+                if self._closed:
+                    raise errors.ConnectionClosedError(_CUT) from None
                 _raise_send_error(exc)
             if written < len(frame):
                 with self._pending_lock:
@@ -511,7 +534,7 @@ class SocketTransport(Transport):
         self._send_views(views, deadline)
 
     def _send_views(self, views: list, deadline: Deadline) -> None:
-        self._enter_tx()
+        self._enter_tx(deadline is None and self._plain is not None)
         try:
             # Held by the background flush while a parked frame is still being written.
             self._acquire_pending_lock(deadline)
@@ -574,7 +597,6 @@ class SocketTransport(Transport):
                 if ev == _CLOSED:
                     raise errors.ConnectionClosedError()
                 if ev == 0:
-                    reader.keep_partial()
                     return None
             return frame
         except errors.MessageTooLongError:
@@ -585,6 +607,9 @@ class SocketTransport(Transport):
             self._rx_broken = exc
             raise
         finally:
+            # Leaving mid-payload (deadline, KeyboardInterrupt): keep what came in our own
+            # buffer, not the caller's.
+            reader.keep_partial()
             reader.into = None
 
     def _receive_new(self, maxlength: Optional[int], deadline: Deadline) -> Any:
@@ -622,10 +647,11 @@ class SocketTransport(Transport):
                 data = sock.recv(size)
             else:
                 data = sock.recv(size, _DONTWAIT)
-        except BlockingIOError:
+        except (BlockingIOError, ConnectionResetError):
             data = b""
-        except ConnectionResetError:
-            data = b""
+        except BaseException:
+            self._reader.feed(head)  # e.g. KeyboardInterrupt: the header is not lost
+            raise
         if len(data) == size:
             return data
         return self._receive(maxlength, deadline, head=head + data)

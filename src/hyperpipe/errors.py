@@ -104,7 +104,7 @@ class MessageTooLongError(HyperpipeError, OSError):
 
 
 class ProtocolError(HyperpipeError, OSError):
-    """A frame is corrupt or truncated, e.g. "got end of file during message"."""
+    """A frame is corrupt (a truncated one is ``TruncatedMessageError``)."""
 
 
 class TruncatedMessageError(PeerClosedError, ProtocolError):

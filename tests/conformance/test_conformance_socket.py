@@ -123,12 +123,13 @@ def test_close_during_a_big_send_finishes_the_frame(impl, run_in_thread):
 
 
 @pytest.mark.deliberate_difference(CLOSE_REASON)
-def test_close_during_a_big_send_is_bounded(impl, run_in_thread):
+@pytest.mark.parametrize("timeout", [None, 60.0], ids=["blocking-write", "polled-write"])
+def test_close_during_a_big_send_is_bounded(impl, run_in_thread, timeout):
     """Nobody reads: close() gives up on the frame after the bound; the reader then gets
     the whole messages before it and an EOFError, never a half message as data."""
     a, b = impl.Pipe()
     a.send_bytes(b"whole")
-    sender = run_in_thread(a.send_bytes, _big(4))
+    sender = run_in_thread(lambda: a.send_bytes(_big(4), timeout=timeout))
     time.sleep(0.2)
     start = time.monotonic()
     a.close()
