@@ -14,8 +14,9 @@ Hardening over the 3.11 code: every handshake frame is bounded (256 bytes, check
 the header before anything is read), digests are compared with ``hmac.compare_digest``,
 no ``assert`` guards the protocol, and every read and write has a deadline.
 
-**Out-of-band frames.** Each hyperpipe side appends ``OOB_TAG`` to the random part of the
-challenge it sends. A standard-library peer only MACs the challenge (any length from 20
+**Out-of-band frames.** Each hyperpipe Listener/Client (and ``hyperpipe.asyncio``) side
+appends ``OOB_TAG`` to the random part of the challenge it sends (``deliver_challenge``,
+which may run on any connection object, does not). A standard-library peer only MACs the challenge (any length from 20
 bytes up is fine for it), so it never notices; a hyperpipe peer that finds the tag in the
 challenge it answered knows the other side reads hyperpipe's out-of-band frames. The
 handshake generators return that finding (``True``/``False``), and the drivers pass it on.
@@ -127,11 +128,17 @@ def _verify_response(authkey: bytes, message: bytes, response: bytes) -> None:
 # -- the protocol, without I/O ---------------------------------------------------------
 
 
-def deliver_steps(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
-    """Challenge the peer and check its answer (the serving side speaks first)."""
+def deliver_steps(
+    authkey: bytes, digest_name: str = DEFAULT_DIGEST, *, announce: bool = False
+) -> Step:
+    """Challenge the peer and check its answer (the serving side speaks first).
+
+    ``announce``: append ``OOB_TAG`` (only where our SocketTransport reads the connection).
+    """
     if digest_name.encode("ascii") not in ALLOWED_DIGESTS:
         raise ValueError(f"unsupported digest {digest_name!r}")
-    message = b"{%s}%s%s" % (digest_name.encode("ascii"), os.urandom(MESSAGE_LENGTH), OOB_TAG)
+    tag = OOB_TAG if announce else b""
+    message = b"{%s}%s%s" % (digest_name.encode("ascii"), os.urandom(MESSAGE_LENGTH), tag)
     yield CHALLENGE + message
     response = yield None
     assert response is not None
@@ -166,14 +173,14 @@ def answer_steps(authkey: bytes) -> Step:
 
 def server_handshake(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
     """What ``Listener.accept`` runs: challenge, then answer (mutual authentication)."""
-    yield from deliver_steps(authkey, digest_name)
+    yield from deliver_steps(authkey, digest_name, announce=True)
     return (yield from answer_steps(authkey))
 
 
 def client_handshake(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
     """What ``Client`` runs: answer, then challenge."""
     peer_oob = yield from answer_steps(authkey)
-    yield from deliver_steps(authkey, digest_name)
+    yield from deliver_steps(authkey, digest_name, announce=True)
     return peer_oob
 
 

@@ -162,6 +162,20 @@ def test_impossible_out_of_band_headers_break_the_connection(
             conn.recv(timeout=0)
 
 
+def test_only_the_listener_and_client_handshakes_announce() -> None:
+    """Their challenge carries the tag after the 40 random bytes (the stdlib MACs it all);
+    deliver_challenge, which may run on any connection object, does not announce."""
+    for steps, announced in [
+        (_auth.server_handshake(KEY), True),
+        (_auth.deliver_steps(KEY), False),
+    ]:
+        challenge = steps.send(None)
+        assert challenge.startswith(b"#CHALLENGE#{sha256}")
+        message = challenge[len(b"#CHALLENGE#{sha256}") :]
+        assert message.endswith(_auth.OOB_TAG) is announced
+        assert len(message) == _auth.MESSAGE_LENGTH + announced * len(_auth.OOB_TAG)
+
+
 def test_the_handshake_reader_refuses_out_of_band_frames() -> None:
     reader = _auth.handshake_frame_reader()
     target = reader.target()
