@@ -16,10 +16,11 @@ no ``assert`` guards the protocol, and every read and write has a deadline.
 
 **Out-of-band frames.** Each hyperpipe Listener/Client (and ``hyperpipe.asyncio``) side
 appends ``OOB_TAG`` to the random part of the challenge it sends (``deliver_challenge``,
-which may run on any connection object, does not). A standard-library peer only MACs the challenge (any length from 20
-bytes up is fine for it), so it never notices; a hyperpipe peer that finds the tag in the
-challenge it answered knows the other side reads hyperpipe's out-of-band frames. The
-handshake generators return that finding (``True``/``False``), and the drivers pass it on.
+which may run on any connection object, does not). A standard-library peer only MACs the
+challenge (any length from 20 bytes up is fine for it), so it never notices; a hyperpipe
+peer that finds the tag in the challenge it answered knows the other side reads
+hyperpipe's out-of-band frames. The handshake generators return that finding
+(``True``/``False``), and the drivers pass it on.
 
 The protocol itself is written once, as generators that do no I/O ("sans-IO"): they
 yield ``bytes`` to send, or ``None`` to ask for the next frame, which the driver sends

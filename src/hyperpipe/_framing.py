@@ -213,7 +213,7 @@ class FrameReader:
         return frame
 
     def advance(self, n: int) -> Any:
-        """``n`` bytes were written into ``target()``; returns the frame once complete, else None."""
+        """``n`` bytes were written into ``target()``: the frame once complete, else None."""
         self._got += n
         self.in_frame = True
         while self._got == self._need:

@@ -71,7 +71,10 @@ _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # _wait(): close() woke the call.
 _CLOSED = -1
 _NOSIGNAL = int(socket.MSG_NOSIGNAL)
-_CUT = f"closed while sending: the peer read nothing for {CLOSE_SEND_BOUND} s, so the message was cut"
+_CUT = (
+    f"closed while sending: the peer read nothing for {CLOSE_SEND_BOUND} s, "
+    "so the message was cut"
+)
 
 
 class SocketTransport(Transport):

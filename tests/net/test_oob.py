@@ -223,7 +223,9 @@ def test_hyperpipe_peers_negotiate_with_a_key(family: str, address_for: Any, aut
 
 
 @pytest.mark.parametrize("authkey", [None, KEY], ids=["no-key", "key"])
-def test_a_stdlib_listener_gets_ordinary_frames(family: str, address_for: Any, authkey: Any) -> None:
+def test_a_stdlib_listener_gets_ordinary_frames(
+    family: str, address_for: Any, authkey: Any
+) -> None:
     with mpc.Listener(address_for(family), authkey=authkey) as listener:
         thread, outcome = _served(listener, _echo)
         with Client(listener.address, authkey=authkey, timeout=STEP_TIMEOUT) as conn:
@@ -246,7 +248,9 @@ def test_a_stdlib_client_gets_ordinary_frames(family: str, address_for: Any, aut
         assert got == _message() and server_oob is False
 
 
-def test_an_asyncio_server_reads_what_a_client_sends_out_of_band(family: str, address_for: Any) -> None:
+def test_an_asyncio_server_reads_what_a_client_sends_out_of_band(
+    family: str, address_for: Any
+) -> None:
     """hyperpipe.asyncio.serve announces (its handshake is _auth's) and reads the frames."""
     import asyncio
 
