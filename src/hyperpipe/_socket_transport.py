@@ -70,6 +70,9 @@ _ERRNO_PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN, errno.ENOTCO
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # _wait(): close() woke the call.
 _CLOSED = -1
+# close(): how long a call woken by the eventfd may take to leave before it is taken to be
+# blocked in the kernel (recv/send with no deadline) and the socket is shut down.
+_WAKE_GRACE = 0.05
 _NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _CUT = (
     f"closed while sending: the peer read nothing for {CLOSE_SEND_BOUND} s, "
@@ -129,16 +132,14 @@ class SocketTransport(Transport):
         self._init_state()
 
     def _init_state(self) -> None:
-        # Calls using the descriptor (the Connection lets one thread at a time receive
-        # and one send) mark themselves busy under _state_lock; close() reads the marks
-        # under the same lock, so whichever comes last sees the other (no reliance on
-        # the GIL). flush() and the background flush count in _active.
+        # The descriptor is only closed once no call is using it (no fd-reuse race). The
+        # Connection lets one thread at a time receive and one send; each holds its
+        # direction's gate while it uses the descriptor, and close() takes both gates
+        # before it closes it. flush() and the background flush count in _active, under
+        # _state_lock. Locks throughout: nothing relies on the GIL.
         self._state_lock = threading.Lock()
-        self._tx_done = threading.Condition(self._state_lock)
-        self._rx_busy = False
-        self._rx_blocking = False  # the receiver is (about to be) inside a blocking recv
-        self._tx_busy = False
-        self._tx_blocking = False  # the sender is (about to be) inside a blocking write
+        self._rx_gate = threading.Lock()
+        self._tx_gate = threading.Lock()
         self._active = 0
         self._closed = False
         self._close_by = 0.0
@@ -172,48 +173,27 @@ class SocketTransport(Transport):
                 return
         self._release_if_idle()
 
-    # The four below run on every call: acquire()/release() rather than "with", which
-    # costs twice as much; nothing between them can raise.
-    def _enter_rx(self, blocking: bool) -> None:
-        lock = self._state_lock
-        lock.acquire()
-        closed = self._closed
-        if not closed:
-            self._rx_busy = True
-            self._rx_blocking = blocking
-        lock.release()
-        if closed:
+    # Every call: a gate and a flag, one acquire and one release.
+    def _enter_rx(self) -> None:
+        self._rx_gate.acquire()
+        if self._closed:
+            self._rx_gate.release()
             raise errors.ConnectionClosedError()
 
     def _leave_rx(self) -> None:
-        lock = self._state_lock
-        lock.acquire()
-        self._rx_busy = self._rx_blocking = False
-        closed = self._closed
-        lock.release()
-        if closed:
+        self._rx_gate.release()
+        if self._closed:
             self._release_if_idle()
 
-    def _enter_tx(self, blocking: bool) -> None:
-        lock = self._state_lock
-        lock.acquire()
-        closed = self._closed
-        if not closed:
-            self._tx_busy = True
-            self._tx_blocking = blocking
-        lock.release()
-        if closed:
+    def _enter_tx(self) -> None:
+        self._tx_gate.acquire()
+        if self._closed:
+            self._tx_gate.release()
             raise errors.ConnectionClosedError()
 
     def _leave_tx(self) -> None:
-        lock = self._state_lock
-        lock.acquire()
-        self._tx_busy = self._tx_blocking = False
-        closed = self._closed
-        if closed:
-            self._tx_done.notify_all()
-        lock.release()
-        if closed:
+        self._tx_gate.release()
+        if self._closed:
             self._release_if_idle()
 
     def close(self) -> None:
@@ -223,39 +203,54 @@ class SocketTransport(Transport):
             self._closed = True
             self._close_by = time.monotonic() + CLOSE_SEND_BOUND
             wake = self._wake_fd
-            shut_rx = self._rx_blocking
         if wake >= 0:
             try:
                 os.eventfd_write(wake, 1)
             except OSError:
                 pass
-        if shut_rx:
-            # A receiver blocked in recv() itself: only a shutdown wakes it.
-            try:
-                self._sock.shutdown(socket.SHUT_RD)  # type: ignore[union-attr]
-            except OSError:
-                pass
-        with self._state_lock:
-            # A frame being sent finishes first (bounded): the peer never sees half of it.
-            # (A close() from a signal handler interrupting that very send waits out the
-            # bound, then the send finishes or is cut as below.)
-            if self._tx_busy:
-                self._tx_done.wait_for(lambda: not self._tx_busy, CLOSE_SEND_BOUND)
-            shut_tx = self._tx_blocking
-        if shut_tx:
-            # A write blocked in the kernel past the bound: only a shutdown ends it.
-            try:
-                self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
-            except OSError:
-                pass
+        # A receive waiting in poll() leaves at once; one still inside after a moment is
+        # blocked in recv() itself, which only a shutdown wakes.
+        rx_idle = self._rx_gate.acquire(timeout=_WAKE_GRACE)
+        if not rx_idle:
+            self._shutdown(socket.SHUT_RD)
+            rx_idle = self._rx_gate.acquire(timeout=CLOSE_SEND_BOUND)
+        # A frame being sent is finished first (bounded): the peer never sees half of it.
+        # Past the bound a write blocked in the kernel is ended by a shutdown. (A close()
+        # from a signal handler interrupting that very send waits out the bound.)
+        tx_idle = self._tx_gate.acquire(timeout=CLOSE_SEND_BOUND)
+        if not tx_idle:
+            self._shutdown(socket.SHUT_WR)
+            tx_idle = self._tx_gate.acquire(timeout=CLOSE_SEND_BOUND)
+        if rx_idle:
+            self._rx_gate.release()
+        if tx_idle:
+            self._tx_gate.release()
+        # Whichever comes last of close() and the calls still inside closes the fd.
         self._release_if_idle()
 
+    def _shutdown(self, how: int) -> None:
+        if self._plain is not None:
+            try:
+                self._plain.shutdown(how)
+            except OSError:
+                pass
+
     def _release_if_idle(self) -> None:
-        with self._state_lock:
-            if self._released or self._active or self._rx_busy or self._tx_busy:
-                return
-            self._released = True
-        self._release()
+        if not self._rx_gate.acquire(False):
+            return  # a receive is inside: it comes here on leaving
+        try:
+            if not self._tx_gate.acquire(False):
+                return  # likewise a send
+            try:
+                with self._state_lock:
+                    if self._released or self._active:
+                        return
+                    self._released = True
+                self._release()
+            finally:
+                self._tx_gate.release()
+        finally:
+            self._rx_gate.release()
 
     def _release(self) -> None:
         # Runs once: after close(), when the last call using the descriptor has left
@@ -505,7 +500,7 @@ class SocketTransport(Transport):
         # and, senders being one at a time, none can start before this frame is written.
         sock = self._plain
         blocking = deadline is None and sock is not None
-        self._enter_tx(blocking)
+        self._enter_tx()
         try:
             try:
                 if sock is not None:
@@ -537,7 +532,7 @@ class SocketTransport(Transport):
         self._send_views(views, deadline)
 
     def _send_views(self, views: list, deadline: Deadline) -> None:
-        self._enter_tx(deadline is None and self._plain is not None)
+        self._enter_tx()
         try:
             # Held by the background flush while a parked frame is still being written.
             self._acquire_pending_lock(deadline)
@@ -663,7 +658,7 @@ class SocketTransport(Transport):
         self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
     ) -> Any:
         """One frame as ``_receive`` returns it; TimeoutError at the deadline."""
-        self._enter_rx(deadline is None and self._plain is not None)
+        self._enter_rx()
         try:
             if into is None and not (
                 self._reader.in_frame or self._is_ssl or self._rx_broken or self._rx_ready
@@ -702,7 +697,7 @@ class SocketTransport(Transport):
         return size
 
     def poll(self, timeout: Optional[float]) -> bool:
-        self._enter_rx(False)
+        self._enter_rx()
         try:
             if self._rx_broken is not None or self._rx_ready is not None:
                 return True
