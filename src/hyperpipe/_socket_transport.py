@@ -210,23 +210,22 @@ class SocketTransport(Transport):
                 pass
         # A receive waiting in poll() leaves at once; one still inside after a moment is
         # blocked in recv() itself, which only a shutdown wakes.
-        rx_idle = self._rx_gate.acquire(timeout=_WAKE_GRACE)
-        if not rx_idle:
-            self._shutdown(socket.SHUT_RD)
-            rx_idle = self._rx_gate.acquire(timeout=CLOSE_SEND_BOUND)
+        self._wait_for_call(self._rx_gate, _WAKE_GRACE, socket.SHUT_RD)
         # A frame being sent is finished first (bounded): the peer never sees half of it.
         # Past the bound a write blocked in the kernel is ended by a shutdown. (A close()
         # from a signal handler interrupting that very send waits out the bound.)
-        tx_idle = self._tx_gate.acquire(timeout=CLOSE_SEND_BOUND)
-        if not tx_idle:
-            self._shutdown(socket.SHUT_WR)
-            tx_idle = self._tx_gate.acquire(timeout=CLOSE_SEND_BOUND)
-        if rx_idle:
-            self._rx_gate.release()
-        if tx_idle:
-            self._tx_gate.release()
+        self._wait_for_call(self._tx_gate, CLOSE_SEND_BOUND, socket.SHUT_WR)
         # Whichever comes last of close() and the calls still inside closes the fd.
         self._release_if_idle()
+
+    def _wait_for_call(self, gate: Any, patience: float, shutdown: int) -> None:
+        """Wait until the call holding ``gate`` has left; past ``patience`` it is blocked
+        in the kernel: shut that direction down, and give it the bound to leave."""
+        if not gate.acquire(timeout=patience):
+            self._shutdown(shutdown)
+            if not gate.acquire(timeout=CLOSE_SEND_BOUND):
+                return  # still inside: it closes the descriptor when it leaves
+        gate.release()
 
     def _shutdown(self, how: int) -> None:
         if self._plain is not None:
