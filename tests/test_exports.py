@@ -33,6 +33,7 @@ DOCUMENTED = {
     "DirectionError",
     "MessageTooLongError",
     "ProtocolError",
+    "TruncatedMessageError",
 }
 # public submodules re-exported by name
 DOCUMENTED_SUBMODULES = {"errors"}
@@ -48,6 +49,7 @@ ERROR_NAMES = {
     "DirectionError",
     "MessageTooLongError",
     "ProtocolError",
+    "TruncatedMessageError",
 }
 
 # what each exception must also be, so that existing `except` clauses keep working
@@ -56,6 +58,7 @@ STDLIB_BASES = {
     "AuthenticationError": multiprocessing.AuthenticationError,
     "TimeoutError": (builtins.TimeoutError, multiprocessing.TimeoutError),
     "PeerClosedError": EOFError,
+    "TruncatedMessageError": (EOFError, OSError),
     "BrokenPipeError": builtins.BrokenPipeError,
     "ConnectionClosedError": OSError,
     "DirectionError": OSError,

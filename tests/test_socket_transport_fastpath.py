@@ -255,32 +255,36 @@ def test_a_small_frame_cut_by_a_full_socket_is_parked_whole() -> None:
         b.close()
 
 
-def test_close_wakes_a_receiver_waiting_in_the_fast_path(run_in_thread: Any) -> None:
-    """After a frame that had to be waited for, the next receive polls before reading."""
-    a, b = hyperpipe.Pipe(transport="socket")
+@pytest.mark.parametrize("kind", ["socketpair", "pipe"])
+@pytest.mark.parametrize("timeout", [None, 60.0])
+def test_close_wakes_a_receiver_blocked_in_recv(
+    kind: str, timeout: Any, run_in_thread: Any
+) -> None:
+    """With no timeout a socket end waits in recv() itself (no poll), and close() from
+    another thread still wakes it; with a timeout, or on a pipe end, it waits in poll()."""
+    rx, tx, _ = _ends(kind)
     try:
-        thread = run_in_thread(lambda: (time.sleep(0.1), b.send_bytes(b"late")))
-        assert a.recv_bytes() == b"late"
-        thread.join(10)
-        assert a._transport._rx_eager is False  # so the next call waits in poll() first
         started = threading.Event()
 
         def blocked() -> None:
             started.set()
-            a.recv_bytes()
+            rx.recv_bytes(timeout=timeout)
 
         waiter = run_in_thread(blocked)
         assert started.wait(10)
         time.sleep(0.2)
         assert waiter.is_alive()
-        a.close()
+        # Waiting in poll() needs the wake-up eventfd; blocking in recv() does not.
+        blocks_in_recv = kind == "socketpair" and timeout is None
+        assert (rx._transport._wake_fd < 0) is blocks_in_recv
+        rx.close()
         waiter.join(10)
         assert not waiter.is_alive(), "close() did not wake the receiver"
         assert len(waiter.errors) == 1
-        assert isinstance(waiter.errors[0], OSError) and not isinstance(waiter.errors[0], EOFError)
+        assert isinstance(waiter.errors[0], hyperpipe.ConnectionClosedError)
     finally:
-        a.close()
-        b.close()
+        rx.close()
+        tx.close()
 
 
 def test_the_descriptor_is_closed_once_the_last_call_has_left(run_in_thread: Any) -> None:

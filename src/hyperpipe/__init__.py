@@ -34,6 +34,7 @@ from .errors import MessageTooLongError as MessageTooLongError
 from .errors import PeerClosedError as PeerClosedError
 from .errors import ProtocolError as ProtocolError
 from .errors import TimeoutError as TimeoutError
+from .errors import TruncatedMessageError as TruncatedMessageError
 
 from ._listener import Client as Client
 from ._listener import Listener as Listener
@@ -74,6 +75,7 @@ __all__ = [
     "DirectionError",
     "MessageTooLongError",
     "ProtocolError",
+    "TruncatedMessageError",
 ]
 
 for _name in ("Connection", "Pipe", "wait", "WaitSet", "Listener", "Client"):

@@ -14,6 +14,14 @@ Hardening over the 3.11 code: every handshake frame is bounded (256 bytes, check
 the header before anything is read), digests are compared with ``hmac.compare_digest``,
 no ``assert`` guards the protocol, and every read and write has a deadline.
 
+**Out-of-band frames.** Each hyperpipe Listener/Client (and ``hyperpipe.asyncio``) side
+appends ``OOB_TAG`` to the random part of the challenge it sends (``deliver_challenge``,
+which may run on any connection object, does not). A standard-library peer only MACs the
+challenge (any length from 20 bytes up is fine for it), so it never notices; a hyperpipe
+peer that finds the tag in the challenge it answered knows the other side reads
+hyperpipe's out-of-band frames. The handshake generators return that finding
+(``True``/``False``), and the drivers pass it on.
+
 The protocol itself is written once, as generators that do no I/O ("sans-IO"): they
 yield ``bytes`` to send, or ``None`` to ask for the next frame, which the driver sends
 back in. Three drivers run them: ``run_on_connection`` (any object with
@@ -27,11 +35,11 @@ from __future__ import annotations
 import hmac
 import os
 import socket
-import struct
 import time
 from typing import Any, Generator, Optional
 
-from .errors import AuthenticationError
+from . import _framing
+from .errors import AuthenticationError, MessageTooLongError, ProtocolError
 from .errors import TimeoutError as HyperpipeTimeoutError
 
 __all__ = [
@@ -50,6 +58,8 @@ CHALLENGE = b"#CHALLENGE#"
 WELCOME = b"#WELCOME#"
 FAILURE = b"#FAILURE#"
 MESSAGE_LENGTH = 40  # random bytes in a modern challenge; must be > 20
+#: Appended to our challenges: "this side reads hyperpipe's out-of-band frames" (docs/wire.md).
+OOB_TAG = b"|hyperpipe-oob/1"
 
 #: No handshake frame may be longer (the standard library's ``recv_bytes(256)``).
 MAX_HANDSHAKE_FRAME = 256
@@ -64,11 +74,9 @@ _LEGACY_CHALLENGE_LENGTH = 20
 _MD5_DIGEST_LENGTH = 16
 _LEGACY_LENGTHS = (_LEGACY_CHALLENGE_LENGTH, _MD5_DIGEST_LENGTH)
 
-_HEADER = struct.Struct("!i")
-_LONG_HEADER = struct.Struct("!Q")
-
-# What the generators yield: bytes to send, or None to receive one frame.
-Step = Generator[Optional[bytes], Optional[bytes], None]
+# What the generators yield: bytes to send, or None to receive one frame; they return
+# whether the peer announced out-of-band frames (deliver_steps returns None).
+Step = Generator[Optional[bytes], Optional[bytes], Optional[bool]]
 
 
 def check_authkey(authkey: Any) -> None:
@@ -121,11 +129,17 @@ def _verify_response(authkey: bytes, message: bytes, response: bytes) -> None:
 # -- the protocol, without I/O ---------------------------------------------------------
 
 
-def deliver_steps(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
-    """Challenge the peer and check its answer (the serving side speaks first)."""
+def deliver_steps(
+    authkey: bytes, digest_name: str = DEFAULT_DIGEST, *, announce: bool = False
+) -> Step:
+    """Challenge the peer and check its answer (the serving side speaks first).
+
+    ``announce``: append ``OOB_TAG`` (only where our SocketTransport reads the connection).
+    """
     if digest_name.encode("ascii") not in ALLOWED_DIGESTS:
         raise ValueError(f"unsupported digest {digest_name!r}")
-    message = b"{%s}%s" % (digest_name.encode("ascii"), os.urandom(MESSAGE_LENGTH))
+    tag = OOB_TAG if announce else b""
+    message = b"{%s}%s%s" % (digest_name.encode("ascii"), os.urandom(MESSAGE_LENGTH), tag)
     yield CHALLENGE + message
     response = yield None
     assert response is not None
@@ -135,10 +149,12 @@ def deliver_steps(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
         yield FAILURE
         raise
     yield WELCOME
+    return None
 
 
 def answer_steps(authkey: bytes) -> Step:
-    """Answer the peer's challenge and read its verdict."""
+    """Answer the peer's challenge and read its verdict; True if the peer is hyperpipe and
+    reads out-of-band frames (its challenge carried ``OOB_TAG``)."""
     message = yield None
     assert message is not None
     if not message.startswith(CHALLENGE):
@@ -153,42 +169,53 @@ def answer_steps(authkey: bytes) -> Step:
     verdict = yield None
     if verdict != WELCOME:
         raise AuthenticationError("digest sent was rejected")
+    return message.endswith(OOB_TAG)
 
 
 def server_handshake(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
     """What ``Listener.accept`` runs: challenge, then answer (mutual authentication)."""
-    yield from deliver_steps(authkey, digest_name)
-    yield from answer_steps(authkey)
+    yield from deliver_steps(authkey, digest_name, announce=True)
+    return (yield from answer_steps(authkey))
 
 
 def client_handshake(authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> Step:
     """What ``Client`` runs: answer, then challenge."""
-    yield from answer_steps(authkey)
-    yield from deliver_steps(authkey, digest_name)
+    peer_oob = yield from answer_steps(authkey)
+    yield from deliver_steps(authkey, digest_name, announce=True)
+    return peer_oob
 
 
-# -- framing ---------------------------------------------------------------------------
+# -- framing (the socket transport's, from _framing) ------------------------------------
 
 
 def encode_frame(payload: bytes) -> bytes:
-    """The stdlib framing; handshake frames are always short."""
-    return _HEADER.pack(len(payload)) + payload
+    """One stdlib frame; handshake frames are always short."""
+    return _framing.header(len(payload)) + payload
 
 
-def _checked_length(length: int) -> int:
-    if length < 0 or length > MAX_HANDSHAKE_FRAME:
+def handshake_frame_reader() -> _framing.FrameReader:
+    """Reads stdlib frames of at most ``MAX_HANDSHAKE_FRAME`` bytes, exactly."""
+    return _framing.FrameReader(MAX_HANDSHAKE_FRAME, oob=False)
+
+
+def advance_handshake_reader(reader: _framing.FrameReader, n: int) -> Optional[bytes]:
+    """``reader.advance(n)`` with framing errors as ``AuthenticationError``."""
+    try:
+        frame = reader.advance(n)
+    except (MessageTooLongError, ProtocolError) as exc:
         raise AuthenticationError(
-            f"handshake message of {length} bytes refused (at most {MAX_HANDSHAKE_FRAME}); "
+            f"handshake message refused ({exc}; at most {MAX_HANDSHAKE_FRAME} bytes); "
             "is the peer using an authkey?"
-        )
-    return length
+        ) from None
+    return None if frame is None else bytes(frame)
 
 
 # -- driver 1: a stdlib-style connection object ----------------------------------------
 
 
-def run_on_connection(steps: Step, connection: Any) -> None:
-    """Run a handshake over ``connection.send_bytes`` / ``connection.recv_bytes(256)``."""
+def run_on_connection(steps: Step, connection: Any) -> Optional[bool]:
+    """Run a handshake over ``connection.send_bytes`` / ``connection.recv_bytes(256)``;
+    returns what the steps return."""
     reply: Optional[bytes] = None
     try:
         request = steps.send(None)
@@ -204,8 +231,8 @@ def run_on_connection(steps: Step, connection: Any) -> None:
                 connection.send_bytes(request)
                 reply = None
             request = steps.send(reply)
-    except StopIteration:
-        return
+    except StopIteration as done:
+        return done.value
 
 
 def deliver_challenge(connection: Any, authkey: bytes, digest_name: str = DEFAULT_DIGEST) -> None:
@@ -232,35 +259,30 @@ def _remaining(deadline: Optional[float], what: str) -> Optional[float]:
     return left
 
 
-def _recv_exactly(sock: socket.socket, size: int, deadline: Optional[float], what: str) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
+def _recv_handshake_frame(sock: socket.socket, deadline: Optional[float], what: str) -> bytes:
+    reader = handshake_frame_reader()
+    while True:
         sock.settimeout(_remaining(deadline, what))
         try:
-            chunk = sock.recv(size - len(chunks))
+            n = sock.recv_into(reader.target())
         except socket.timeout:
             raise HyperpipeTimeoutError(f"{what} timed out") from None
-        if not chunk:
+        if not n:
             raise AuthenticationError(
                 f"the peer closed the connection during the {what} "
                 "(a wrong key, or an authkey on one side only?)"
             )
-        chunks += chunk
-    return bytes(chunks)
+        frame = advance_handshake_reader(reader, n)
+        if frame is not None:
+            return frame
 
 
-def _recv_handshake_frame(sock: socket.socket, deadline: Optional[float], what: str) -> bytes:
-    (length,) = _HEADER.unpack(_recv_exactly(sock, 4, deadline, what))
-    if length == -1:
-        (length,) = _LONG_HEADER.unpack(_recv_exactly(sock, 8, deadline, what))
-    return _recv_exactly(sock, _checked_length(length), deadline, what)
-
-
-def run_on_socket(steps: Step, sock: socket.socket, deadline: Optional[float]) -> None:
+def run_on_socket(steps: Step, sock: socket.socket, deadline: Optional[float]) -> Optional[bool]:
     """Run a handshake on a connected socket; ``deadline`` bounds all of it.
 
-    Leaves the socket blocking (no timeout). Raises ``AuthenticationError`` on a protocol
-    failure and ``hyperpipe.TimeoutError`` when the deadline passes.
+    Returns what the steps return (whether the peer reads out-of-band frames). Leaves the
+    socket blocking (no timeout). Raises ``AuthenticationError`` on a protocol failure and
+    ``hyperpipe.TimeoutError`` when the deadline passes.
     """
     what = "authentication handshake"
     try:
@@ -276,8 +298,8 @@ def run_on_socket(steps: Step, sock: socket.socket, deadline: Optional[float]) -
                     raise HyperpipeTimeoutError(f"{what} timed out") from None
                 reply = None
             request = steps.send(reply)
-    except StopIteration:
-        pass
+    except StopIteration as done:
+        return done.value
     finally:
         try:
             sock.settimeout(None)
@@ -301,13 +323,13 @@ class HandshakeReader:
         self._sock = sock
         self._steps = steps
         self._outgoing = b""
-        self._incoming = bytearray()
-        self._need = 4  # bytes wanted before the next decision
-        self._stage = "header"  # header | long_header | body
+        self._frames = handshake_frame_reader()
         self._waiting_for_frame = False
         self.wants_write = False
         self._done = steps is None
         self._started = False
+        #: What the steps returned: whether the peer reads out-of-band frames.
+        self.peer_oob = False
 
     def advance(self) -> bool:
         if self._done:
@@ -332,7 +354,8 @@ class HandshakeReader:
         assert self._steps is not None
         try:
             request = self._steps.send(reply)
-        except StopIteration:
+        except StopIteration as done:
+            self.peer_oob = bool(done.value)
             self._done = True
             self._waiting_for_frame = False
             return
@@ -362,42 +385,24 @@ class HandshakeReader:
 
     def _read_frame(self) -> Optional[bytes]:
         while True:
-            missing = self._need - len(self._incoming)
-            while missing > 0:
-                try:
-                    chunk = self._sock.recv(missing)
-                except (BlockingIOError, InterruptedError):
+            try:
+                n = self._sock.recv_into(self._frames.target())
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                if _ssl_wants(exc) == "write":
+                    self.wants_write = True
                     return None
-                except OSError as exc:
-                    if _ssl_wants(exc) == "write":
-                        self.wants_write = True
-                        return None
-                    if _ssl_wants(exc) == "read":
-                        return None
-                    raise
-                if not chunk:
-                    raise AuthenticationError(
-                        "the peer closed the connection during the authentication handshake"
-                    )
-                self._incoming += chunk
-                missing -= len(chunk)
-            data = bytes(self._incoming)
-            self._incoming.clear()
-            if self._stage == "header":
-                (length,) = _HEADER.unpack(data)
-                if length == -1:
-                    self._stage, self._need = "long_header", 8
-                else:
-                    self._stage, self._need = "body", _checked_length(length)
-            elif self._stage == "long_header":
-                (length,) = _LONG_HEADER.unpack(data)
-                self._stage, self._need = "body", _checked_length(length)
-            else:
-                self._stage, self._need = "header", 4
-                return data
-            if self._stage == "body" and self._need == 0:
-                self._stage, self._need = "header", 4
-                return b""
+                if _ssl_wants(exc) == "read":
+                    return None
+                raise
+            if not n:
+                raise AuthenticationError(
+                    "the peer closed the connection during the authentication handshake"
+                )
+            frame = advance_handshake_reader(self._frames, n)
+            if frame is not None:
+                return frame
 
 
 def _ssl_wants(exc: BaseException) -> Optional[str]:

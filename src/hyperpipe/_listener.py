@@ -162,12 +162,20 @@ def _uses_default_pickle(codec: Any) -> bool:
     return type(codec) is PickleCodec and codec.protocol == PickleCodec().protocol
 
 
-def _make_connection(sock: socket.socket, codec: Any, max_message_size: Optional[int]) -> Any:
-    """Hand a connected, authenticated socket to a hyperpipe Connection (it takes ownership)."""
+def _make_connection(
+    sock: socket.socket, codec: Any, max_message_size: Optional[int], oob: bool = False
+) -> Any:
+    """Hand a connected, authenticated socket to a hyperpipe Connection (it takes ownership).
+
+    ``oob``: the peer announced that it reads out-of-band frames (the handshake found out).
+    """
     from ._connection import Connection
     from ._socket_transport import SocketTransport
 
-    transport = SocketTransport.from_socket(sock, max_message_size=max_message_size)
+    # No TCP_NODELAY: every frame goes out with one write call anyway, and with it each
+    # small message of a stream costs the sender a segment of its own (measured: 100-byte
+    # streaming at half the stdlib's rate, docs/wire.md).
+    transport = SocketTransport.from_socket(sock, max_message_size=max_message_size, oob=oob)
     if _uses_default_pickle(codec):
         return Connection(transport)  # the Connection's own pickle path (stdlib-identical)
     return Connection(transport, codec=codec)
@@ -436,7 +444,9 @@ class Listener:
         sock = pending.sock
         try:
             sock.setblocking(True)
-            connection = _make_connection(sock, self._codec, self._max_message_size)
+            connection = _make_connection(
+                sock, self._codec, self._max_message_size, pending.reader.peer_oob
+            )
         except BaseException:
             sock.close()
             raise
@@ -546,13 +556,16 @@ def Client(
                 sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname)
         except socket.timeout:
             raise HyperpipeTimeoutError(f"connecting to {address!r} timed out") from None
+        peer_oob = False
         if authkey is not None:
             handshake_deadline = deadline
             if handshake_timeout is not None:
                 limit = time.monotonic() + handshake_timeout
                 handshake_deadline = limit if deadline is None else min(deadline, limit)
             try:
-                _auth.run_on_socket(_auth.client_handshake(authkey), sock, handshake_deadline)
+                peer_oob = bool(
+                    _auth.run_on_socket(_auth.client_handshake(authkey), sock, handshake_deadline)
+                )
             except HyperpipeTimeoutError:
                 raise HyperpipeTimeoutError(
                     f"the authentication handshake with {address!r} did not complete in time "
@@ -561,7 +574,7 @@ def Client(
         sock.settimeout(None)
         if authkey is None and _uses_default_pickle(codec_obj):
             codec_obj = _ChallengeGuard()
-        return _make_connection(sock, codec_obj, max_message_size)
+        return _make_connection(sock, codec_obj, max_message_size, peer_oob)
     except BaseException:
         sock.close()
         raise

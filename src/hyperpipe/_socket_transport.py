@@ -1,60 +1,62 @@
 """The socket transport: frames over a stream socket or a pipe, in the standard library's format.
 
-Wire format (identical to ``multiprocessing.connection.Connection`` on POSIX): a 4-byte
-big-endian signed length ``!i``, or ``-1`` followed by an 8-byte ``!Q`` length when the
-message is longer than 2**31 - 1 bytes; then the payload. Frames are read exactly (no
-read-ahead), so several processes may share one end under a lock as with the stdlib, and
+The frames are those of ``multiprocessing.connection`` (``_framing`` builds and parses
+them), plus hyperpipe's out-of-band frame, sent only to a peer known to read it: the other
+end of ``Pipe(transport="socket")``, or a Listener/Client peer that announced it in the
+authkey handshake (docs/wire.md). Frames are read exactly (no read-ahead), so several
+processes may share one end under a lock as with the stdlib, and
 ``send_handle``/``recv_handle`` can use the descriptor between frames.
 
-Unlike the standard library, every wait goes through ``poll()`` with a deadline and a
-wake-up descriptor, so that
+Waiting:
 
-- a receive that times out keeps the part of the frame that arrived (``_RxState``) and the
-  next call continues it;
+- a receive with no timeout on a plain socket blocks in ``recv`` itself, as the stdlib
+  does (no ``poll`` first); ``close()`` from another thread wakes it by shutting the socket
+  down for reading (so other processes holding the same end see it closed too);
+- every other wait (a timeout, a pipe end, TLS, a send that cannot complete at once) is a
+  ``poll()`` with a deadline and a wake-up descriptor that ``close()`` writes to.
+
+Guarantees:
+
+- a receive that times out keeps the part of the frame that arrived; the next call
+  continues it;
 - a send that times out before its first byte leaves nothing in the stream; once a frame
   has started, what could not be written by the deadline is parked and written by a
   background thread as the peer reads: the frame is accepted, as if the kernel buffer were
   larger, and is never cut in half (``send_backlog()``/``flush()`` expose it);
-- ``close()`` from another thread wakes blocked calls (they raise ``ConnectionClosedError``),
-  and the descriptor is only closed once no call is using it (no fd-reuse race);
-- memory for a frame is committed as its bytes arrive (at most ``_EAGER_ALLOC`` ahead), so
-  a hostile length header cannot make us allocate gigabytes up front.
+- ``close()`` while a frame is being sent lets that frame finish (at most
+  ``CLOSE_SEND_BOUND`` seconds) before the descriptor closes, so the peer gets whole
+  messages, then ``EOFError``;
+- the descriptor is only closed once no call is using it (no fd-reuse race);
+- the peer's stream ending inside a frame raises ``TruncatedMessageError`` (an ``EOFError``
+  and an ``OSError``); a peer resetting the connection counts as end of stream.
 
-The common case has a short path in each direction (``_receive_new``, ``send_frame``): a
-header read and a small body read, or one write, with no state kept unless a call falls
-short, in which case the state machine above takes over with what arrived.
-
-The descriptor itself stays in blocking mode for sockets (``MSG_DONTWAIT`` per call), because
-``multiprocessing.reduction.send_handle`` / ``recv_handle`` use it directly; pipe ends are
-switched to non-blocking mode (they cannot carry handles).
+The descriptor stays in blocking mode for sockets (``MSG_DONTWAIT`` per non-blocking call)
+because ``multiprocessing.reduction.send_handle``/``recv_handle`` use it directly, and it
+never has a timeout (``socket.setdefaulttimeout()`` does not apply, as in the stdlib); pipe
+ends are switched to non-blocking mode (they cannot carry handles).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pickle
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from typing import Any, NoReturn, Optional
 
-from . import errors
-from ._pickling import dumps
+from . import _framing, errors
+from ._framing import HEADER as _HEADER
+from ._framing import Direct, FrameReader, OobFrame
 from ._transport import Capabilities, Deadline, Transport, poll_ms
 
-_HEADER = struct.Struct("!i")
-_LONG_HEADER = struct.Struct("!Q")
-_LONG_MARK = -1
-_MAX_SHORT = 0x7FFFFFFF
-# Below this size the header and payload are joined and written with one call.
-_JOIN_LIMIT = 16384
+#: Seconds ``close()`` lets a frame that is being sent finish before closing anyway.
+CLOSE_SEND_BOUND = 2.0
 # Largest single read/write call (keeps memoryview slices and syscalls bounded).
 _IO_CHUNK = 1 << 30
-# A frame's buffer never runs ahead of the bytes received by more than this.
-_EAGER_ALLOC = 16 << 20
 # Frames up to this size are read with recv() into a bytes object directly.
 _SMALL_FRAME = 65536
 
@@ -66,39 +68,25 @@ _POLLERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 _ERRNO_PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN, errno.ENOTCONN)
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-
-
-def _frame_header(size: int) -> bytes:
-    if size > _MAX_SHORT:
-        return _HEADER.pack(_LONG_MARK) + _LONG_HEADER.pack(size)
-    return _HEADER.pack(size)
-
-
-class _RxState:
-    """A frame that is being received (kept across timeouts)."""
-
-    __slots__ = ("header", "header_got", "header_need", "body", "body_got", "size")
-
-    def __init__(self) -> None:
-        self.header = bytearray(12)
-        self.header_got = 0
-        self.header_need = 4
-        self.body: Optional[bytearray] = None
-        self.body_got = 0
-        self.size = -1
-
-
-class _Direct:
-    """A frame received straight into the caller's buffer (recv_frame_into)."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
+# _wait(): close() woke the call.
+_CLOSED = -1
+# close(): how long a call woken by the eventfd may take to leave before it is taken to be
+# blocked in the kernel (recv/send with no deadline) and the socket is shut down.
+_WAKE_GRACE = 0.05
+_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_CUT = (
+    f"closed while sending: the peer read nothing for {CLOSE_SEND_BOUND} s, "
+    "so the message was cut"
+)
 
 
 class SocketTransport(Transport):
-    """One end of a byte stream (socket, SSL socket or pipe fd) carrying stdlib frames."""
+    """One end of a byte stream (socket, SSL socket or pipe fd) carrying stdlib frames.
+
+    ``oob=True``: the peer reads out-of-band frames, so big buffers in sent objects go
+    as their own parts of the frame instead of being copied into the pickle stream.
+    Out-of-band frames are always accepted on receive (no stdlib peer sends one).
+    """
 
     name = "socket"
     capabilities = Capabilities(batch=True, writable_fd=True)  # the descriptor itself: POLLOUT
@@ -109,6 +97,7 @@ class SocketTransport(Transport):
         *,
         sock: Optional[socket.socket] = None,
         max_message_size: Optional[int] = None,
+        oob: bool = False,
     ) -> None:
         self._sock = sock
         if sock is not None:
@@ -116,6 +105,8 @@ class SocketTransport(Transport):
             self._is_ssl = isinstance(sock, ssl.SSLSocket)
             if self._is_ssl:
                 sock.setblocking(False)
+            else:
+                sock.settimeout(None)  # not socket.getdefaulttimeout(): blocking, as the stdlib
         else:
             self._is_ssl = False
             if fd < 0:
@@ -124,42 +115,52 @@ class SocketTransport(Transport):
                 # A socket given as a bare fd (e.g. rebuilt after pickling) is wrapped so
                 # that MSG_DONTWAIT and sendmsg work; a pipe end becomes non-blocking.
                 self._sock = socket.socket(fileno=fd)
+                self._sock.settimeout(None)
             except OSError:
                 os.set_blocking(fd, False)
         self._fd = fd
         # The socket the fast paths use: a plain socket; None for a pipe or TLS.
         self._plain = None if self._is_ssl else self._sock
         self.max_message_size = max_message_size
-        self._rx = _RxState()
+        self._oob = oob
+        self._reader = FrameReader(max_message_size)
         # A whole frame read by poll() (TLS only) and not yet handed out.
-        self._rx_ready: Optional[bytearray] = None
+        self._rx_ready: Any = None
         self._rx_broken: Optional[BaseException] = None
-        # Did the last receive find its data already there? Then try reading before polling.
-        self._rx_eager = True
         self._pending: list[memoryview] = []
         self._pending_lock = threading.Lock()
         self._flusher: Optional[threading.Thread] = None
+        self._init_state()
+
+    def _init_state(self) -> None:
+        # The descriptor is only closed once no call is using it (no fd-reuse race). The
+        # Connection lets one thread at a time receive and one send; each holds its
+        # direction's gate while it uses the descriptor, and close() takes both gates
+        # before it closes it. flush() and the background flush count in _active, under
+        # _state_lock. Locks throughout: nothing relies on the GIL.
         self._state_lock = threading.Lock()
-        # Calls using the descriptor: the Connection lets one thread at a time receive
-        # (recv_frame*, poll) and one send, so each marks itself busy with a plain store;
-        # flush() and the background flush count in _active, under _state_lock.
-        self._rx_busy = False
-        self._tx_busy = False
+        self._rx_gate = threading.Lock()
+        self._tx_gate = threading.Lock()
         self._active = 0
         self._closed = False
+        self._close_by = 0.0
         self._released = False
         self._wake_fd = -1
         self._pollers: dict = {}
-        self._rx_poll: Any = None  # the receive poller's poll(), for the fast path
 
     @classmethod
     def from_socket(
-        cls, sock: socket.socket, *, max_message_size: Optional[int] = None
+        cls, sock: socket.socket, *, max_message_size: Optional[int] = None, oob: bool = False
     ) -> "SocketTransport":
         """Wrap a connected stream socket (plain or ``ssl.SSLSocket``); takes ownership."""
-        return cls(sock=sock, max_message_size=max_message_size)
+        return cls(sock=sock, max_message_size=max_message_size, oob=oob)
 
-    # -- lifetime and the in-use count ------------------------------------------------
+    @property
+    def oob(self) -> bool:
+        """Whether sent objects may use out-of-band frames (the peer reads them)."""
+        return self._oob
+
+    # -- lifetime and the in-use marks --------------------------------------------------
     def _enter(self) -> None:
         with self._state_lock:
             if self._closed:
@@ -169,16 +170,30 @@ class SocketTransport(Transport):
     def _leave(self) -> None:
         with self._state_lock:
             self._active -= 1
+            if not self._closed:
+                return
+        self._release_if_idle()
+
+    # Every call: a gate and a flag, one acquire and one release.
+    def _enter_rx(self) -> None:
+        self._rx_gate.acquire()
         if self._closed:
-            self._release_if_idle()
+            self._rx_gate.release()
+            raise errors.ConnectionClosedError()
 
     def _leave_rx(self) -> None:
-        self._rx_busy = False
+        self._rx_gate.release()
         if self._closed:
             self._release_if_idle()
 
+    def _enter_tx(self) -> None:
+        self._tx_gate.acquire()
+        if self._closed:
+            self._tx_gate.release()
+            raise errors.ConnectionClosedError()
+
     def _leave_tx(self) -> None:
-        self._tx_busy = False
+        self._tx_gate.release()
         if self._closed:
             self._release_if_idle()
 
@@ -187,23 +202,55 @@ class SocketTransport(Transport):
             if self._closed:
                 return
             self._closed = True
+            self._close_by = time.monotonic() + CLOSE_SEND_BOUND
             wake = self._wake_fd
         if wake >= 0:
             try:
                 os.eventfd_write(wake, 1)
             except OSError:
                 pass
+        # A receive waiting in poll() leaves at once; one still inside after a moment is
+        # blocked in recv() itself, which only a shutdown wakes.
+        self._wait_for_call(self._rx_gate, _WAKE_GRACE, socket.SHUT_RD)
+        # A frame being sent is finished first (bounded): the peer never sees half of it.
+        # Past the bound a write blocked in the kernel is ended by a shutdown. (A close()
+        # from a signal handler interrupting that very send waits out the bound.)
+        self._wait_for_call(self._tx_gate, CLOSE_SEND_BOUND, socket.SHUT_WR)
+        # Whichever comes last of close() and the calls still inside closes the fd.
         self._release_if_idle()
 
+    def _wait_for_call(self, gate: Any, patience: float, shutdown: int) -> None:
+        """Wait until the call holding ``gate`` has left; past ``patience`` it is blocked
+        in the kernel: shut that direction down, and give it the bound to leave."""
+        if not gate.acquire(timeout=patience):
+            self._shutdown(shutdown)
+            if not gate.acquire(timeout=CLOSE_SEND_BOUND):
+                return  # still inside: it closes the descriptor when it leaves
+        gate.release()
+
+    def _shutdown(self, how: int) -> None:
+        if self._plain is not None:
+            try:
+                self._plain.shutdown(how)
+            except OSError:
+                pass
+
     def _release_if_idle(self) -> None:
-        # A call marks itself busy before it checks _closed; close() sets _closed before
-        # it checks the marks. Each is one atomic store or load under the GIL, so at least
-        # one side sees the other, and whichever comes last releases (once).
-        with self._state_lock:
-            if self._released or self._active or self._rx_busy or self._tx_busy:
-                return
-            self._released = True
-        self._release()
+        if not self._rx_gate.acquire(False):
+            return  # a receive is inside: it comes here on leaving
+        try:
+            if not self._tx_gate.acquire(False):
+                return  # likewise a send
+            try:
+                with self._state_lock:
+                    if self._released or self._active:
+                        return
+                    self._released = True
+                self._release()
+            finally:
+                self._tx_gate.release()
+        finally:
+            self._rx_gate.release()
 
     def _release(self) -> None:
         # Runs once: after close(), when the last call using the descriptor has left
@@ -231,14 +278,10 @@ class SocketTransport(Transport):
                 os.close(self._wake_fd)
             except OSError:
                 pass
-            self._wake_fd = -1
-        self._pollers = {}
-        self._rx_poll = None
-        self._state_lock = threading.Lock()
+        closed, released = self._closed, self._released
+        self._init_state()
+        self._closed, self._released = closed, released
         self._pending_lock = threading.Lock()
-        self._rx_busy = False
-        self._tx_busy = False
-        self._active = 0
         self._pending = []
         self._flusher = None
 
@@ -254,9 +297,9 @@ class SocketTransport(Transport):
         return self._wake_fd
 
     def _poller(self, events: int, closable: bool) -> Any:
-        """A poll object for one kind of wait, made once: receiving (one thread at a time,
-        under the Connection's receive lock), sending (under ``_pending_lock``), and the
-        background flush (which must not be woken by close)."""
+        """A poll object for one kind of wait, made once: receiving (one thread at a time),
+        sending (under ``_pending_lock``), and waits close() must not wake (the background
+        flush, a frame finishing after close)."""
         key = (events, closable)
         poller = self._pollers.get(key)
         if poller is None:
@@ -268,29 +311,30 @@ class SocketTransport(Transport):
         return poller
 
     def _wait(self, events: int, deadline: Deadline, *, closable: bool = True) -> int:
-        """Wait until the fd reports ``events``; returns the events seen, 0 on timeout.
-
-        ``closable=False`` (the background flush) keeps waiting after ``close()``.
-        """
+        """Wait until the fd reports ``events``: the events seen, 0 at the deadline, or
+        ``_CLOSED`` once ``close()`` was called (``closable=False``: keep waiting)."""
         poll = self._poller(events, closable).poll
         fd = self._fd
         while True:
             if closable and self._closed:
-                raise errors.ConnectionClosedError()
+                return _CLOSED
             ms = poll_ms(deadline)
             ready = poll(ms)
             if closable and self._closed:
-                raise errors.ConnectionClosedError()
+                return _CLOSED
             for ready_fd, ev in ready:
                 if ready_fd == fd:
                     return ev
             if ms == 0 or (deadline is not None and time.monotonic() >= deadline):
                 return 0
 
-    # -- raw non-blocking I/O ---------------------------------------------------------
-    def _read_some(self, view: memoryview) -> int:
-        """Read into ``view`` without blocking: bytes read, 0 at EOF, -1 if none ready."""
+    # -- raw I/O --------------------------------------------------------------------
+    def _read_some(self, view: memoryview, blocking: bool) -> int:
+        """Read into ``view``: bytes read, 0 at end of stream, -1 if none ready
+        (``blocking``: wait in the read itself; only for a plain socket)."""
         try:
+            if blocking:
+                return self._sock.recv_into(view)  # type: ignore[union-attr]
             if self._is_ssl:
                 return self._sock.recv_into(view)  # type: ignore[union-attr]
             if self._sock is not None:
@@ -301,19 +345,25 @@ class SocketTransport(Transport):
         except ConnectionResetError:
             return 0
 
-    def _write_some(self, views: list[memoryview]) -> int:
-        """Write as much of ``views`` as possible without blocking; bytes written (0 if none)."""
+    def _write_some(self, views: list[memoryview], blocking: bool = False) -> int:
+        """Write as much of ``views`` as possible; bytes written (0 if none could be).
+
+        ``blocking`` (a plain socket only): wait in the write itself until all is written.
+        """
+        flags = _NOSIGNAL if blocking else _SEND_FLAGS
         try:
             if self._is_ssl:
                 return self._sock.send(views[0])  # type: ignore[union-attr]
             if self._sock is not None:
                 if len(views) == 1:
-                    return self._sock.send(views[0], _SEND_FLAGS)
-                return self._sock.sendmsg(views, (), _SEND_FLAGS)
+                    return self._sock.send(views[0], flags)
+                return self._sock.sendmsg(views, (), flags)
             return os.writev(self._fd, views)
         except _WOULD_BLOCK:
             return 0
         except OSError as exc:
+            if self._closed:  # close() gave up on the frame after CLOSE_SEND_BOUND
+                raise errors.ConnectionClosedError(_CUT) from None
             _raise_send_error(exc)
 
     # -- sending --------------------------------------------------------------------
@@ -330,9 +380,14 @@ class SocketTransport(Transport):
 
         ``written``: bytes of the same frame(s) already written by the caller. Raises
         TimeoutError only if nothing at all was written, or if parking is not allowed.
+        ``close()`` stops a write that has not started; one that has gets until
+        ``CLOSE_SEND_BOUND`` after the close to finish. With no deadline on a plain socket
+        the writes block, as the stdlib's do (close() shuts a write still blocked at the
+        bound down).
         """
+        blocking = deadline is None and closable and self._plain is not None
         while views:
-            n = self._write_some([v[:_IO_CHUNK] for v in views[:64]])
+            n = n_written = self._write_some([v[:_IO_CHUNK] for v in views[:64]], blocking)
             written += n
             while n:
                 head = views[0]
@@ -344,9 +399,20 @@ class SocketTransport(Transport):
                     n = 0
             if not views:
                 return
+            if blocking and n_written:
+                continue  # a signal cut the write short (nothing at all: the fd is
+                # non-blocking after all, e.g. set so by another process: poll)
             ev = self._wait(_POLLOUT, deadline, closable=closable)
+            if ev == _CLOSED:
+                if not written:
+                    raise errors.ConnectionClosedError()
+                closable = False  # finish this frame, within the bound
+                deadline = self._close_by if deadline is None else min(deadline, self._close_by)
+                continue
             if ev & (_POLLOUT | _POLLERR):
                 continue  # writable, or the next write reports the error (EPIPE)
+            if self._closed and not closable and time.monotonic() >= self._close_by:
+                raise errors.ConnectionClosedError(_CUT)
             if written == 0:
                 raise errors.TimeoutError("send timed out before any data was written")
             if not may_park:
@@ -410,13 +476,20 @@ class SocketTransport(Transport):
 
     def send_object(self, obj: Any, deadline: Deadline) -> None:
         # Pickled completely first (an unpicklable object sends nothing), in-band as the
-        # stdlib does.
-        self.send_frame(memoryview(dumps(obj)), deadline)
+        # stdlib does unless the peer reads out-of-band frames.
+        if self._oob:
+            stream, buffers = _framing.dumps_oob(obj)
+            if buffers:
+                self._send_views(_framing.oob_views(stream, buffers), deadline)
+                return
+            self.send_frame(stream, deadline)
+            return
+        self.send_frame(_framing.dumps(obj), deadline)
 
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
         size = len(data)
-        if size > _JOIN_LIMIT:
-            self._send_views([memoryview(_frame_header(size)), data], deadline)
+        if size > _framing.JOIN_LIMIT:
+            self._send_views([memoryview(_framing.header(size)), data], deadline)
             return
         frame = _HEADER.pack(size) + data
         if self._pending or self._is_ssl:
@@ -425,19 +498,20 @@ class SocketTransport(Transport):
         # The common case, kept short: one write takes the whole frame. Nothing is parked,
         # so no background flush is writing (it empties _pending as its writes complete)
         # and, senders being one at a time, none can start before this frame is written.
-        self._tx_busy = True
+        sock = self._plain
+        blocking = deadline is None and sock is not None
+        self._enter_tx()
         try:
-            if self._closed:
-                raise errors.ConnectionClosedError()
-            sock = self._plain
             try:
                 if sock is not None:
-                    written = sock.send(frame, _SEND_FLAGS)
+                    written = sock.send(frame, _NOSIGNAL if blocking else _SEND_FLAGS)
                 else:
                     written = os.write(self._fd, frame)
             except BlockingIOError:
                 written = 0
             except OSError as exc:
+                if self._closed:
+                    raise errors.ConnectionClosedError(_CUT) from None
                 _raise_send_error(exc)
             if written < len(frame):
                 with self._pending_lock:
@@ -448,26 +522,18 @@ class SocketTransport(Transport):
                         written=written,
                     )
         finally:
-            self._tx_busy = False
-            if self._closed:
-                self._release_if_idle()
+            self._leave_tx()
 
     def send_frames(self, frames: list[memoryview], deadline: Deadline) -> None:
         """Send several frames with one write sequence: all are accepted, or none."""
         views: list[memoryview] = []
         for data in frames:
-            size = len(data)
-            if size <= _JOIN_LIMIT:
-                views.append(memoryview(_frame_header(size) + data))
-            else:
-                views += [memoryview(_frame_header(size)), data]
+            views += _framing.frame_views(data)
         self._send_views(views, deadline)
 
-    def _send_views(self, views: list[memoryview], deadline: Deadline) -> None:
-        self._tx_busy = True
+    def _send_views(self, views: list, deadline: Deadline) -> None:
+        self._enter_tx()
         try:
-            if self._closed:
-                raise errors.ConnectionClosedError()
             # Held by the background flush while a parked frame is still being written.
             self._acquire_pending_lock(deadline)
             try:
@@ -482,161 +548,87 @@ class SocketTransport(Transport):
             self._leave_tx()
 
     # -- receiving ------------------------------------------------------------------
-    def _fill(self, view: memoryview, deadline: Deadline, in_frame: bool) -> int:
-        """Read into ``view`` until full. Returns bytes read; stops early at the deadline.
-
-        At EOF raises PeerClosedError (nothing of a frame read yet) or ProtocolError.
-        """
-        got = 0
-        need = len(view)
-        if not in_frame and not self._rx_eager:
-            # The last frame had to be waited for: poll first rather than make a read
-            # that fails. If the poll returned at once, read first next time.
-            start = time.monotonic()
-            if self._wait(_POLLIN, deadline) == 0:
-                return 0
-            self._rx_eager = time.monotonic() - start < 20e-6
-        while got < need:
-            n = self._read_some(view[got:])
-            if n > 0:
-                got += n
-                continue
-            if n == 0:
-                if in_frame or got:
-                    raise errors.ProtocolError("got end of file during message")
-                raise errors.PeerClosedError()
-            if not in_frame:
-                self._rx_eager = False
-            if self._wait(_POLLIN, deadline) == 0:
-                return got
-        return got
+    def _end_of_stream(self) -> NoReturn:
+        if self._closed:  # our own shutdown woke a blocking read
+            raise errors.ConnectionClosedError()
+        if self._reader.in_frame:
+            self._rx_broken = errors.TruncatedMessageError()
+            raise self._rx_broken
+        raise errors.PeerClosedError()
 
     def _receive(
-        self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
+        self,
+        maxlength: Optional[int],
+        deadline: Deadline,
+        into: Optional[tuple] = None,
+        head: bytes = b"",
     ) -> Any:
-        """Advance the frame state machine; returns the body, or None at the deadline.
+        """Advance the frame reader; returns the frame, or None at the deadline.
 
-        ``into=(buf, offset)``: a big frame that fits is read straight into ``buf`` and
-        ``_Direct(size)`` is returned instead of a body.
+        ``head``: bytes of this frame the fast path already read. ``into=(buf, offset)``:
+        a big stdlib frame that fits is read straight into ``buf`` (``Direct`` is returned).
         """
         if self._rx_broken is not None:
             raise self._rx_broken
         ready = self._rx_ready
         if ready is not None:
             self._rx_ready = None
-            if maxlength is not None and len(ready) > maxlength:
+            size = len(ready.stream) if type(ready) is OobFrame else len(ready)
+            if maxlength is not None and size > maxlength:
                 self._rx_broken = errors.MessageTooLongError()
                 raise errors.MessageTooLongError()
             return ready
-        rx = self._rx
-        while rx.size < 0:
-            if rx.header_got < rx.header_need:
-                hv = memoryview(rx.header)[rx.header_got : rx.header_need]
-                rx.header_got += self._fill(hv, deadline, rx.header_got > 0)
-                if rx.header_got < rx.header_need:
-                    return None
-            if rx.header_need == 4:
-                (size,) = _HEADER.unpack_from(rx.header, 0)
-                if size == _LONG_MARK:
-                    rx.header_need = 12
+        reader = self._reader
+        reader.maxlength, reader.into = maxlength, into
+        # Wait in the read itself (no poll): a plain socket and no deadline.
+        blocking = deadline is None and self._plain is not None
+        try:
+            frame = reader.feed(head) if head else None
+            while frame is None:
+                n = self._read_some(reader.target(), blocking)
+                if n > 0:
+                    frame = reader.advance(n)
                     continue
-                if size < 0:
-                    self._break_rx(errors.ProtocolError(f"corrupt frame header (length {size})"))
-                rx.size = size
-            else:
-                (rx.size,) = _LONG_HEADER.unpack_from(rx.header, 4)
-        size = rx.size
-        if rx.body is None:
-            if maxlength is not None and size > maxlength:
-                # As the stdlib: the body is not read; the caller stops reading.
-                self._rx_broken = errors.MessageTooLongError()
-                raise errors.MessageTooLongError()
-            limit = self.max_message_size
-            if limit is not None and size > limit:
-                self._break_rx(
-                    errors.MessageTooLongError(
-                        f"message of {size} bytes exceeds max_message_size={limit}"
-                    )
-                )
-            if into is not None and size > _SMALL_FRAME and into[1] + size <= len(into[0]):
-                buf, offset = into
-                target = buf[offset : offset + size]
-                got = self._fill(target, deadline, True)
-                if got < size:
-                    # Keep what arrived in our own buffer: any later call finishes the frame.
-                    rx.body = bytearray(max(got, min(size, _EAGER_ALLOC)))
-                    rx.body[:got] = target[:got]
-                    rx.body_got = got
+                if n == 0:
+                    self._end_of_stream()
+                ev = self._wait(_POLLIN, deadline)
+                if ev == _CLOSED:
+                    raise errors.ConnectionClosedError()
+                if ev == 0:
                     return None
-                self._rx = _RxState()
-                return _Direct(size)
-            if size <= _SMALL_FRAME and self._sock is not None and not self._is_ssl:
-                # Usually the whole body is already there: one recv() into a bytes object.
-                try:
-                    data = self._sock.recv(size, _DONTWAIT)
-                except BlockingIOError:
-                    data = b""
-                except ConnectionResetError:
-                    raise errors.ProtocolError("got end of file during message") from None
-                if len(data) == size:
-                    self._rx = _RxState()
-                    return data
-                rx.body = bytearray(size)
-                rx.body[: len(data)] = data
-                rx.body_got = len(data)
-            else:
-                rx.body = bytearray(min(size, _EAGER_ALLOC))
-        body = rx.body
-        while rx.body_got < size:
-            if rx.body_got == len(body):
-                # Commit more memory only as the data arrives (doubling, capped at size).
-                body.extend(bytes(min(len(body), size - len(body))))
-            want = len(body) - rx.body_got
-            got = self._fill(memoryview(body)[rx.body_got :], deadline, True)
-            rx.body_got += got
-            if got < want:
-                return None
-        self._rx = _RxState()
-        return body
+            return frame
+        except errors.MessageTooLongError:
+            # As the stdlib: the payload is not read, so the stream cannot go on.
+            self._rx_broken = errors.MessageTooLongError()
+            raise
+        except errors.ProtocolError as exc:
+            self._rx_broken = exc
+            raise
+        finally:
+            # Leaving mid-payload (deadline, KeyboardInterrupt): keep what came in our own
+            # buffer, not the caller's.
+            reader.keep_partial()
+            reader.into = None
 
-    def _receive_new(
-        self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
-    ) -> Any:
+    def _receive_new(self, maxlength: Optional[int], deadline: Deadline) -> Any:
         """``_receive`` when no frame is under way on a plain socket or a pipe: the header,
-        then a small body, each with one read; state is only kept if a read falls short."""
-        if not self._rx_eager:
-            # As in _fill: the last frame had to be waited for, so poll before reading.
-            start = time.monotonic()
-            if deadline is None:
-                poll = self._rx_poll
-                if poll is None:
-                    poll = self._rx_poll = self._poller(_POLLIN, True).poll
-                # _wait's loop, shortened: with no deadline poll() returns only when the
-                # descriptor is ready or close() wrote the wake-up descriptor.
-                if self._closed:
-                    raise errors.ConnectionClosedError()
-                poll(-1)
-                if self._closed:
-                    raise errors.ConnectionClosedError()
-            elif self._wait(_POLLIN, deadline) == 0:
-                return None
-            self._rx_eager = time.monotonic() - start < 20e-6
+        then a small payload, each with one read, as the stdlib does."""
         sock = self._plain
         try:
-            head = sock.recv(4, _DONTWAIT) if sock is not None else os.read(self._fd, 4)
+            if sock is None:
+                head = os.read(self._fd, 4)
+            elif deadline is None:
+                head = sock.recv(4)
+            else:
+                head = sock.recv(4, _DONTWAIT)
         except BlockingIOError:
-            self._rx_eager = False
-            return self._receive(maxlength, deadline, into)
+            return self._receive(maxlength, deadline)
         except ConnectionResetError:
             head = b""
-        rx = self._rx
-        got = len(head)
-        if got < 4:
-            if not got:
-                raise errors.PeerClosedError()
-            rx.header[:got] = head
-            rx.header_got = got
-            return self._receive(maxlength, deadline, into)
+        if len(head) < 4:
+            if not head:
+                self._end_of_stream()
+            return self._receive(maxlength, deadline, head=head)
         (size,) = _HEADER.unpack(head)
         limit = self.max_message_size
         if (
@@ -644,94 +636,95 @@ class SocketTransport(Transport):
             or (maxlength is not None and size > maxlength)
             or (limit is not None and size > limit)
         ):
-            rx.header[:4] = head
-            rx.header_got = 4
-            return self._receive(maxlength, deadline, into)
-        # The sender wrote header and small body with one call: the body is usually here.
+            return self._receive(maxlength, deadline, head=head)
+        # The sender wrote header and small payload with one call: it is usually here.
         try:
-            data = sock.recv(size, _DONTWAIT) if sock is not None else os.read(self._fd, size)
-        except BlockingIOError:
-            data = b""
-        except ConnectionResetError:
-            raise errors.ProtocolError("got end of file during message") from None
-        got = len(data)
-        if got == size:
-            return data
-        rx.header[:4] = head
-        rx.header_got = 4
-        rx.size = size
-        rx.body = bytearray(size)
-        rx.body[:got] = data
-        rx.body_got = got
-        return self._receive(maxlength, deadline, into)
-
-    def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
-        self._rx_busy = True
-        try:
-            if self._closed:
-                raise errors.ConnectionClosedError()
-            if self._rx.header_got or self._is_ssl or self._rx_broken or self._rx_ready is not None:
-                body = self._receive(None, deadline, (buf, offset))
+            if sock is None:
+                data = os.read(self._fd, size)
+            elif deadline is None:
+                data = sock.recv(size)
             else:
-                body = self._receive_new(None, deadline, (buf, offset))
+                data = sock.recv(size, _DONTWAIT)
+        except (BlockingIOError, ConnectionResetError):
+            data = b""
+        except BaseException:
+            self._reader.feed(head)  # e.g. KeyboardInterrupt: the header is not lost
+            raise
+        if len(data) == size:
+            return data
+        return self._receive(maxlength, deadline, head=head + data)
+
+    def _receive_any(
+        self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
+    ) -> Any:
+        """One frame as ``_receive`` returns it; TimeoutError at the deadline."""
+        self._enter_rx()
+        try:
+            if into is None and not (
+                self._reader.in_frame or self._is_ssl or self._rx_broken or self._rx_ready
+            ):
+                frame = self._receive_new(maxlength, deadline)
+            else:
+                frame = self._receive(maxlength, deadline, into)
         finally:
             self._leave_rx()
-        if body is None:
+        if frame is None:
             raise errors.TimeoutError("recv timed out")
-        if type(body) is _Direct:
-            return body.size
-        size = len(body)
-        if offset + size > len(buf):
-            raise errors.BufferTooShort(bytes(body))
-        buf[offset : offset + size] = body
-        return size
-
-    def _break_rx(self, exc: BaseException) -> None:
-        self._rx_broken = exc
-        raise exc
+        return frame
 
     def recv_frame(self, maxlength: Optional[int], deadline: Deadline) -> Any:
-        self._rx_busy = True
-        try:
-            if self._closed:
-                raise errors.ConnectionClosedError()
-            if self._rx.header_got or self._is_ssl or self._rx_broken or self._rx_ready is not None:
-                body = self._receive(maxlength, deadline)
-            else:
-                body = self._receive_new(maxlength, deadline)
-        finally:
-            self._rx_busy = False  # _leave_rx(), inlined on this hot path
-            if self._closed:
-                self._release_if_idle()
-        if body is None:
-            raise errors.TimeoutError("recv timed out")
-        return body
+        frame = self._receive_any(maxlength, deadline)
+        if type(frame) is OobFrame:
+            return frame.in_band()  # the caller wants bytes: the same object, pickled in-band
+        return frame
+
+    def recv_object(self, deadline: Deadline, copy: bool = True) -> Any:
+        frame = self._receive_any(None, deadline)
+        if type(frame) is OobFrame:
+            return frame.loads()
+        return pickle.loads(frame)
+
+    def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
+        frame = self._receive_any(None, deadline, (buf, offset))
+        if type(frame) is Direct:
+            return frame.size
+        if type(frame) is OobFrame:
+            frame = frame.in_band()
+        size = len(frame)
+        if offset + size > len(buf):
+            raise errors.BufferTooShort(bytes(frame))
+        buf[offset : offset + size] = frame
+        return size
 
     def poll(self, deadline: Deadline) -> bool:
-        self._rx_busy = True
+        self._enter_rx()
         try:
-            if self._closed:
-                raise errors.ConnectionClosedError()
             if self._rx_broken is not None or self._rx_ready is not None:
                 return True
             if not self._is_ssl:
-                return bool(self._wait(_POLLIN, deadline))
+                ev = self._wait(_POLLIN, deadline)
+                if ev == _CLOSED:
+                    raise errors.ConnectionClosedError()
+                return bool(ev)
             # TLS: readable bytes may be protocol records (e.g. session tickets) and not a
             # message, so read what is there and answer for a whole frame.
             while True:
                 try:
-                    body = self._receive(None, time.monotonic())
+                    frame = self._receive(None, time.monotonic())
                 except (EOFError, OSError) as exc:
                     if isinstance(exc, errors.ConnectionClosedError):
                         raise
                     self._rx_broken = exc
                     return True
-                if body is not None:
-                    self._rx_ready = body
+                if frame is not None:
+                    self._rx_ready = frame
                     return True
                 if self._sock.pending():  # type: ignore[union-attr]
                     continue
-                if not self._wait(_POLLIN, deadline):
+                ev = self._wait(_POLLIN, deadline)
+                if ev == _CLOSED:
+                    raise errors.ConnectionClosedError()
+                if not ev:
                     return False
         finally:
             self._leave_rx()
@@ -742,10 +735,11 @@ class SocketTransport(Transport):
 
         if self._is_ssl:
             raise TypeError("a TLS connection cannot be sent to another process")
-        return _rebuild_socket_transport, (reduction.DupFd(self._fd), self.max_message_size)
+        args = (reduction.DupFd(self._fd), self.max_message_size, self._oob)
+        return _rebuild_socket_transport, args
 
     def statistics(self) -> dict:
-        return {"transport": self.name, "send_backlog": self.send_backlog()}
+        return {"transport": self.name, "send_backlog": self.send_backlog(), "oob": self._oob}
 
 
 def _raise_send_error(exc: OSError) -> NoReturn:
@@ -754,14 +748,21 @@ def _raise_send_error(exc: OSError) -> NoReturn:
     raise exc
 
 
-def _rebuild_socket_transport(dupfd: Any, max_message_size: Optional[int]) -> SocketTransport:
-    return SocketTransport(dupfd.detach(), max_message_size=max_message_size)
+def _rebuild_socket_transport(
+    dupfd: Any, max_message_size: Optional[int], oob: bool = False
+) -> SocketTransport:
+    return SocketTransport(dupfd.detach(), max_message_size=max_message_size, oob=oob)
 
 
 def socket_pipe(duplex: bool = True) -> tuple[SocketTransport, SocketTransport]:
-    """Two connected ends: a socketpair (duplex) or an ``os.pipe`` (reader, writer)."""
+    """Two connected ends: a socketpair (duplex) or an ``os.pipe`` (reader, writer).
+
+    Both ends are ours, so they exchange out-of-band frames.
+    """
     if duplex:
+        # The kernel's default buffer sizes: raising them to 4 MiB made no measurable
+        # difference for big arrays (see docs/wire.md), and kept them as the stdlib's.
         s1, s2 = socket.socketpair()
-        return SocketTransport(sock=s1), SocketTransport(sock=s2)
+        return SocketTransport(sock=s1, oob=True), SocketTransport(sock=s2, oob=True)
     r, w = os.pipe()
-    return SocketTransport(r), SocketTransport(w)
+    return SocketTransport(r), SocketTransport(w, oob=True)

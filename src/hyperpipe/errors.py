@@ -14,8 +14,10 @@ so ``except EOFError`` or ``except multiprocessing.BufferTooShort`` keeps workin
     │                                      also raised in threads blocked when it closes
     ├── DirectionError(…, OSError)         recv on a write-only end or send on a read-only one
     ├── MessageTooLongError(…, OSError)    "bad message length": longer than maxlength
-    └── ProtocolError(…, OSError)          corrupt or truncated frame ("got end of file during
-                                           message"), version mismatch
+    ├── ProtocolError(…, OSError)          corrupt frame, version mismatch
+    └── TruncatedMessageError(PeerClosedError, ProtocolError)   the peer's stream ended inside
+                                           a message: an EOFError (as promised) and the
+                                           stdlib's OSError("got end of file during message")
 
 Arguments that are simply wrong raise the builtin ``ValueError``/``TypeError`` exactly
 as the standard library does.
@@ -38,6 +40,7 @@ __all__ = [
     "DirectionError",
     "MessageTooLongError",
     "ProtocolError",
+    "TruncatedMessageError",
 ]
 
 
@@ -101,7 +104,19 @@ class MessageTooLongError(HyperpipeError, OSError):
 
 
 class ProtocolError(HyperpipeError, OSError):
-    """A frame is corrupt or truncated, e.g. "got end of file during message"."""
+    """A frame is corrupt (a truncated one is ``TruncatedMessageError``)."""
+
+
+class TruncatedMessageError(PeerClosedError, ProtocolError):
+    """The stream ended inside a message (the sender died or closed mid-frame).
+
+    Every whole message before it was delivered. It is both an ``EOFError`` (hyperpipe's
+    promise: peer gone -> EOFError) and an ``OSError`` (what the standard library raises
+    here, "got end of file during message"), so either ``except`` clause catches it.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(args or ("got end of file during message",)))
 
 
 def _fix_module() -> None:

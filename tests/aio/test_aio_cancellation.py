@@ -80,8 +80,8 @@ def receive_checked(conn, count, failures):
 
 def partial_frame_pending(conn) -> bool:
     """Socket transport only: a frame is half received (a test-only look inside)."""
-    rx = getattr(getattr(conn, "_transport", None), "_rx", None)
-    return bool(rx is not None and rx.header_got > 0)
+    reader = getattr(getattr(conn, "_transport", None), "_reader", None)
+    return bool(reader is not None and reader.in_frame)
 
 
 async def cancelled_receiver(aconn, seed):

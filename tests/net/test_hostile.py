@@ -178,11 +178,11 @@ def test_one_byte_a_second_during_the_handshake(address_for: Any, echo_server: A
     "data, expected",
     [
         (frame(b"\x80\x05garbage that is no pickle"), Exception),
-        (frame(b"x" * 10)[:8], hyperpipe.ProtocolError),  # truncated, then EOF
-        (struct.pack("!i", 1000) + b"only a little", hyperpipe.ProtocolError),
-        # no max_message_size: nothing is allocated up front, the frame is read as it arrives,
-            # and the peer's end of stream inside it is the error
-            (struct.pack("!i", -1) + struct.pack("!Q", 2**62), hyperpipe.ProtocolError),
+        (frame(b"x" * 10)[:8], hyperpipe.TruncatedMessageError),  # truncated, then EOF
+        (struct.pack("!i", 1000) + b"only a little", hyperpipe.TruncatedMessageError),
+        # no max_message_size: no memory is committed up front (an address-space reservation
+        # at most), and the peer's end of stream inside the frame is the error
+        (struct.pack("!i", -1) + struct.pack("!Q", 2**62), hyperpipe.ProtocolError),
         (struct.pack("!i", -5), hyperpipe.ProtocolError),
     ],
     ids=["not-a-pickle", "truncated-frame", "short-body", "length-2**62", "negative-length"],

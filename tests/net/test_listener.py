@@ -248,3 +248,32 @@ def test_loopback_pair_for_the_benchmark(family: str, stdlib: bool) -> None:
         assert b.recv_bytes() == b"ping"
         b.send({"pong": 1})
         assert a.recv() == {"pong": 1}
+
+
+def test_close_wakes_a_receive_blocked_in_recv_on_tcp(family: str, address_for: Any) -> None:
+    """With no timeout the receive waits in recv() itself; close() from another thread
+    shuts the socket down for reading, which wakes it (ConnectionClosedError)."""
+    with Listener(address_for(family)) as listener:
+        accepted: list = []
+        thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+        thread.start()
+        client = Client(listener.address, timeout=STEP_TIMEOUT)
+        thread.join(STEP_TIMEOUT)
+        server = accepted[0]
+        errors: list = []
+
+        def receive() -> None:
+            try:
+                client.recv_bytes()
+            except BaseException as exc:
+                errors.append(exc)
+
+        receiver = threading.Thread(target=receive, daemon=True)
+        receiver.start()
+        time.sleep(0.2)
+        assert receiver.is_alive() and client._transport._wake_fd < 0  # in recv(), no poll
+        client.close()
+        receiver.join(10)
+        assert not receiver.is_alive(), "close() did not wake the receive"
+        assert len(errors) == 1 and isinstance(errors[0], hyperpipe.ConnectionClosedError)
+        server.close()
