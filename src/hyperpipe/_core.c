@@ -368,6 +368,16 @@ static uint64_t frame_oob_bytes(const hp_frame *f) { return frame_logical_size(f
 static PyObject *special_frame(EndpointObject *self, hp_frame *frame) {
     int fds[HP_MAX_FDS]; /* hp_recv_peek checked nfds <= HP_MAX_FDS */
     if (frame->len < 8) return raise_status(self, hp_corrupt(&self->ep, "a frame is too short for its kind"));
+    if (frame->nfds && !hp_fd_slots_free(&self->ep, frame->nfds)) {
+        int err = errno;
+        hp_reader_exit(&self->ep); /* not consumed: the frame and its descriptors wait */
+        if (err != EMFILE && err != ENFILE) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return raise_oserror(err, "no free descriptor to receive an out-of-band buffer; the message "
+                                  "stays queued: close some descriptors and receive again");
+    }
     int rc = frame->nfds ? hp_take_fds(&self->ep, frame->nfds, fds) : HP_OK;
     uint64_t oob = frame_oob_bytes(frame);
     PyObject *payload = PyBytes_FromStringAndSize((const char *)frame->payload, frame->len);
@@ -377,8 +387,8 @@ static PyObject *special_frame(EndpointObject *self, hp_frame *frame) {
             for (int i = 0; i < frame->nfds; i++) close(fds[i]);
         Py_XDECREF(payload);
         if (rc == HP_ERRNO && errno == EMFILE)
-            return raise_oserror(EMFILE, "no free descriptor to receive an out-of-band buffer, the message "
-                                         "is lost");
+            return raise_oserror(EMFILE, "no free descriptor to receive an out-of-band buffer (the table "
+                                         "filled while receiving), the message is lost");
         return rc != HP_OK ? raise_status(self, rc) : NULL;
     }
     PyObject *list = PyList_New(frame->nfds);

@@ -210,9 +210,6 @@ def _big_receive_with_no_descriptor(channel: Any, b: Any) -> dict:
     return {"error": error, "lost": False}
 
 
-# hp_take_fds (csrc/hp_endpoint.c) reads the kernel's MSG_CTRUNC, the memfd dropped for want
-# of a descriptor, as a corrupt frame.
-@pytest.mark.xfail(strict=False, reason="fixed by hard in the same merge")
 def test_big_shm_receive_with_no_descriptor() -> None:
     a, b = _oob_pipe()
 

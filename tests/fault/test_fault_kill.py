@@ -57,20 +57,13 @@ KILL_WINDOW = {64: 0.02, 4 * KiB: 0.02, 1 * MiB: 0.05, 64 * MiB: 0.4}
 _fork = multiprocessing.get_context("fork")
 
 
-def _socket_sender_killed_mid_message(transport: str, victim: str, size: int) -> Any:
-    """The issue-12 finding: a socket sender killed inside a frame gives ProtocolError."""
-    if transport == "socket" and victim == "sender" and size >= 1 * MiB:
-        return [pytest.mark.xfail(strict=False, reason="fixed by sock in the same merge")]
-    return []
-
-
 def _cells(sizes: list[int], *marks: Any) -> list[Any]:
     return [
         pytest.param(
             transport,
             victim,
             size,
-            marks=[*marks, *_socket_sender_killed_mid_message(transport, victim, size)],
+            marks=list(marks),
             id=f"{transport}-{victim}-{human_size(size).replace(' ', '')}",
         )
         for transport in TRANSPORTS

@@ -135,14 +135,12 @@ def _poll_beside_a_receiver(transport: str, rounds: int) -> None:
         COUNTS["thread-race rounds"] += 1
 
 
-@pytest.mark.xfail(strict=False, reason="fixed by core in the same merge")
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_poll_beside_a_receiver_fast(transport: str) -> None:
     _poll_beside_a_receiver(transport, rounds=2)
 
 
 @pytest.mark.stress
-@pytest.mark.xfail(strict=False, reason="fixed by core in the same merge")
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_poll_beside_a_receiver_full(transport: str) -> None:
     _poll_beside_a_receiver(transport, rounds=100)
@@ -254,20 +252,13 @@ def _close_during_send(transport: str, rounds: int) -> None:
     assert not half_frames, f"seed {SEED}: {len(half_frames)} of {rounds} rounds: " + "; ".join(half_frames[:5])
 
 
-def _half_frame_xfail(transport: str) -> Any:
-    marks = []
-    if transport == "socket":
-        marks.append(pytest.mark.xfail(strict=False, reason="fixed by sock in the same merge"))
-    return pytest.param(transport, marks=marks)
-
-
-@pytest.mark.parametrize("transport", [_half_frame_xfail(t) for t in TRANSPORTS])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_close_during_big_send_fast(transport: str) -> None:
     _close_during_send(transport, rounds=5)
 
 
 @pytest.mark.stress
-@pytest.mark.parametrize("transport", [_half_frame_xfail(t) for t in TRANSPORTS])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_close_during_big_send_full(transport: str) -> None:
     _close_during_send(transport, rounds=200)
 

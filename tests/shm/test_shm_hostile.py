@@ -323,6 +323,7 @@ def test_no_descriptor_for_an_out_of_band_buffer() -> None:
         assert info.value.errno == errno.EMFILE
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert reader.recv_bytes() == big  # the message waited for a free descriptor
     assert not reader.poll(0.05)  # the failed send sent nothing
     writer.send_bytes(big)  # and the connection goes on
     assert reader.recv_bytes() == big

@@ -853,6 +853,16 @@ void hp_recv_finish(hp_endpoint *ep, const hp_frame *frame, uint64_t oob_bytes) 
     hp_reader_leave(ep);
 }
 
+int hp_fd_slots_free(hp_endpoint *ep, int n) {
+    int probe[HP_MAX_FDS];
+    int k = 0;
+    while (k < n && k < HP_MAX_FDS && (probe[k] = fcntl(ep->sock, F_DUPFD_CLOEXEC, 0)) >= 0) k++;
+    int ok = k >= n, saved = errno;
+    while (k > 0) close(probe[--k]);
+    errno = saved;
+    return ok;
+}
+
 int hp_take_fds(hp_endpoint *ep, int n, int *out) {
     char byte;
     struct iovec iov = {&byte, 1};

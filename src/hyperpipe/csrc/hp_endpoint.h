@@ -154,6 +154,10 @@ void hp_reader_exit(hp_endpoint *ep);
  * when this process had no descriptor free for them (they are lost, the stream stays in
  * step), HP_ECORRUPT when the peer did not send what the frame announced. */
 int hp_take_fds(hp_endpoint *ep, int n, int *out);
+/* Receiver: 1 if `n` more descriptors fit in this process's table now, else 0 (errno).
+ * The kernel drops passed descriptors it has no slot for, and the message with them: asking
+ * first leaves the frame queued for a later call instead. */
+int hp_fd_slots_free(hp_endpoint *ep, int n);
 
 /* fd that select()/poll() see readable when a frame or EOF is pending. */
 int hp_fileno(hp_endpoint *ep);
