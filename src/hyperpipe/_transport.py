@@ -18,7 +18,8 @@ Contract (every implementation, every method):
   them, and never leaves half a frame in the stream: a frame being written is finished
   (within a bound: 2 s) or was never started.
 - Clean end of stream before a frame -> ``PeerClosedError`` (an ``EOFError``); end of
-  stream inside a frame -> ``ProtocolError("got end of file during message")``;
+  stream inside a frame -> ``TruncatedMessageError("got end of file during message")``,
+  both an ``EOFError`` (the peer is gone) and an ``OSError`` (the stdlib's exception there);
   sending to a peer that is gone -> ``BrokenPipeError``.
 - ``recv_frame(maxlength)``: a frame longer than ``maxlength`` raises
   ``MessageTooLongError`` without reading its body (the Connection then stops reading).
