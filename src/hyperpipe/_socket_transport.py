@@ -178,7 +178,8 @@ class SocketTransport(Transport):
     def _enter_rx(self) -> None:
         self._rx_gate.acquire()
         if self._closed:
-            self._rx_gate.release()
+            # A close() that found the gate held (by us, just now) left the release to us.
+            self._leave_rx()
             raise errors.ConnectionClosedError()
 
     def _leave_rx(self) -> None:
@@ -189,7 +190,8 @@ class SocketTransport(Transport):
     def _enter_tx(self) -> None:
         self._tx_gate.acquire()
         if self._closed:
-            self._tx_gate.release()
+            # A close() that found the gate held (by us, just now) left the release to us.
+            self._leave_tx()
             raise errors.ConnectionClosedError()
 
     def _leave_tx(self) -> None:
