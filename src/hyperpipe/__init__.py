@@ -16,6 +16,9 @@ from typing import Any
 
 from . import errors as errors
 from ._connection import Connection as Connection
+from ._context import get_context as get_context
+from ._context import install as install
+from ._context import uninstall as uninstall
 from ._pipe import Pipe as Pipe
 from ._transport import available_transports, select_transport
 from ._wait import WaitSet as WaitSet
@@ -61,6 +64,9 @@ __all__ = [
     "wait",
     "WaitSet",
     "info",
+    "get_context",
+    "install",
+    "uninstall",
     "errors",
     "HyperpipeError",
     "BufferTooShort",
@@ -74,6 +80,6 @@ __all__ = [
     "ProtocolError",
 ]
 
-for _name in ("Connection", "Pipe", "wait", "WaitSet", "Listener", "Client"):
+for _name in ("Connection", "Pipe", "wait", "WaitSet", "Listener", "Client", "get_context", "install", "uninstall"):
     globals()[_name].__module__ = "hyperpipe"
 del _name
