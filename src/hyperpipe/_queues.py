@@ -10,8 +10,8 @@ changes, for a queue whose pipe is a hyperpipe one and only for it, is how items
   the item for a feeder thread that sends in order (per-producer order holds either way);
 - ``get`` receives the object with ``Connection.recv`` (no ``recv_bytes`` + ``loads``, so
   out-of-band buffers arrive without a copy into a bytes object);
-- the feeder's flush at exit runs at ``exitpriority=5``: after the queue's own close
-  (10), before connections are closed at exit (0);
+- the feeder's flush at exit (unless ``cancel_join_thread()``) runs at ``exitpriority=11``,
+  before anything closes a connection at exit (10 and lower), so nothing put is lost;
 - a pickled queue carries a marker that applies these patches in the process it arrives in.
 
 A subclass that overrides ``_start_thread``/``_feed`` (its own serialization, e.g. loky's
@@ -40,6 +40,10 @@ _patch_lock = threading.Lock()
 
 #: classes whose items take the native path (no custom ``_feed``/``_start_thread``)
 _native_classes: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+
+#: when the feeder's flush runs at exit: before the queue's own close (10, which only
+#: tells the feeder to stop) and before connections are closed at exit (10 and lower)
+FLUSH_PRIORITY = 11
 
 #: exceptions of a receive that consumed nothing (anything else happened after the item
 #: was taken off the ring, e.g. while unpickling it)
@@ -229,8 +233,7 @@ def _queue_close(self: Any) -> None:
 
 
 def _start_feeder(queue: Any) -> None:
-    """The standard library's ``_start_thread`` with our feeder, whose flush at exit runs
-    before connections are closed (exitpriority 5 > 0)."""
+    """The standard library's ``_start_thread`` with our feeder and an earlier flush at exit."""
     debug("Queue._start_thread() (hyperpipe)")
     queue._thread = threading.Thread(
         target=_feed,
@@ -245,10 +248,18 @@ def _start_feeder(queue: Any) -> None:
         queue._thread = None  # gh-109047: no thread during interpreter finalization
         raise
     if not queue._joincancelled:
-        queue._jointhread = Finalize(queue._thread, mpq.Queue._finalize_join,
-                                     [weakref.ref(queue._thread)], exitpriority=5)
+        queue._jointhread = Finalize(queue._thread, _finalize_flush,
+                                     [queue._buffer, queue._notempty, weakref.ref(queue._thread)],
+                                     exitpriority=FLUSH_PRIORITY)
     queue._close = Finalize(queue, mpq.Queue._finalize_close, [queue._buffer, queue._notempty],
                             exitpriority=10)
+
+
+def _finalize_flush(buffer: Any, notempty: Any, thread_ref: Any) -> None:
+    """Let the feeder send what it holds, then end it: at exit (before any connection is
+    closed) and from ``join_thread()``."""
+    mpq.Queue._finalize_close(buffer, notempty)
+    mpq.Queue._finalize_join(thread_ref)
 
 
 def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, writer_close: Any,
