@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import _report
+from . import _pool, _report
 from ._impls import BASELINE, Impl, all_impls
 from ._scenarios import run_pair
 
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="small counts: the whole run in under a minute on 2 cores")
     ap.add_argument("--only", default="lat,stream,large,idle",
                     help="comma-separated groups: lat, stream, large, idle (or single tests: "
-                    + ", ".join(_report.TESTS) + ")")
+                    + ", ".join(_report.TESTS) + "); pool, queue (Pool/ProcessPoolExecutor/Queue rows, "
+                    "run on their own: " + ", ".join(_pool.ROWS) + ")")
     ap.add_argument("--impl", default="all",
                     help="comma-separated implementations (mp is always added): mp, hp-shm, hp-socket, hp (= every "
                     "hyperpipe transport), zmq, faster-fifo, or all (default: all that are installed)")
@@ -255,6 +256,10 @@ def outcome_text(rec: dict) -> str:
     return "ok"
 
 
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = build_parser()
     opts = ap.parse_args(argv)
@@ -262,7 +267,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     command = "python -m hyperpipe.bench" + (" " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
 
-    tests = select_tests(ap, opts.only)
+    pool_rows, only = _pool.split_only(opts.only)
+    if pool_rows and not only:
+        result = _pool.run(pool_rows, opts.quick, opts.start_method, None if opts.no_progress else _note)
+        print(_pool.render(result))
+        if opts.json:
+            with open(opts.json, "w") as f:
+                json.dump({"schema": "hyperpipe-bench-pool/1", "command": command, **result}, f, indent=1)
+        return 1 if any(isinstance(v, str) for row in result["rows"].values() for v in row.values()) else 0
+    tests = select_tests(ap, only)
     try:
         sizes = [parse_size(s) for s in opts.sizes.split(",") if s.strip()]
     except ValueError:
