@@ -45,6 +45,11 @@ _native_classes: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictio
 #: tells the feeder to stop) and before connections are closed at exit (10 and lower)
 FLUSH_PRIORITY = 11
 
+#: how long put() waits for the queue's write lock and for ring space before it hands the
+#: item to the feeder thread: a producer faster than its consumers is slowed to their pace
+#: instead of filling a buffer that a second thread then drains under the GIL
+DIRECT_WAIT = 0.001
+
 #: exceptions of a receive that consumed nothing (anything else happened after the item
 #: was taken off the ring, e.g. while unpickling it)
 _NOT_CONSUMED = (EOFError, TimeoutError, errors.ConnectionClosedError)
@@ -139,12 +144,12 @@ def _put_item(queue: Any, obj: Any) -> None:
         if not queue._buffer:  # the feeder takes an item off the buffer only once it is sent
             queue._hp_direct = True
             wlock = queue._wlock
-            if wlock.acquire(False):
+            if wlock.acquire(True, DIRECT_WAIT):
                 try:
-                    queue._writer.send(obj, timeout=0)
+                    queue._writer.send(obj, timeout=DIRECT_WAIT)
                     return
                 except TimeoutError:
-                    pass  # the ring is full (or another thread is sending): the feeder waits
+                    pass  # the ring stays full (or another thread is sending): the feeder waits
                 except Exception as exc:
                     _send_failed(queue._ignore_epipe, queue._on_queue_feeder_error, queue._sem, exc, obj)
                     return
