@@ -101,7 +101,7 @@ def install() -> None:
     with _lock:
         _patch()
         _installed = True
-        multiprocessing.connection.Pipe = _hyperpipe_pipe
+        multiprocessing.connection.Pipe = _hyperpipe_pipe  # type: ignore[assignment]
 
 
 def uninstall() -> None:

@@ -35,6 +35,10 @@ from . import errors
 from ._connection import Connection
 from ._pipe import Pipe
 
+# The standard library's private hooks (_feed, _sentinel, _finalize_*) are not in typeshed.
+_Queue: Any = mpq.Queue
+_sentinel: Any = getattr(mpq, "_sentinel")
+
 _original: dict[str, Any] = {}
 _patch_lock = threading.Lock()
 
@@ -66,7 +70,7 @@ def _native(queue: Any) -> bool:
     cls = type(queue)
     native = _native_classes.get(cls)
     if native is None:
-        native = cls._start_thread is mpq.Queue._start_thread and cls._feed is mpq.Queue._feed
+        native = cls._start_thread is _Queue._start_thread and cls._feed is _Queue._feed
         _native_classes[cls] = native
     return native
 
@@ -85,7 +89,7 @@ def _use_hyperpipe_pipe(queue: Any, ctx: Any) -> None:
     queue._writer.close()
     queue._reader, queue._writer = Pipe(duplex=False)
     queue._poll = queue._reader.poll
-    if isinstance(queue, mpq.Queue):
+    if isinstance(queue, _Queue):
         queue._send_bytes = queue._writer.send_bytes
         queue._recv_bytes = queue._reader.recv_bytes
 
@@ -203,7 +207,7 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
     if block and timeout is None:
         with self._rlock:
             return _take(self, None)
-    deadline = time.monotonic() + max(0.0, timeout) if block else 0.0  # type: ignore[arg-type]
+    deadline = time.monotonic() + max(0.0, timeout or 0.0)
     if not self._rlock.acquire(block, timeout):
         raise Empty
     try:
@@ -256,15 +260,15 @@ def _start_feeder(queue: Any) -> None:
         queue._jointhread = Finalize(queue._thread, _finalize_flush,
                                      [queue._buffer, queue._notempty, weakref.ref(queue._thread)],
                                      exitpriority=FLUSH_PRIORITY)
-    queue._close = Finalize(queue, mpq.Queue._finalize_close, [queue._buffer, queue._notempty],
+    queue._close = Finalize(queue, _Queue._finalize_close, [queue._buffer, queue._notempty],
                             exitpriority=10)
 
 
 def _finalize_flush(buffer: Any, notempty: Any, thread_ref: Any) -> None:
     """Let the feeder send what it holds, then end it: at exit (before any connection is
     closed) and from ``join_thread()``."""
-    mpq.Queue._finalize_close(buffer, notempty)
-    mpq.Queue._finalize_join(thread_ref)
+    _Queue._finalize_close(buffer, notempty)
+    _Queue._finalize_join(thread_ref)
 
 
 def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, writer_close: Any,
@@ -272,7 +276,7 @@ def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, 
     """Send the buffered items in order. An item leaves the buffer only once it is sent, so
     ``put`` sends directly only when nothing is waiting here (order per producer)."""
     debug("starting thread to feed data to pipe")
-    sentinel = mpq._sentinel
+    sentinel = _sentinel
     while True:
         with notempty:
             while not buffer:

@@ -8,6 +8,7 @@ to the standard library measured in this run. ``hyperpipe-bench --only pool,queu
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import importlib.util
 import multiprocessing
 import os
@@ -72,15 +73,13 @@ def _contexts(method: str) -> dict[str, Any]:
 
 
 def _faster_fifo_queue() -> Any:
-    import faster_fifo
-    import faster_fifo_reduction  # noqa: F401  (lets the queue travel to spawn children)
-
-    return faster_fifo.Queue(max_size_bytes=8 << 20)
+    importlib.import_module("faster_fifo_reduction")  # lets the queue travel to spawn children
+    return importlib.import_module("faster_fifo").Queue(max_size_bytes=8 << 20)
 
 
 def queue_impls(method: str) -> list[QueueImpl]:
     ctxs = _contexts(method)
-    impls = [QueueImpl(name, (lambda c=c: c.Queue()), c) for name, c in ctxs.items()]
+    impls = [QueueImpl(name, c.Queue, c) for name, c in ctxs.items()]
     if importlib.util.find_spec("faster_fifo") is not None:
         impls.append(QueueImpl("faster-fifo", _faster_fifo_queue, ctxs["mp"]))
     return impls
