@@ -22,7 +22,9 @@ queue, so nothing changes for queues built on the standard library's pipes.
 
 from __future__ import annotations
 
+import atexit
 import errno
+import os
 import threading
 import time
 import weakref
@@ -260,8 +262,29 @@ def _start_feeder(queue: Any) -> None:
         queue._jointhread = Finalize(queue._thread, _finalize_flush,
                                      [queue._buffer, queue._notempty, weakref.ref(queue._thread)],
                                      exitpriority=FLUSH_PRIORITY)
+        _flush_first_at_exit(queue._jointhread)
     queue._close = Finalize(queue, _Queue._finalize_close, [queue._buffer, queue._notempty],
                             exitpriority=10)
+
+
+_flushes: "weakref.WeakSet[Finalize]" = weakref.WeakSet()
+_flush_hook_pid: Optional[int] = None
+
+
+def _flush_first_at_exit(flush: Finalize) -> None:
+    """Also run ``flush`` from an atexit hook registered after hyperpipe's own: atexit hooks
+    run before multiprocessing's finalizers (in Python 3.12+ children too), and one that
+    closed the connections first would cut the flush short."""
+    global _flush_hook_pid
+    _flushes.add(flush)
+    if _flush_hook_pid != os.getpid():  # a forked child starts with no atexit hooks of ours
+        _flush_hook_pid = os.getpid()
+        atexit.register(_flush_all)
+
+
+def _flush_all() -> None:
+    for flush in list(_flushes):
+        flush()  # a Finalize runs once: the registry's call later does nothing
 
 
 def _finalize_flush(buffer: Any, notempty: Any, thread_ref: Any) -> None:
