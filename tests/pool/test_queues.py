@@ -76,13 +76,17 @@ def test_many_producers_many_consumers(flavor, procs):
         procs.start(flavor.ctx, support.produce, q, tag, count, 100)
     for _ in range(consumers):
         procs.start(flavor.ctx, support.consume_until_none, q, results)
+    stop = flavor.ctx.Event()
+    procs.start(flavor.ctx, support.poll_empty, q, stop)  # empty() takes no lock
     # the consumers stop at one None each, once every producer is done
     for p in procs.processes[:producers]:
         p.join(TIMEOUT)
         assert p.exitcode == 0
     for _ in range(consumers):
         q.put(None)
-    _check_order(_gather(results, consumers), producers, count)
+    reports = _gather(results, consumers)
+    stop.set()
+    _check_order(reports, producers, count)
 
 
 def test_empty_maxsize_full_and_timeouts(fork_flavor):

@@ -53,6 +53,10 @@ def _consume(reader, rlock, results, stop_tag):
 
 
 def _poll_unlocked(reader, stop):
+    # As Queue.empty() does on hyperpipe queues: fileno() first (see _queues._empty). Without
+    # it a successful poll() here kept the wake token, and a consumer asleep in recv() in
+    # another process was never woken (4 x 4 x 1,000 items hung).
+    reader.fileno()
     while not stop.is_set():
         reader.poll()
 
@@ -121,7 +125,7 @@ def test_a_producer_killed_mid_item_corrupts_nothing(procs):
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_shared_ends_many_producers_many_consumers(method, procs):
-    _run(method, 3, 3, 150, procs)
+    _run(method, 4, 4, 1000, procs)
 
 
 @pytest.mark.stress
