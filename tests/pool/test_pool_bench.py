@@ -29,3 +29,12 @@ def test_a_queue_row_runs(capsys):
     assert _cli.main(["--only", "queue_rtt", "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "queue_rtt" in out and " mp " in out and " hp " in out
+
+
+def test_pool_rows_and_pipe_tests_are_not_mixed(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["--only", "lat,pool"])
+    assert exc.value.code == 2
+    assert "on their own" in capsys.readouterr().err

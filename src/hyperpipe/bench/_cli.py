@@ -268,7 +268,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = "python -m hyperpipe.bench" + (" " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
 
     pool_rows, only = _pool.split_only(opts.only)
-    if pool_rows and not only:
+    if pool_rows and only:
+        ap.error("--only: the pool and queue rows run on their own (another run for the pipe tests)")
+    if pool_rows:
         result = _pool.run(pool_rows, opts.quick, opts.start_method, None if opts.no_progress else _note)
         print(_pool.render(result))
         if opts.json:
