@@ -22,6 +22,10 @@ DOCUMENTED = {
     "wait",
     "WaitSet",
     "info",
+    # multiprocessing integration (docs/pool.md)
+    "get_context",
+    "install",
+    "uninstall",
     # exceptions (errors.py)
     "HyperpipeError",
     "BufferTooShort",

@@ -20,6 +20,9 @@ require_core_if_asked()  # HYPERPIPE_REQUIRE_CORE=1: no silent fallback
 
 from . import errors as errors
 from ._connection import Connection as Connection
+from ._context import get_context as get_context
+from ._context import install as install
+from ._context import uninstall as uninstall
 from ._pipe import Pipe as Pipe
 from ._select import available_transports, select_transport
 from ._wait import WaitSet as WaitSet
@@ -64,6 +67,9 @@ __all__ = [
     "wait",
     "WaitSet",
     "info",
+    "get_context",
+    "install",
+    "uninstall",
     "errors",
     "HyperpipeError",
     "BufferTooShort",
@@ -78,6 +84,6 @@ __all__ = [
     "TruncatedMessageError",
 ]
 
-for _name in ("Connection", "Pipe", "wait", "WaitSet", "Listener", "Client"):
+for _name in ("Connection", "Pipe", "wait", "WaitSet", "Listener", "Client", "get_context", "install", "uninstall"):
     globals()[_name].__module__ = "hyperpipe"
 del _name

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import _report
+from . import _pool, _report
 from ._impls import BASELINE, Impl, all_impls
 from ._scenarios import run_pair
 
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", default="lat,stream,large,idle",
                     help="comma-separated groups (default: all of them): "
                     + "; ".join(f"{group} = {', '.join(tests)}" for group, tests in GROUPS.items())
-                    + "; or single tests by those names")
+                    + "; or single tests by those names. pool, queue: the Pool/ProcessPoolExecutor/Queue "
+                    "rows, run on their own (" + ", ".join(_pool.ROWS) + ")")
     impls = all_impls()
     ap.add_argument("--impl", default="all",
                     help="comma-separated implementations: " + "; ".join(f"{i.name} = {i.label}" for i in impls)
@@ -265,6 +266,10 @@ def outcome_text(rec: dict) -> str:
     return "ok"
 
 
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = build_parser()
     opts = ap.parse_args(argv)
@@ -272,7 +277,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     command = "python -m hyperpipe.bench" + (" " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
 
-    tests = select_tests(ap, opts.only)
+    pool_rows, only = _pool.split_only(opts.only)
+    if pool_rows and only:
+        ap.error("--only: the pool and queue rows run on their own (another run for the pipe tests)")
+    if pool_rows:
+        result = _pool.run(pool_rows, opts.quick, opts.start_method, None if opts.no_progress else _note)
+        print(_pool.render(result))
+        if opts.json:
+            with open(opts.json, "w") as f:
+                json.dump({"schema": "hyperpipe-bench-pool/1", "command": command, **result}, f, indent=1)
+        return 1 if any(isinstance(v, str) for row in result["rows"].values() for v in row.values()) else 0
+    tests = select_tests(ap, only)
     try:
         sizes = [parse_size(s) for s in opts.sizes.split(",") if s.strip()]
     except ValueError:

@@ -1,0 +1,391 @@
+"""Native queues: ``multiprocessing.queues`` over hyperpipe connections.
+
+The standard library's ``Queue``, ``JoinableQueue`` and ``SimpleQueue`` classes stay the
+classes (``ProcessPoolExecutor``'s ``_SafeQueue``, loky and mpire subclass them). What
+changes, for a queue whose pipe is a hyperpipe one and only for it, is how items move:
+
+- ``put`` sends the object itself with ``Connection.send`` (pickle protocol 5, buffers of
+  64 KiB or more out of band through shared memory) straight from the calling thread while
+  the ring has room and nothing of this process is still waiting to go; otherwise it queues
+  the item for a feeder thread that sends in order (per-producer order holds either way);
+- ``get`` receives the object with ``Connection.recv`` (no ``recv_bytes`` + ``loads``, so
+  out-of-band buffers arrive without a copy into a bytes object);
+- the feeder's flush at exit (unless ``cancel_join_thread()``) runs at ``exitpriority=11``,
+  before anything closes a connection at exit (10 and lower), so nothing put is lost;
+- a pickled queue carries a marker that applies these patches in the process it arrives in.
+
+A subclass that overrides ``_start_thread``/``_feed`` (its own serialization, e.g. loky's
+reducers) keeps the standard library's item path, over hyperpipe connections.
+``patch()`` is idempotent; the patched methods fall back to the originals for every other
+queue, so nothing changes for queues built on the standard library's pipes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import threading
+import time
+import weakref
+from multiprocessing import queues as mpq
+from multiprocessing.util import Finalize, debug, is_exiting
+from queue import Empty, Full
+from typing import Any, Callable, Optional
+
+from . import errors
+from ._connection import Connection
+from ._pipe import Pipe
+
+# The standard library's private hooks (_feed, _sentinel, _finalize_*) are not in typeshed.
+_Queue: Any = mpq.Queue
+_sentinel: Any = getattr(mpq, "_sentinel")
+
+_original: dict[str, Any] = {}
+_patch_lock = threading.Lock()
+
+#: classes whose items take the native path (no custom ``_feed``/``_start_thread``)
+_native_classes: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+
+#: when the feeder's flush runs at exit: before the queue's own close (10, which only
+#: tells the feeder to stop) and before connections are closed at exit (10 and lower)
+FLUSH_PRIORITY = 11
+
+#: how long put() waits for the queue's write lock and for ring space before it hands the
+#: item to the feeder thread: a producer faster than its consumers is slowed to their pace
+#: instead of filling a buffer that a second thread then drains under the GIL
+DIRECT_WAIT = 0.001
+
+#: exceptions of a receive that consumed nothing (anything else happened after the item
+#: was taken off the ring, e.g. while unpickling it)
+_NOT_CONSUMED = (EOFError, TimeoutError, errors.ConnectionClosedError)
+
+
+def is_hyperpipe_queue(queue: Any) -> bool:
+    """True if ``queue`` (a ``multiprocessing`` queue) moves its items over hyperpipe."""
+    return isinstance(getattr(queue, "_writer", None), Connection)
+
+
+def _native(queue: Any) -> bool:
+    if not isinstance(queue._writer, Connection):
+        return False
+    cls = type(queue)
+    native = _native_classes.get(cls)
+    if native is None:
+        native = cls._start_thread is _Queue._start_thread and cls._feed is _Queue._feed
+        _native_classes[cls] = native
+    return native
+
+
+# -- building: which queues get hyperpipe pipes ---------------------------------------------
+
+#: decides, from the queue's ``ctx``, whether a queue built on the stdlib's pipe gets ours
+_wants_hyperpipe: Callable[[Any], bool] = lambda ctx: False  # noqa: E731
+
+
+def _use_hyperpipe_pipe(queue: Any, ctx: Any) -> None:
+    """Give a queue just built by the standard library a hyperpipe pipe instead of its own."""
+    if isinstance(queue._reader, Connection) or not _wants_hyperpipe(ctx):
+        return
+    queue._reader.close()
+    queue._writer.close()
+    queue._reader, queue._writer = Pipe(duplex=False)
+    queue._poll = queue._reader.poll
+    if isinstance(queue, _Queue):
+        queue._send_bytes = queue._writer.send_bytes
+        queue._recv_bytes = queue._reader.recv_bytes
+
+
+def _queue_init(self: Any, maxsize: int = 0, *, ctx: Any) -> None:
+    _original["Queue.__init__"](self, maxsize, ctx=ctx)
+    _use_hyperpipe_pipe(self, ctx)
+
+
+def _simple_init(self: Any, *, ctx: Any) -> None:
+    _original["SimpleQueue.__init__"](self, ctx=ctx)
+    _use_hyperpipe_pipe(self, ctx)
+
+
+# -- travelling: a queue that arrives in another process brings the patches along ---------
+
+
+class _Arriving:
+    """Wraps a queue's reader in its pickled state: unpickling it patches the arriving process."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __reduce__(self) -> tuple:
+        return (_arrive, (self.conn,))
+
+
+def _arrive(conn: Connection) -> Connection:
+    patch()
+    return conn
+
+
+def _queue_getstate(self: Any) -> tuple:
+    state = _original["Queue.__getstate__"](self)
+    if isinstance(self._reader, Connection):
+        state = state[:2] + (_Arriving(self._reader),) + state[3:]
+    return state
+
+
+def _simple_getstate(self: Any) -> tuple:
+    state = _original["SimpleQueue.__getstate__"](self)
+    if isinstance(self._reader, Connection):
+        state = (_Arriving(self._reader),) + state[1:]
+    return state
+
+
+# -- Queue / JoinableQueue ------------------------------------------------------------------
+
+
+def _put_item(queue: Any, obj: Any) -> None:
+    """Send ``obj`` now if the ring has room and nothing of ours is queued; else queue it for
+    the feeder. The caller has taken one count of ``queue._sem``."""
+    with queue._notempty:
+        if not queue._buffer:  # the feeder takes an item off the buffer only once it is sent
+            queue._hp_direct = True
+            wlock = queue._wlock
+            if wlock.acquire(True, DIRECT_WAIT):
+                try:
+                    queue._writer.send(obj, timeout=DIRECT_WAIT)
+                    return
+                except TimeoutError:
+                    pass  # the ring stays full (or another thread is sending): the feeder waits
+                except Exception as exc:
+                    _send_failed(queue._ignore_epipe, queue._on_queue_feeder_error, queue._sem, exc, obj)
+                    return
+                finally:
+                    wlock.release()
+        if queue._thread is None:
+            _start_feeder(queue)
+        queue._buffer.append(obj)
+        queue._notempty.notify()
+
+
+def _send_failed(ignore_epipe: bool, onerror: Any, sem: Any, exc: Exception, obj: Any) -> None:
+    """What the standard library's feeder does when sending an item failed."""
+    if ignore_epipe and getattr(exc, "errno", 0) == errno.EPIPE:
+        return
+    # The item was not sent: as if it had been taken off the queue (the stdlib's choice).
+    sem.release()
+    onerror(exc, obj)
+
+
+def _reserve(queue: Any, block: bool, timeout: Optional[float]) -> None:
+    """Take the item's place in the queue, as the standard library's ``put`` does."""
+    if queue._closed:
+        raise ValueError(f"Queue {queue!r} is closed")
+    if not queue._sem.acquire(block, timeout):
+        raise Full
+
+
+def _queue_put(self: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+    if not _native(self):
+        return _original["Queue.put"](self, obj, block, timeout)
+    _reserve(self, block, timeout)
+    _put_item(self, obj)
+
+
+def _joinable_put(self: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+    if not _native(self):
+        return _original["JoinableQueue.put"](self, obj, block, timeout)
+    _reserve(self, block, timeout)
+    # Counted before it can be received, so a consumer's task_done() never runs ahead.
+    with self._cond:
+        self._unfinished_tasks.release()
+    _put_item(self, obj)
+
+
+def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
+    if not _native(self):
+        return _original["Queue.get"](self, block, timeout)
+    if self._closed:
+        raise ValueError(f"Queue {self!r} is closed")
+    if block and timeout is None:
+        with self._rlock:
+            return _take(self, None)
+    deadline = time.monotonic() + max(0.0, timeout or 0.0)
+    if not self._rlock.acquire(block, timeout):
+        raise Empty
+    try:
+        return _take(self, max(0.0, deadline - time.monotonic()) if block else 0.0)
+    finally:
+        self._rlock.release()
+
+
+def _take(queue: Any, timeout: Optional[float]) -> Any:
+    """Receive one item (the caller holds ``_rlock``) and free its place in the queue."""
+    try:
+        obj = queue._reader.recv(timeout=timeout)
+    except TimeoutError:
+        raise Empty from None
+    except _NOT_CONSUMED:
+        raise
+    except Exception:
+        queue._sem.release()  # taken off the ring, then failed to unpickle: it is gone
+        raise
+    queue._sem.release()
+    return obj
+
+
+def _queue_close(self: Any) -> None:
+    if _native(self) and self._close is None and getattr(self, "_hp_direct", False):
+        # Everything went out directly (no feeder to close the ends, as the stdlib's does).
+        self._closed = True
+        self._reader.close()
+        self._writer.close()
+        return
+    _original["Queue.close"](self)
+
+
+def _start_feeder(queue: Any) -> None:
+    """The standard library's ``_start_thread`` with our feeder and an earlier flush at exit."""
+    debug("Queue._start_thread() (hyperpipe)")
+    queue._thread = threading.Thread(
+        target=_feed,
+        args=(queue._buffer, queue._notempty, queue._writer.send, queue._wlock, queue._reader.close,
+              queue._writer.close, queue._ignore_epipe, queue._on_queue_feeder_error, queue._sem),
+        name="QueueFeederThread",
+        daemon=True,
+    )
+    try:
+        queue._thread.start()
+    except BaseException:
+        queue._thread = None  # gh-109047: no thread during interpreter finalization
+        raise
+    if not queue._joincancelled:
+        queue._jointhread = Finalize(queue._thread, _finalize_flush,
+                                     [queue._buffer, queue._notempty, weakref.ref(queue._thread)],
+                                     exitpriority=FLUSH_PRIORITY)
+        _flush_first_at_exit(queue._jointhread)
+    queue._close = Finalize(queue, _Queue._finalize_close, [queue._buffer, queue._notempty],
+                            exitpriority=10)
+
+
+_flushes: "weakref.WeakSet[Finalize]" = weakref.WeakSet()
+_flush_hook_pid: Optional[int] = None
+
+
+def _flush_first_at_exit(flush: Finalize) -> None:
+    """Also run ``flush`` from an atexit hook registered after hyperpipe's own: atexit hooks
+    run before multiprocessing's finalizers (in Python 3.12+ children too), and one that
+    closed the connections first would cut the flush short."""
+    global _flush_hook_pid
+    _flushes.add(flush)
+    if _flush_hook_pid != os.getpid():  # a forked child starts with no atexit hooks of ours
+        _flush_hook_pid = os.getpid()
+        atexit.register(_flush_all)
+
+
+def _flush_all() -> None:
+    for flush in list(_flushes):
+        flush()  # a Finalize runs once: the registry's call later does nothing
+
+
+def _finalize_flush(buffer: Any, notempty: Any, thread_ref: Any) -> None:
+    """Let the feeder send what it holds, then end it: at exit (before any connection is
+    closed) and from ``join_thread()``."""
+    _Queue._finalize_close(buffer, notempty)
+    _Queue._finalize_join(thread_ref)
+
+
+def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, writer_close: Any,
+          ignore_epipe: bool, onerror: Any, sem: Any) -> None:
+    """Send the buffered items in order. An item leaves the buffer only once it is sent, so
+    ``put`` sends directly only when nothing is waiting here (order per producer)."""
+    debug("starting thread to feed data to pipe")
+    sentinel = _sentinel
+    while True:
+        with notempty:
+            while not buffer:
+                notempty.wait()
+            obj = buffer[0]
+        if obj is sentinel:
+            debug("feeder thread got sentinel -- exiting")
+            reader_close()
+            writer_close()
+            return
+        try:
+            with wlock:
+                send(obj)
+        except Exception as exc:
+            if ignore_epipe and getattr(exc, "errno", 0) == errno.EPIPE:
+                return
+            if is_exiting():
+                debug("error in queue thread: %s", exc)
+                return
+            with notempty:
+                buffer.popleft()
+            _send_failed(False, onerror, sem, exc, obj)
+            continue
+        with notempty:
+            buffer.popleft()
+
+
+# -- SimpleQueue ----------------------------------------------------------------------------
+
+
+def _simple_put(self: Any, obj: Any) -> None:
+    if not isinstance(self._writer, Connection):
+        return _original["SimpleQueue.put"](self, obj)
+    with self._wlock:
+        self._writer.send(obj)
+
+
+def _simple_get(self: Any) -> Any:
+    if not isinstance(self._reader, Connection):
+        return _original["SimpleQueue.get"](self)
+    with self._rlock:
+        return self._reader.recv()
+
+
+def _empty(self: Any) -> bool:
+    """``empty()`` polls with no lock while other processes receive. A shared-memory end
+    that never handed out ``fileno()`` keeps the wake token after a successful poll, so a
+    receiver asleep in another process would not be woken: asking for ``fileno()`` first
+    makes every call of this process leave the wake-up state right for other sleepers."""
+    if isinstance(self._reader, Connection):
+        self._reader.fileno()
+    return not self._poll()
+
+
+_PATCHES = {
+    (mpq.Queue, "__init__"): _queue_init,
+    (mpq.Queue, "__getstate__"): _queue_getstate,
+    (mpq.Queue, "put"): _queue_put,
+    (mpq.Queue, "get"): _queue_get,
+    (mpq.Queue, "close"): _queue_close,
+    (mpq.Queue, "empty"): _empty,
+    (mpq.JoinableQueue, "put"): _joinable_put,
+    (mpq.SimpleQueue, "__init__"): _simple_init,
+    (mpq.SimpleQueue, "__getstate__"): _simple_getstate,
+    (mpq.SimpleQueue, "put"): _simple_put,
+    (mpq.SimpleQueue, "get"): _simple_get,
+    (mpq.SimpleQueue, "empty"): _empty,
+}
+
+
+def patch() -> None:
+    """Patch ``multiprocessing.queues`` (idempotent). Only queues over hyperpipe pipes change."""
+    with _patch_lock:
+        if _original:
+            return
+        for (cls, name), function in _PATCHES.items():
+            original = cls.__dict__[name]
+            function.__name__ = name
+            function.__qualname__ = f"{cls.__name__}.{name}"
+            function.__doc__ = original.__doc__
+            function.__wrapped__ = original  # type: ignore[attr-defined]
+            _original[f"{cls.__name__}.{name}"] = original
+            setattr(cls, name, function)
+
+
+def set_pipe_policy(wants_hyperpipe: Callable[[Any], bool]) -> None:
+    """Which queues built from now on get a hyperpipe pipe, decided from their ``ctx``."""
+    global _wants_hyperpipe
+    _wants_hyperpipe = wants_hyperpipe
