@@ -536,7 +536,10 @@ static PyObject *Endpoint_poll(EndpointObject *self, PyObject *const *args, Py_s
     if (!check_dir(self, 'r')) return NULL;
     hp_frame frame;
     int rc = wait_frame(self, deadline, &frame);
-    if (rc == HP_OK) hp_reader_leave(&self->ep);
+    /* A poll consumes nothing and may run beside a receive in another process that shares
+       this end (Queue.empty() takes no lock): leave the token armed or signalled, never
+       held, or that receiver's wake-up is lost. */
+    if (rc == HP_OK) hp_reader_exit(&self->ep);
     leave(self);
     if (rc == HP_OK || rc == HP_EOF || rc == HP_ECORRUPT) Py_RETURN_TRUE;
     if (rc == HP_TIMEOUT) Py_RETURN_FALSE;

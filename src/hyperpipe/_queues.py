@@ -344,29 +344,17 @@ def _simple_get(self: Any) -> Any:
         return self._reader.recv()
 
 
-def _empty(self: Any) -> bool:
-    """``empty()`` polls with no lock while other processes receive. A shared-memory end
-    that never handed out ``fileno()`` keeps the wake token after a successful poll, so a
-    receiver asleep in another process would not be woken: asking for ``fileno()`` first
-    makes every call of this process leave the wake-up state right for other sleepers."""
-    if isinstance(self._reader, Connection):
-        self._reader.fileno()
-    return not self._poll()
-
-
 _PATCHES = {
     (mpq.Queue, "__init__"): _queue_init,
     (mpq.Queue, "__getstate__"): _queue_getstate,
     (mpq.Queue, "put"): _queue_put,
     (mpq.Queue, "get"): _queue_get,
     (mpq.Queue, "close"): _queue_close,
-    (mpq.Queue, "empty"): _empty,
     (mpq.JoinableQueue, "put"): _joinable_put,
     (mpq.SimpleQueue, "__init__"): _simple_init,
     (mpq.SimpleQueue, "__getstate__"): _simple_getstate,
     (mpq.SimpleQueue, "put"): _simple_put,
     (mpq.SimpleQueue, "get"): _simple_get,
-    (mpq.SimpleQueue, "empty"): _empty,
 }
 
 

@@ -59,8 +59,6 @@ def test_child_returns_right_after_feeding_a_full_ring(flavor, procs):
     _child_returns_right_after_feeding_a_full_ring(flavor, procs, flavor.ctx.Queue())
 
 
-@pytest.mark.xfail(strict=False, reason="needs core's exit path: the stdlib feeder flushes at "
-                   "exitpriority -5, after the shm ends close at exit (10 here, 0 with core)")
 def test_stdlib_feeder_over_hyperpipe_flushes_at_exit(fork_flavor, procs):
     # A subclass with its own _feed (as loky's) keeps the stdlib's item path and exit order.
     q = support.OwnFeederQueue(ctx=fork_flavor.ctx)

@@ -53,10 +53,9 @@ def _consume(reader, rlock, results, stop_tag):
 
 
 def _poll_unlocked(reader, stop):
-    # As Queue.empty() does on hyperpipe queues: fileno() first (see _queues._empty). Without
-    # it a successful poll() here kept the wake token, and a consumer asleep in recv() in
-    # another process was never woken (4 x 4 x 1,000 items hung).
-    reader.fileno()
+    # As Queue.empty() does: no lock, beside consumers in other processes. A successful
+    # poll() that kept the wake token left a consumer asleep in recv() in another process
+    # unwoken (4 x 4 x 1,000 items hung) until poll() left the token armed.
     while not stop.is_set():
         reader.poll()
 
