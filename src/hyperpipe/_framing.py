@@ -237,8 +237,6 @@ class FrameReader:
             return self._start_parts([size])
         if stage == _LONG:
             (size,) = LONG_LENGTH.unpack_from(self._head, 4)
-            if size > MAX_LENGTH:
-                raise errors.ProtocolError(f"corrupt frame header (length {size})")
             return self._start_parts([size])
         if stage == _META:
             stream_size, count = OOB_META.unpack_from(self._head, 4)
@@ -265,10 +263,11 @@ class FrameReader:
 
     def _start_parts(self, sizes: list[int]) -> Any:
         total = sum(sizes)
-        if total > MAX_LENGTH:
-            raise errors.ProtocolError(f"corrupt frame header (length {total})")
+        # maxlength first: the stdlib answers "bad message length" for any length over it
         if self.maxlength is not None and total > self.maxlength:
             raise errors.MessageTooLongError()
+        if total > MAX_LENGTH:
+            raise errors.ProtocolError(f"corrupt frame header (length {total})")
         if self.max_size is not None and total > self.max_size:
             raise errors.MessageTooLongError(
                 f"message of {total} bytes exceeds max_message_size={self.max_size}"

@@ -92,7 +92,7 @@ def test_dumps_is_the_forking_picklers_output() -> None:
     "wire, error",
     [
         (struct.pack("!i", -3), hyperpipe.ProtocolError),
-        (struct.pack("!iQ", -1, 2**63), hyperpipe.ProtocolError),
+        (struct.pack("!iQ", -1, 2**63), hyperpipe.MessageTooLongError),  # over maxlength first, as the stdlib
         (struct.pack("!i", 11), hyperpipe.MessageTooLongError),
     ],
     ids=["negative-length", "long-length-over-2**63", "over-maxlength"],
@@ -102,6 +102,11 @@ def test_bad_headers(wire: bytes, error: type) -> None:
     reader.maxlength = 10
     with pytest.raises(error):
         reader.feed(wire)
+
+
+def test_a_length_over_2_63_is_corrupt_without_maxlength() -> None:
+    with pytest.raises(hyperpipe.ProtocolError, match="corrupt frame header"):
+        _framing.FrameReader().feed(struct.pack("!iQ", -1, 2**63))
 
 
 def test_out_of_band_frames_can_be_refused() -> None:
