@@ -23,6 +23,8 @@ GROUPS = {
     "large": ("large", "large_zc", "large_zcs"),
     "idle": ("idle",),
 }
+#: the pipe tests of a run without --only
+DEFAULT_ONLY = ",".join(GROUPS)
 DEFAULT_SIZES = "1MiB,16MiB,256MiB"
 IMPL_ALIASES = {"shm": "hp-shm", "socket": "hp-socket", "pyzmq": "zmq", "faster_fifo": "faster-fifo"}
 #: where results go unless --json says otherwise (relative to the current folder)
@@ -53,11 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments. Method and a full run: docs/benchmarks.md in hyperpipe's source.",
     )
     ap.add_argument("--quick", action="store_true", help="small counts: the whole run in under a minute on 2 cores")
-    ap.add_argument("--only", default="lat,stream,large,idle",
-                    help="comma-separated groups (default: all of them): "
+    ap.add_argument("--only", default=None,
+                    help="comma-separated groups (default: all of them, the pipe tests first, then the pool "
+                    "and queue rows): "
                     + "; ".join(f"{group} = {', '.join(tests)}" for group, tests in GROUPS.items())
                     + "; or single tests by those names. pool, queue: the Pool/ProcessPoolExecutor/Queue "
-                    "rows, run on their own (" + ", ".join(_pool.ROWS) + ")")
+                    "rows (" + ", ".join(_pool.ROWS) + "), asked for on their own or with nothing else")
     impls = all_impls()
     ap.add_argument("--impl", default="all",
                     help="comma-separated implementations: " + "; ".join(f"{i.name} = {i.label}" for i in impls)
@@ -277,16 +280,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     command = "python -m hyperpipe.bench" + (" " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
 
-    pool_rows, only = _pool.split_only(opts.only)
-    if pool_rows and only:
-        ap.error("--only: the pool and queue rows run on their own (another run for the pipe tests)")
-    if pool_rows:
-        result = _pool.run(pool_rows, opts.quick, opts.start_method, None if opts.no_progress else _note)
-        print(_pool.render(result))
-        if opts.json:
-            with open(opts.json, "w") as f:
-                json.dump({"schema": "hyperpipe-bench-pool/1", "command": command, **result}, f, indent=1)
-        return 1 if any(isinstance(v, str) for row in result["rows"].values() for v in row.values()) else 0
+    if opts.only is None:  # the whole benchmark: every pipe test, then every pool and queue row
+        pool_rows, only = list(_pool.ROWS), DEFAULT_ONLY
+    else:
+        pool_rows, only = _pool.split_only(opts.only)
+        if pool_rows and only:
+            ap.error("--only: the pool and queue rows run on their own (another run for the pipe tests)")
+    if opts.json and opts.no_json:
+        ap.error("--json and --no-json contradict each other")
+    json_path = opts.json
+    if json_path is None and not opts.no_json:
+        json_path = os.path.join(RESULTS_DIR, f"hyperpipe-bench-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    if pool_rows and not only:
+        pool = _run_pool_rows(pool_rows, opts)
+        if json_path:
+            _write_json(json_path, {"schema": "hyperpipe-bench-pool/1", "command": command, **pool})
+        return 1 if _pool.failed(pool) else 0
     tests = select_tests(ap, only)
     try:
         sizes = [parse_size(s) for s in opts.sizes.split(",") if s.strip()]
@@ -309,11 +318,6 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
 
-    if opts.json and opts.no_json:
-        ap.error("--json and --no-json contradict each other")
-    json_path = opts.json
-    if json_path is None and not opts.no_json:
-        json_path = os.path.join(RESULTS_DIR, f"hyperpipe-bench-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
     for path, what in ((opts.json, "--json"), (opts.plot, "--plot")):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             ap.error(f"{what}: the folder of {path!r} does not exist")
@@ -442,11 +446,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     unicode_ok = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") in ("utf8", "utf16")
     print(_report.render(result, unicode_ok=unicode_ok))
+    if pool_rows and not interrupted:
+        print()
+        result["pool"] = _run_pool_rows(pool_rows, opts)
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"Results (every number, the machine, the config) written to {os.path.abspath(json_path)}")
+        _write_json(json_path, result)
     if opts.plot:
         try:
             _report.plot(result, opts.plot)
@@ -456,4 +460,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
     if interrupted:
         return 130
-    return 1 if any(not r["ok"] for r in records) else 0
+    return 1 if any(not r["ok"] for r in records) or ("pool" in result and _pool.failed(result["pool"])) else 0
+
+
+def _run_pool_rows(rows: list[str], opts: argparse.Namespace) -> dict:
+    result = _pool.run(rows, opts.quick, opts.start_method, None if opts.no_progress else _note)
+    print(_pool.render(result))
+    return result
+
+
+def _write_json(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"Results (every number, the machine, the config) written to {os.path.abspath(path)}")

@@ -219,6 +219,11 @@ def run(rows: list[str], quick: bool, method: str = "fork", progress: Optional[C
     return {"config": cfg, "method": method, "load": os.getloadavg(), "rows": results}
 
 
+def failed(result: dict) -> bool:
+    """True if a row of ``result`` (from ``run``) failed for some implementation."""
+    return any(isinstance(v, str) for row in result["rows"].values() for v in row.values())
+
+
 def render(result: dict) -> str:
     cfg = result["config"]
     lines = [
