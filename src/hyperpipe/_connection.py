@@ -117,6 +117,14 @@ class Connection(Generic[_SendT, _RecvT]):
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         _live.add(self)
+        # The transport may do the common send_bytes/recv_bytes call without this class
+        # (see Transport.fast_path); every other call still comes here.
+        self._fast = transport.fast_path(weakref.ref(self), Connection.send_bytes, Connection.recv_bytes)
+        if self._fast is not None:
+            if writable:
+                setattr(self, "send_bytes", self._fast.send_bytes)
+            if readable:
+                setattr(self, "recv_bytes", self._fast.recv_bytes)
 
     # -- state ----------------------------------------------------------------------
     def __del__(self) -> None:
@@ -137,8 +145,20 @@ class Connection(Generic[_SendT, _RecvT]):
     def _bad_message_length(self) -> None:
         if self._writable:
             self._readable = False
+            self._drop_fast_path(recv=True)
         else:
             self.close()
+
+    def _drop_fast_path(self, send: bool = False, recv: bool = False) -> None:
+        fast = self._fast
+        if fast is None:
+            return
+        if send:
+            fast.sending = False
+            self.__dict__.pop("send_bytes", None)
+        if recv:
+            fast.receiving = False
+            self.__dict__.pop("recv_bytes", None)
 
     @property
     def closed(self) -> bool:
@@ -170,6 +190,7 @@ class Connection(Generic[_SendT, _RecvT]):
         if transport is not None:
             self._transport = None
             _live.discard(self)
+            self._drop_fast_path(send=True, recv=True)
             transport.close()
 
     def statistics(self) -> dict:

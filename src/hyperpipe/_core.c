@@ -6,6 +6,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include "hp_endpoint.h"
 
@@ -41,6 +42,12 @@ typedef struct {
     int opened;
     int release_pending; /* closed while a call was inside: the last to leave releases */
     int in_recv; /* a thread waits in hp_recv_wait with the GIL released (see fileno) */
+    int in_send; /* a thread is in hp_send with the GIL released (see Endpoint_send_bytes) */
+    /* the Connection's hot methods (Endpoint_send_bytes): */
+    PyObject *conn_ref;              /* weakref.ref to the Connection */
+    PyObject *slow_send, *slow_recv; /* Connection.send_bytes / recv_bytes (functions) */
+    uint64_t inline_max;             /* bigger payloads go out of band: the slow way */
+    char sending, receiving;         /* the Connection may still send / receive */
     HeapMapObject *tx_heap, *rx_heap; /* mapped on first use */
 } EndpointObject;
 
@@ -182,6 +189,9 @@ static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
 }
 
 static void Endpoint_dealloc(EndpointObject *self) {
+    Py_CLEAR(self->conn_ref);
+    Py_CLEAR(self->slow_send);
+    Py_CLEAR(self->slow_recv);
     Py_CLEAR(self->tx_heap);
     Py_CLEAR(self->rx_heap);
     if (self->opened || self->release_pending) { /* pending: forked while a call was inside */
@@ -228,9 +238,11 @@ static int send_blocking(EndpointObject *self, uint8_t kind, uint16_t flags, con
                          uint64_t oob_bytes, int64_t deadline) {
     int rc;
     for (;;) {
+        self->in_send = 1; /* both written with the GIL held */
         Py_BEGIN_ALLOW_THREADS
         rc = hp_send(&self->ep, kind, flags, parts, lens, nparts, fds, nfds, oob_bytes, deadline);
         Py_END_ALLOW_THREADS
+        self->in_send = 0;
         if (rc != HP_EINTR) return rc;
         if (PyErr_CheckSignals() < 0) return -1;
     }
@@ -734,6 +746,104 @@ static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
     return ret;
 }
 
+/* -- a Connection's hot methods, in C ------------------------------------------------ */
+
+/* Endpoint.send_bytes / recv_bytes: the methods of the one Connection over this endpoint,
+ * which it installs on itself (Transport.fast_path). The common call, one bytes, bytearray
+ * or memoryview argument that fits inline with room in the ring, or no argument with a
+ * DATA frame waiting, is done here with the GIL held throughout: that makes it atomic
+ * with respect to the Connection's other threads as its lock would, as long as no thread
+ * is inside this direction with the GIL released (in_send / in_recv), when the call goes
+ * the slow way too. Every other call (arguments, timeouts, a full ring, an empty one, a big
+ * or special frame, any error) is handed to the Connection's own method unchanged, which
+ * checks, locks, waits and raises as usual; nothing was sent or consumed before that. The
+ * Connection is held weakly: it must still die (and close) when its last reference goes. */
+
+/* func(connection, *args, **kwargs): the Connection's own method. */
+static PyObject *fast_slow_way(EndpointObject *self, PyObject *func, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames) {
+    PyObject *conn = NULL;
+    if (self->conn_ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+        if (PyWeakref_GetRef(self->conn_ref, &conn) < 0) return NULL;
+#else
+        conn = PyWeakref_GetObject(self->conn_ref);
+        if (conn == Py_None) conn = NULL;
+        Py_XINCREF(conn);
+#endif
+    }
+    if (!conn || !func) return raise_status(self, HP_CLOSED); /* a bound method that outlived it */
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t n = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[8], **stack = n < 8 ? small : PyMem_New(PyObject *, n + 1);
+    PyObject *ret = NULL;
+    if (!stack) {
+        PyErr_NoMemory();
+    } else {
+        stack[0] = conn;
+        if (n) memcpy(stack + 1, args, (size_t)n * sizeof *args);
+        ret = PyObject_Vectorcall(func, stack, nargs + 1, kwnames);
+        if (stack != small) PyMem_Free(stack);
+    }
+    Py_DECREF(conn);
+    return ret;
+}
+
+static PyObject *Endpoint_send_bytes(EndpointObject *self, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames) {
+    PyObject *buf = PyVectorcall_NARGS(nargsf) == 1 && !kwnames ? args[0] : NULL;
+    if (buf && self->sending && self->opened && !self->in_send &&
+        (PyBytes_CheckExact(buf) || PyByteArray_CheckExact(buf) || PyMemoryView_Check(buf))) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear(); /* e.g. not contiguous: the Connection raises its own error */
+        } else {
+            int rc = HP_TIMEOUT;
+            if ((uint64_t)view.len <= self->inline_max && self->ep.has_tx && hp_enter(&self->ep)) {
+                const void *parts[1] = {view.buf};
+                uint64_t lens[1] = {(uint64_t)view.len};
+                rc = hp_try_send(&self->ep, KIND_DATA, 0, parts, lens, 1);
+                leave(self);
+            }
+            PyBuffer_Release(&view);
+            if (rc == HP_OK) Py_RETURN_NONE;
+        }
+    }
+    return fast_slow_way(self, self->slow_send, args, nargsf, kwnames);
+}
+
+static PyObject *Endpoint_recv_bytes(EndpointObject *self, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames) {
+    if (PyVectorcall_NARGS(nargsf) == 0 && !kwnames && self->receiving && self->opened && !self->in_recv &&
+        self->ep.has_rx && hp_ring_readable(&self->ep.rx) && hp_enter(&self->ep)) {
+        hp_frame frame;
+        PyObject *ret = NULL;
+        if (hp_recv_try(&self->ep, KIND_DATA, &frame) == HP_OK) {
+            ret = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+            if (ret) hp_recv_finish(&self->ep, &frame, 0);
+            else hp_reader_exit(&self->ep); /* not consumed */
+        }
+        leave(self);
+        if (ret || PyErr_Occurred()) return ret;
+    }
+    return fast_slow_way(self, self->slow_recv, args, nargsf, kwnames);
+}
+
+/* fast_path(conn_ref, send_bytes, recv_bytes, inline_max) -> self, ready for
+ * send_bytes/recv_bytes on behalf of that Connection. */
+static PyObject *Endpoint_fast_path(EndpointObject *self, PyObject *args) {
+    PyObject *ref, *send, *recv;
+    unsigned long long inline_max;
+    if (!PyArg_ParseTuple(args, "O!OOK", &_PyWeakref_RefType, &ref, &send, &recv, &inline_max)) return NULL;
+    Py_XSETREF(self->conn_ref, Py_NewRef(ref));
+    Py_XSETREF(self->slow_send, Py_NewRef(send));
+    Py_XSETREF(self->slow_recv, Py_NewRef(recv));
+    self->inline_max = inline_max;
+    self->sending = (char)self->ep.has_tx;
+    self->receiving = (char)self->ep.has_rx;
+    return Py_NewRef(self);
+}
+
 /* -- lifetime and introspection ------------------------------------------------------ */
 
 static PyObject *Endpoint_fileno(EndpointObject *self, PyObject *unused) {
@@ -783,6 +893,7 @@ static PyObject *Endpoint_after_fork(EndpointObject *self, PyObject *unused) {
     /* New heap mappings here: blocks inherited from the parent stay the parent's to free. */
     Py_CLEAR(self->tx_heap);
     Py_CLEAR(self->rx_heap);
+    self->in_recv = self->in_send = 0; /* the parent's threads are not here */
     if (self->opened && hp_endpoint_after_fork(&self->ep) < 0) return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
@@ -835,8 +946,21 @@ static PyMethodDef Endpoint_methods[] = {
     {"heap_share", (PyCFunction)Endpoint_heap_share, METH_VARARGS, NULL},
     {"heap_block", (PyCFunction)Endpoint_heap_block, METH_VARARGS, NULL},
     {"catch_incoming", (PyCFunction)Endpoint_catch_incoming, METH_O, NULL},
+    {"fast_path", (PyCFunction)Endpoint_fast_path, METH_VARARGS, NULL},
+    {"send_bytes", (PyCFunction)(void (*)(void))Endpoint_send_bytes, METH_FASTCALL | METH_KEYWORDS,
+     "send_bytes($self, buf, offset=0, size=None, *, timeout=None)\n--\n\n"
+     "Send the bytes data from a bytes-like object (``buf[offset:offset+size]``)."},
+    {"recv_bytes", (PyCFunction)(void (*)(void))Endpoint_recv_bytes, METH_FASTCALL | METH_KEYWORDS,
+     "recv_bytes($self, maxlength=None, *, timeout=None)\n--\n\n"
+     "Receive one message as ``bytes``; longer than ``maxlength`` -> OSError, as the stdlib."},
     {"stats", (PyCFunction)Endpoint_stats, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Endpoint_members[] = {
+    {"sending", T_BOOL, offsetof(EndpointObject, sending), 0, "send_bytes may send (False: the slow way)"},
+    {"receiving", T_BOOL, offsetof(EndpointObject, receiving), 0, "recv_bytes may receive (False: the slow way)"},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyGetSetDef Endpoint_getset[] = {
@@ -854,6 +978,7 @@ static PyTypeObject EndpointType = {
     .tp_init = (initproc)Endpoint_init,
     .tp_dealloc = (destructor)Endpoint_dealloc,
     .tp_methods = Endpoint_methods,
+    .tp_members = Endpoint_members,
     .tp_getset = Endpoint_getset,
 };
 

@@ -73,6 +73,19 @@ class Endpoint:
     def recv_into(
         self, buf: Buffer, offset: int, deadline: Optional[float] = None, /
     ) -> Union[int, SpecialFrame]: ...
+    def fast_path(
+        self, connection: Any, send_bytes: Any, recv_bytes: Any, inline_max: int, /
+    ) -> "Endpoint":
+        """Make send_bytes/recv_bytes below act for that Connection (a weakref.ref to it,
+        its own methods as functions); returns this endpoint."""
+    def send_bytes(
+        self, buf: Buffer, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
+    ) -> None:
+        """Connection.send_bytes: the common call in C, any other by the Connection's method."""
+    def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
+        """Connection.recv_bytes: the common call in C, any other by the Connection's method."""
+    sending: bool
+    receiving: bool
     def poll(self, deadline: Optional[float] = None, /) -> bool: ...
     def fileno(self) -> int: ...
     def writer_fileno(self) -> int:

@@ -379,6 +379,11 @@ class ShmTransport(Transport):
                 return memoryview(block)
         return SharedBuffer._create(nbytes)
 
+    def fast_path(self, connection: Any, send_bytes: Any, recv_bytes: Any) -> Any:
+        # In C: a message that fits inline, sent or received with no other thread inside
+        # that direction, costs one C call instead of three Python frames and a lock.
+        return self._ep.fast_path(connection, send_bytes, recv_bytes, self._inline)
+
     # -- receiving ------------------------------------------------------------------
     def recv_frame(self, maxlength: Optional[int], deadline: Deadline) -> Any:
         r = self._recv(maxlength, deadline)

@@ -136,6 +136,19 @@ class Transport:
         """A writable buffer that ``send_frame``/``send_object`` pass without copying."""
         raise NotImplementedError(f"the {self.name} transport has no shared buffers")
 
+    def fast_path(self, connection: Any, send_bytes: Any, recv_bytes: Any) -> Any:
+        """Optional: an object whose ``send_bytes``/``recv_bytes`` replace the Connection's.
+
+        ``connection`` is a weak reference to the Connection, ``send_bytes``/``recv_bytes``
+        its own methods (functions). The replacements must do exactly what the Connection's
+        methods do: they may handle the common call themselves (for example, with the GIL
+        held throughout, which makes it atomic like the Connection's lock) and hand every
+        other call to ``send_bytes(connection(), ...)``. Its ``sending``/``receiving``
+        attributes are set to False when the Connection may no longer send or receive. None
+        (the default): the Connection's methods are used.
+        """
+        return None
+
     # -- readiness, for event loops ----------------------------------------------------
     def poll(self, deadline: Deadline) -> bool:
         """True when ``recv_frame`` would not block (a frame, EOF or an error is pending)."""
