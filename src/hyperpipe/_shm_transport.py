@@ -336,15 +336,10 @@ class ShmTransport(Transport):
         base = ep.heap_alloc(total) if self._heap else -1
         if base >= 0:
             head, size = _oob_head(total, base, spans, len(stream), stream_at)
-            try:
-                for (at, _), raw in zip(spans, raws):
-                    ep.heap_write(base + at, raw)
-                if body is None:
-                    ep.heap_write(base + stream_at, stream)
-            except BaseException:
-                ep.heap_release(base)
-                raise
-            self._send_heap_frame(0, head, size, body, base, deadline)
+            writes = [(base + at, raw) for (at, _), raw in zip(spans, raws)]
+            if body is None:
+                writes.append((base + stream_at, stream))
+            self._send_heap_frame(0, head, size, body, base, deadline, writes)
             return
         head, size = _oob_head(total, _MEMFD, spans, len(stream), stream_at)
         fd = _new_memfd(total)
@@ -359,11 +354,12 @@ class ShmTransport(Transport):
             os.close(fd)
 
     def _send_heap_frame(
-        self, flags: int, head: bytes, size: int, body: Any, base: int, deadline: Deadline
+        self, flags: int, head: bytes, size: int, body: Any, base: int, deadline: Deadline, writes: Any = None
     ) -> None:
-        """Send a frame that refers to a block of our heap, which holds a reference for it."""
+        """Send a frame that refers to a block of our heap, which holds a reference for it,
+        after copying ``writes`` ((heap offset, buffer) pairs) into the block."""
         try:
-            self._ep.send_parts(KIND_OOB, flags, head, body, (), size, deadline)
+            self._ep.send_parts(KIND_OOB, flags, head, body, (), size, deadline, writes)
         except BaseException:
             self._ep.heap_release(base)  # the frame was not sent: its reference goes
             raise
@@ -379,10 +375,10 @@ class ShmTransport(Transport):
                 return memoryview(block)
         return SharedBuffer._create(nbytes)
 
-    def fast_path(self, connection: Any, send_bytes: Any, recv_bytes: Any) -> Any:
-        # In C: a message that fits inline, sent or received with no other thread inside
-        # that direction, costs one C call instead of three Python frames and a lock.
-        return self._ep.fast_path(connection, send_bytes, recv_bytes, self._inline)
+    def fast_path(self, connection: Any, methods: dict) -> Any:
+        # In C: messages that fit inline, sent or received with no other thread inside
+        # that direction, cost one C call instead of three Python frames and a lock.
+        return self._ep.fast_path(connection, methods, self._inline)
 
     # -- receiving ------------------------------------------------------------------
     def recv_frame(self, maxlength: Optional[int], deadline: Deadline) -> Any:

@@ -208,3 +208,57 @@ def test_no_fast_send_while_another_thread_waits_for_room() -> None:
         reader.join(10)
         assert not sender.is_alive() and not reader.is_alive()
         assert results == [big, big, blocked, b"small"]
+
+
+def test_batches_fast_and_slow_keep_order_and_errors() -> None:
+    a, b = shm_pair()
+    with a, b:
+        a.send_bytes_many([b"1", bytearray(b"2"), memoryview(b"3")])  # in C
+        a.send_bytes_many((b"4", b"x" * 70_000, b"6"))  # one out of band: the Connection's way
+        a.send_bytes_many(iter([b"7"]))  # not a list: the Connection's way
+        a.send_bytes_many([b"8"], timeout=1)
+        a.send_bytes_many([])
+        with pytest.raises(TypeError):
+            a.send_bytes_many([b"not sent", "text"])  # type: ignore[list-item]
+        with pytest.raises(BufferError):
+            a.send_bytes_many([b"not sent", memoryview(bytearray(8))[::2]])
+        got = b.recv_bytes_many(2) + b.recv_bytes_many() + b.recv_bytes_many(timeout=1)
+        while b.poll(0):
+            got += b.recv_bytes_many(3)
+        assert got == [b"1", b"2", b"3", b"4", b"x" * 70_000, b"6", b"7", b"8"]
+        assert all(type(g) is bytes for g in got)
+        for bad in (0, -1, 2.0, "3"):
+            with pytest.raises((ValueError, TypeError)):
+                b.recv_bytes_many(bad)  # type: ignore[arg-type]
+        with pytest.raises(errors.TimeoutError):
+            b.recv_bytes_many(timeout=0)
+
+
+def test_a_batch_bigger_than_the_room_waits_and_goes_out_whole() -> None:
+    a, b = shm_pair(ring_size=4096)
+    with a, b:
+        batch = [bytes([i]) * 500 for i in range(40)]  # 5x the ring
+        got: list = []
+
+        def reader() -> None:
+            while len(got) < 80:
+                got.extend(b.recv_bytes_many(7, timeout=10))
+
+        t = threading.Thread(target=reader)
+        t.start()
+        a.send_bytes_many(batch)
+        a.send_bytes_many(batch)
+        t.join(10)
+        assert got == batch + batch
+
+
+def test_receive_many_returns_what_waits_and_stops_before_a_big_frame() -> None:
+    a, b = shm_pair()
+    with a, b:
+        a.send_bytes(b"a")
+        a.send_bytes(b"b")
+        a.send_bytes(b"B" * 100_000)
+        a.send_bytes(b"c")
+        assert b.recv_bytes_many() == [b"a", b"b"]
+        assert b.recv_bytes_many() == [b"B" * 100_000]
+        assert b.recv_bytes_many() == [b"c"]
