@@ -262,3 +262,27 @@ def test_receive_many_returns_what_waits_and_stops_before_a_big_frame() -> None:
         assert b.recv_bytes_many() == [b"a", b"b"]
         assert b.recv_bytes_many() == [b"B" * 100_000]
         assert b.recv_bytes_many() == [b"c"]
+
+
+def test_fileno_readiness_stays_true_through_fast_receives() -> None:
+    import select
+
+    a, b = shm_pair()
+    with a, b:
+        fd = b.fileno()
+
+        def readable() -> bool:
+            return bool(select.select([fd], [], [], 0)[0])
+
+        assert not readable()
+        a.send_bytes(b"one")
+        a.send_bytes_many([b"two", b"three"])
+        assert readable()
+        assert b.recv_bytes() == b"one"
+        assert readable()  # two more wait
+        assert b.recv_bytes_many() == [b"two", b"three"]
+        assert not readable()
+        a.send_bytes(b"four")
+        assert readable()
+        assert b.recv_bytes() == b"four"
+        assert not readable()
