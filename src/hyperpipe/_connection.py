@@ -71,9 +71,9 @@ def _slice(m: memoryview, offset: int, size: Optional[int]) -> memoryview:
 
 def _byte_view(buf: Any) -> memoryview:
     m = memoryview(buf)
+    if not m.c_contiguous:  # here, before a batch sent part of its messages
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
     if m.ndim != 1 or m.format not in ("B", "b", "c"):
-        if not m.c_contiguous:
-            raise BufferError("memoryview: underlying buffer is not C-contiguous")
         m = m.cast("B")
     elif m.format != "B":
         m = m.cast("B")
@@ -117,6 +117,12 @@ class Connection(Generic[_SendT, _RecvT]):
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         _live.add(self)
+        # The transport may do the common send_bytes/recv_bytes call without this class
+        # (see Transport.fast_path); every other call still comes here.
+        self._fast = transport.fast_path(weakref.ref(self), _FAST_METHODS)
+        if self._fast is not None:
+            for name in (_FAST_SENDING if writable else ()) + (_FAST_RECEIVING if readable else ()):
+                setattr(self, name, getattr(self._fast, name))
 
     # -- state ----------------------------------------------------------------------
     def __del__(self) -> None:
@@ -137,8 +143,22 @@ class Connection(Generic[_SendT, _RecvT]):
     def _bad_message_length(self) -> None:
         if self._writable:
             self._readable = False
+            self._drop_fast_path(recv=True)
         else:
             self.close()
+
+    def _drop_fast_path(self, send: bool = False, recv: bool = False) -> None:
+        fast = self._fast
+        if fast is None:
+            return
+        if send:
+            fast.sending = False
+            for name in _FAST_SENDING:
+                self.__dict__.pop(name, None)
+        if recv:
+            fast.receiving = False
+            for name in _FAST_RECEIVING:
+                self.__dict__.pop(name, None)
 
     @property
     def closed(self) -> bool:
@@ -170,6 +190,7 @@ class Connection(Generic[_SendT, _RecvT]):
         if transport is not None:
             self._transport = None
             _live.discard(self)
+            self._drop_fast_path(send=True, recv=True)
             transport.close()
 
     def statistics(self) -> dict:
@@ -441,6 +462,13 @@ class Connection(Generic[_SendT, _RecvT]):
             _rebuild_connection,
             (transport.reduce(), self._readable, self._writable, self._codec),
         )
+
+
+# The methods a transport's fast_path may take over, and the Connection's own ones it
+# hands every other call to.
+_FAST_SENDING = ("send_bytes", "send_bytes_many")
+_FAST_RECEIVING = ("recv_bytes", "recv_bytes_many")
+_FAST_METHODS = {name: getattr(Connection, name) for name in _FAST_SENDING + _FAST_RECEIVING}
 
 
 def _rebuild_connection(reduced: tuple, readable: bool, writable: bool, codec: Any) -> Connection:

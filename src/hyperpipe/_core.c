@@ -6,6 +6,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include "hp_endpoint.h"
 
@@ -14,6 +15,11 @@
 #include <unistd.h>
 
 enum { KIND_DATA = 1 };
+
+/* The Connection methods an endpoint can do in C (Endpoint_send_bytes and below). */
+enum { FAST_SEND, FAST_RECV, FAST_SEND_MANY, FAST_RECV_MANY, FAST_NMETHODS };
+static const char *const fast_names[FAST_NMETHODS] = {"send_bytes", "recv_bytes", "send_bytes_many",
+                                                      "recv_bytes_many"};
 
 static PyObject *Err_Timeout, *Err_Closed, *Err_PeerClosed, *Err_BrokenPipe, *Err_Protocol,
     *Err_TooLong, *Err_BufferTooShort;
@@ -41,6 +47,12 @@ typedef struct {
     int opened;
     int release_pending; /* closed while a call was inside: the last to leave releases */
     int in_recv; /* a thread waits in hp_recv_wait with the GIL released (see fileno) */
+    int in_send; /* a thread is in hp_send with the GIL released (see Endpoint_send_bytes) */
+    /* the Connection's hot methods (Endpoint_send_bytes): */
+    PyObject *conn_ref;              /* weakref.ref to the Connection */
+    PyObject *slow[FAST_NMETHODS];   /* the Connection's own methods (functions) */
+    uint64_t inline_max;             /* bigger payloads go out of band: the slow way */
+    char sending, receiving;         /* the Connection may still send / receive */
     HeapMapObject *tx_heap, *rx_heap; /* mapped on first use */
 } EndpointObject;
 
@@ -182,6 +194,8 @@ static int Endpoint_init(EndpointObject *self, PyObject *args, PyObject *kw) {
 }
 
 static void Endpoint_dealloc(EndpointObject *self) {
+    Py_CLEAR(self->conn_ref);
+    for (int i = 0; i < FAST_NMETHODS; i++) Py_CLEAR(self->slow[i]);
     Py_CLEAR(self->tx_heap);
     Py_CLEAR(self->rx_heap);
     if (self->opened || self->release_pending) { /* pending: forked while a call was inside */
@@ -228,9 +242,11 @@ static int send_blocking(EndpointObject *self, uint8_t kind, uint16_t flags, con
                          uint64_t oob_bytes, int64_t deadline) {
     int rc;
     for (;;) {
+        self->in_send = 1; /* both written with the GIL held */
         Py_BEGIN_ALLOW_THREADS
         rc = hp_send(&self->ep, kind, flags, parts, lens, nparts, fds, nfds, oob_bytes, deadline);
         Py_END_ALLOW_THREADS
+        self->in_send = 0;
         if (rc != HP_EINTR) return rc;
         if (PyErr_CheckSignals() < 0) return -1;
     }
@@ -303,15 +319,62 @@ static PyObject *Endpoint_send_many(EndpointObject *self, PyObject *args) {
     return PyLong_FromSsize_t(i);
 }
 
-/* send_parts(kind, flags, head, body, fds, oob_bytes, deadline): one frame whose payload
- * is head + body (body may be None), preceded on the socket by fds. */
+/* Copy each (offset, buffer) of `writes` into our heap, with the GIL released for the whole
+ * lot when it is big (1 MiB or more). 0, or -1 with an exception set. Caller is inside. */
+static int heap_copy(EndpointObject *self, PyObject *writes) {
+    struct heap_write {
+        Py_buffer src;
+        unsigned long long offset;
+    } small[4], *w = NULL;
+    PyObject *fast = PySequence_Fast(writes, "writes must be a sequence of (offset, buffer)");
+    if (!fast) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), got = 0;
+    HeapMapObject *m = self->tx_heap;
+    uint64_t total = 0;
+    int rc = -1;
+    w = n <= 4 ? small : PyMem_New(struct heap_write, n);
+    if (!w) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (; got < n; got++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, got), "Ky*", &w[got].offset, &w[got].src)) goto out;
+        if (!m || w[got].offset > self->ep.heap_size ||
+            (uint64_t)w[got].src.len > self->ep.heap_size - w[got].offset) {
+            PyBuffer_Release(&w[got].src);
+            PyErr_SetString(PyExc_ValueError, "heap_write out of range");
+            goto out;
+        }
+        total += (uint64_t)w[got].src.len;
+    }
+    Py_INCREF(m); /* close() from another thread drops the endpoint's reference */
+    if (total >= (1 << 20)) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) memcpy(m->heap.data + w[i].offset, w[i].src.buf, (size_t)w[i].src.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) memcpy(m->heap.data + w[i].offset, w[i].src.buf, (size_t)w[i].src.len);
+    }
+    Py_DECREF(m);
+    rc = 0;
+out:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&w[i].src);
+    if (w != small) PyMem_Free(w);
+    Py_DECREF(fast);
+    return rc;
+}
+
+/* send_parts(kind, flags, head, body, fds, oob_bytes, deadline, writes=None): one frame
+ * whose payload is head + body (body may be None), preceded on the socket by fds; first
+ * the (offset, buffer) pairs of `writes` are copied into our heap (heap_copy), so that
+ * nothing runs in Python between a big copy and the frame's publication. */
 static PyObject *Endpoint_send_parts(EndpointObject *self, PyObject *args) {
     int kind, flags;
     Py_buffer head, body = {0};
-    PyObject *body_obj, *fds_obj, *deadline_obj;
+    PyObject *body_obj, *fds_obj, *deadline_obj, *writes = Py_None;
     unsigned long long oob_bytes;
-    if (!PyArg_ParseTuple(args, "iiy*OOKO", &kind, &flags, &head, &body_obj, &fds_obj, &oob_bytes,
-                          &deadline_obj))
+    if (!PyArg_ParseTuple(args, "iiy*OOKO|O", &kind, &flags, &head, &body_obj, &fds_obj, &oob_bytes,
+                          &deadline_obj, &writes))
         return NULL;
     int ok, fds[HP_MAX_FDS], nfds = 0, have_body = 0;
     PyObject *ret = NULL;
@@ -337,6 +400,10 @@ static PyObject *Endpoint_send_parts(EndpointObject *self, PyObject *args) {
     Py_DECREF(fast);
     if (PyErr_Occurred()) goto done;
     if (!check_dir(self, 'w')) goto done;
+    if (writes != Py_None && heap_copy(self, writes) < 0) {
+        leave(self);
+        goto done;
+    }
     const void *parts[2] = {head.buf, have_body ? body.buf : NULL};
     uint64_t lens[2] = {(uint64_t)head.len, have_body ? (uint64_t)body.len : 0};
     int rc;
@@ -623,32 +690,14 @@ static PyObject *Endpoint_heap_alloc(EndpointObject *self, PyObject *arg) {
     return PyLong_FromLongLong(off);
 }
 
+/* heap_write(offset, buffer): copy into our heap (heap_copy). */
 static PyObject *Endpoint_heap_write(EndpointObject *self, PyObject *args) {
-    unsigned long long offset;
-    Py_buffer src;
-    if (!PyArg_ParseTuple(args, "Ky*", &offset, &src)) return NULL;
-    PyObject *ret = NULL;
-    if (!check_dir(self, 'w')) goto out;
-    HeapMapObject *m = self->tx_heap;
-    if (!m || offset > self->ep.heap_size || (uint64_t)src.len > self->ep.heap_size - offset) {
-        PyErr_SetString(PyExc_ValueError, "heap_write out of range");
-    } else {
-        unsigned char *dst = m->heap.data + offset;
-        if (src.len >= (1 << 20)) {
-            Py_INCREF(m);
-            Py_BEGIN_ALLOW_THREADS
-            memcpy(dst, src.buf, (size_t)src.len);
-            Py_END_ALLOW_THREADS
-            Py_DECREF(m);
-        } else {
-            memcpy(dst, src.buf, (size_t)src.len);
-        }
-        ret = Py_NewRef(Py_None);
-    }
+    if (!check_dir(self, 'w')) return NULL;
+    PyObject *writes = PyTuple_Pack(1, args);
+    int rc = writes ? heap_copy(self, writes) : -1;
+    Py_XDECREF(writes);
     leave(self);
-out:
-    PyBuffer_Release(&src);
-    return ret;
+    return rc < 0 ? NULL : Py_NewRef(Py_None);
 }
 
 /* heap_release(offset): drop the reference a frame that was never sent held. */
@@ -734,6 +783,192 @@ static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
     return ret;
 }
 
+/* -- a Connection's hot methods, in C ------------------------------------------------ */
+
+/* Endpoint.send_bytes / recv_bytes: the methods of the one Connection over this endpoint,
+ * which it installs on itself (Transport.fast_path). The common call, one bytes, bytearray
+ * or memoryview argument that fits inline with room in the ring, or no argument with a
+ * DATA frame waiting, is done here with the GIL held throughout: that makes it atomic
+ * with respect to the Connection's other threads as its lock would, as long as no thread
+ * is inside this direction with the GIL released (in_send / in_recv), when the call goes
+ * the slow way too. Every other call (arguments, timeouts, a full ring, an empty one, a big
+ * or special frame, any error) is handed to the Connection's own method unchanged, which
+ * checks, locks, waits and raises as usual; nothing was sent or consumed before that. The
+ * Connection is held weakly: it must still die (and close) when its last reference goes. */
+
+/* func(connection, *args, **kwargs): the Connection's own method. */
+static PyObject *fast_slow_way(EndpointObject *self, PyObject *func, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames) {
+    PyObject *conn = NULL;
+    if (self->conn_ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+        if (PyWeakref_GetRef(self->conn_ref, &conn) < 0) return NULL;
+#else
+        conn = PyWeakref_GetObject(self->conn_ref);
+        if (conn == Py_None) conn = NULL;
+        Py_XINCREF(conn);
+#endif
+    }
+    if (!conn || !func) return raise_status(self, HP_CLOSED); /* a bound method that outlived it */
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t n = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[8], **stack = n < 8 ? small : PyMem_New(PyObject *, n + 1);
+    PyObject *ret = NULL;
+    if (!stack) {
+        PyErr_NoMemory();
+    } else {
+        stack[0] = conn;
+        if (n) memcpy(stack + 1, args, (size_t)n * sizeof *args);
+        ret = PyObject_Vectorcall(func, stack, nargs + 1, kwnames);
+        if (stack != small) PyMem_Free(stack);
+    }
+    Py_DECREF(conn);
+    return ret;
+}
+
+static PyObject *Endpoint_send_bytes(EndpointObject *self, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames) {
+    PyObject *buf = PyVectorcall_NARGS(nargsf) == 1 && !kwnames ? args[0] : NULL;
+    if (buf && self->sending && self->opened && !self->in_send &&
+        (PyBytes_CheckExact(buf) || PyByteArray_CheckExact(buf) || PyMemoryView_Check(buf))) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear(); /* e.g. not contiguous: the Connection raises its own error */
+        } else {
+            int rc = HP_TIMEOUT;
+            if ((uint64_t)view.len <= self->inline_max && self->ep.has_tx && hp_enter(&self->ep)) {
+                const void *parts[1] = {view.buf};
+                uint64_t lens[1] = {(uint64_t)view.len};
+                rc = hp_try_send(&self->ep, KIND_DATA, 0, parts, lens, 1);
+                leave(self);
+            }
+            PyBuffer_Release(&view);
+            if (rc == HP_OK) Py_RETURN_NONE;
+        }
+    }
+    return fast_slow_way(self, self->slow[FAST_SEND], args, nargsf, kwnames);
+}
+
+static PyObject *Endpoint_recv_bytes(EndpointObject *self, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames) {
+    if (PyVectorcall_NARGS(nargsf) == 0 && !kwnames && self->receiving && self->opened && !self->in_recv &&
+        self->ep.has_rx && hp_ring_readable(&self->ep.rx) && hp_enter(&self->ep)) {
+        hp_frame frame;
+        PyObject *ret = NULL;
+        if (hp_recv_try(&self->ep, KIND_DATA, &frame) == HP_OK) {
+            ret = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+            if (ret) hp_recv_finish(&self->ep, &frame, 0);
+            else hp_reader_exit(&self->ep); /* not consumed */
+        }
+        leave(self);
+        if (ret || PyErr_Occurred()) return ret;
+    }
+    return fast_slow_way(self, self->slow[FAST_RECV], args, nargsf, kwnames);
+}
+
+/* Endpoint.send_bytes_many(bufs): the whole list in C when every buffer is a bytes,
+ * bytearray or memoryview that fits inline and the ring has room for all of them now (so
+ * the batch goes out whole, as under the Connection's lock); else the Connection's method. */
+static PyObject *Endpoint_send_bytes_many(EndpointObject *self, PyObject *const *args, size_t nargsf,
+                                          PyObject *kwnames) {
+    PyObject *seq = PyVectorcall_NARGS(nargsf) == 1 && !kwnames ? args[0] : NULL;
+    Py_ssize_t n = seq && (PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) ? PySequence_Fast_GET_SIZE(seq) : 0;
+    if (n < 1 || n > 4096 || !self->sending || !self->opened || self->in_send || !self->ep.has_tx)
+        return fast_slow_way(self, self->slow[FAST_SEND_MANY], args, nargsf, kwnames);
+    Py_buffer small[64], *views = n <= 64 ? small : PyMem_New(Py_buffer, n);
+    if (!views) return PyErr_NoMemory();
+    Py_ssize_t got = 0; /* views taken */
+    int all_inline = 1;
+    uint64_t bound = 0, largest = 0; /* bytes the batch can take: every frame, and one wrap */
+    for (; got < n && all_inline; got++) {
+        PyObject *buf = PySequence_Fast_GET_ITEM(seq, got);
+        if (!(PyBytes_CheckExact(buf) || PyByteArray_CheckExact(buf) || PyMemoryView_Check(buf))) break;
+        if (PyObject_GetBuffer(buf, &views[got], PyBUF_SIMPLE) < 0) {
+            PyErr_Clear(); /* e.g. not contiguous: the Connection raises its own error */
+            break;
+        }
+        uint64_t len = (uint64_t)views[got].len, bytes = hp_ring_frame_bytes(len);
+        all_inline = len <= self->inline_max;
+        bound += bytes;
+        largest = bytes > largest ? bytes : largest;
+    }
+    int rc = HP_TIMEOUT;
+    Py_ssize_t sent = 0;
+    uint64_t room;
+    if (got == n && all_inline && hp_enter(&self->ep)) {
+        if (hp_ring_free(&self->ep.tx, &room) == 1 && bound + largest <= room) {
+            for (rc = HP_OK; sent < n && rc == HP_OK; sent += rc == HP_OK) {
+                const void *parts[1] = {views[sent].buf};
+                uint64_t lens[1] = {(uint64_t)views[sent].len};
+                rc = hp_try_send(&self->ep, KIND_DATA, 0, parts, lens, 1);
+            }
+        }
+        leave(self);
+    }
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    if (views != small) PyMem_Free(views);
+    if (rc == HP_OK) return Py_NewRef(Py_None);
+    if (sent == 0) return fast_slow_way(self, self->slow[FAST_SEND_MANY], args, nargsf, kwnames);
+    if (rc != HP_TIMEOUT) /* the peer went away, or corrupted the ring: as the Connection's */
+        return raise_status(self, rc); /* own method, the frames before stay sent */
+    PyObject *rest = PySequence_GetSlice(seq, sent, n); /* room ran out after all: wait for it */
+    if (!rest) return NULL;
+    PyObject *ret = fast_slow_way(self, self->slow[FAST_SEND_MANY], &rest, 1, NULL);
+    Py_DECREF(rest);
+    return ret;
+}
+
+/* Endpoint.recv_bytes_many([maxcount]): the DATA frames already waiting, up to maxcount,
+ * when there is at least one; else the Connection's method (which waits). */
+static PyObject *Endpoint_recv_bytes_many(EndpointObject *self, PyObject *const *args, size_t nargsf,
+                                          PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), maxcount = 1024;
+    if (nargs == 1) {
+        maxcount = PyLong_CheckExact(args[0]) ? PyLong_AsSsize_t(args[0]) : 0;
+        if (maxcount == -1 && PyErr_Occurred()) PyErr_Clear(); /* the slow way says what is wrong */
+    }
+    if (nargs <= 1 && !kwnames && maxcount >= 1 && self->receiving && self->opened && !self->in_recv &&
+        self->ep.has_rx && hp_ring_readable(&self->ep.rx) && hp_enter(&self->ep)) {
+        PyObject *list = PyList_New(0);
+        hp_frame frame;
+        while (list && PyList_GET_SIZE(list) < maxcount && hp_recv_try(&self->ep, KIND_DATA, &frame) == HP_OK) {
+            PyObject *b = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+            if (!b || PyList_Append(list, b) < 0) {
+                Py_XDECREF(b);
+                hp_reader_exit(&self->ep); /* not consumed */
+                Py_CLEAR(list);
+                break;
+            }
+            Py_DECREF(b);
+            hp_recv_finish(&self->ep, &frame, 0);
+        }
+        leave(self);
+        if (!list || PyList_GET_SIZE(list) > 0) return list;
+        Py_DECREF(list);
+    }
+    return fast_slow_way(self, self->slow[FAST_RECV_MANY], args, nargsf, kwnames);
+}
+
+/* fast_path(conn_ref, methods, inline_max) -> self, ready to do the methods above on
+ * behalf of that Connection; `methods` maps their names to the Connection's own. */
+static PyObject *Endpoint_fast_path(EndpointObject *self, PyObject *args) {
+    PyObject *ref, *methods;
+    unsigned long long inline_max;
+    if (!PyArg_ParseTuple(args, "O!O!K", &_PyWeakref_RefType, &ref, &PyDict_Type, &methods, &inline_max))
+        return NULL;
+    PyObject *slow[FAST_NMETHODS];
+    for (int i = 0; i < FAST_NMETHODS; i++) {
+        slow[i] = PyDict_GetItemString(methods, fast_names[i]);
+        if (!slow[i]) return PyErr_Format(PyExc_KeyError, "fast_path() needs the method %s", fast_names[i]);
+    }
+    for (int i = 0; i < FAST_NMETHODS; i++) Py_XSETREF(self->slow[i], Py_NewRef(slow[i]));
+    Py_XSETREF(self->conn_ref, Py_NewRef(ref));
+    self->inline_max = inline_max;
+    self->sending = (char)self->ep.has_tx;
+    self->receiving = (char)self->ep.has_rx;
+    return Py_NewRef(self);
+}
+
 /* -- lifetime and introspection ------------------------------------------------------ */
 
 static PyObject *Endpoint_fileno(EndpointObject *self, PyObject *unused) {
@@ -783,6 +1018,7 @@ static PyObject *Endpoint_after_fork(EndpointObject *self, PyObject *unused) {
     /* New heap mappings here: blocks inherited from the parent stay the parent's to free. */
     Py_CLEAR(self->tx_heap);
     Py_CLEAR(self->rx_heap);
+    self->in_recv = self->in_send = 0; /* the parent's threads are not here */
     if (self->opened && hp_endpoint_after_fork(&self->ep) < 0) return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
@@ -835,8 +1071,27 @@ static PyMethodDef Endpoint_methods[] = {
     {"heap_share", (PyCFunction)Endpoint_heap_share, METH_VARARGS, NULL},
     {"heap_block", (PyCFunction)Endpoint_heap_block, METH_VARARGS, NULL},
     {"catch_incoming", (PyCFunction)Endpoint_catch_incoming, METH_O, NULL},
+    {"fast_path", (PyCFunction)Endpoint_fast_path, METH_VARARGS, NULL},
+    {"send_bytes", (PyCFunction)(void (*)(void))Endpoint_send_bytes, METH_FASTCALL | METH_KEYWORDS,
+     "send_bytes($self, buf, offset=0, size=None, *, timeout=None)\n--\n\n"
+     "Send the bytes data from a bytes-like object (``buf[offset:offset+size]``)."},
+    {"recv_bytes", (PyCFunction)(void (*)(void))Endpoint_recv_bytes, METH_FASTCALL | METH_KEYWORDS,
+     "recv_bytes($self, maxlength=None, *, timeout=None)\n--\n\n"
+     "Receive one message as ``bytes``; longer than ``maxlength`` -> OSError, as the stdlib."},
+    {"send_bytes_many", (PyCFunction)(void (*)(void))Endpoint_send_bytes_many, METH_FASTCALL | METH_KEYWORDS,
+     "send_bytes_many($self, bufs, *, timeout=None)\n--\n\n"
+     "Send each buffer of ``bufs`` as its own message (fewer wake-ups than a loop)."},
+    {"recv_bytes_many", (PyCFunction)(void (*)(void))Endpoint_recv_bytes_many, METH_FASTCALL | METH_KEYWORDS,
+     "recv_bytes_many($self, maxcount=1024, *, timeout=None)\n--\n\n"
+     "Wait for one message, then also take those already waiting, up to ``maxcount``."},
     {"stats", (PyCFunction)Endpoint_stats, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Endpoint_members[] = {
+    {"sending", T_BOOL, offsetof(EndpointObject, sending), 0, "send_bytes may send (False: the slow way)"},
+    {"receiving", T_BOOL, offsetof(EndpointObject, receiving), 0, "recv_bytes may receive (False: the slow way)"},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyGetSetDef Endpoint_getset[] = {
@@ -854,6 +1109,7 @@ static PyTypeObject EndpointType = {
     .tp_init = (initproc)Endpoint_init,
     .tp_dealloc = (destructor)Endpoint_dealloc,
     .tp_methods = Endpoint_methods,
+    .tp_members = Endpoint_members,
     .tp_getset = Endpoint_getset,
 };
 

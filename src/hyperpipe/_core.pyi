@@ -61,8 +61,11 @@ class Endpoint:
         fds: Sequence[int],
         oob_bytes: int,
         deadline: Optional[float],
+        writes: Optional[Sequence[tuple[int, Buffer]]] = None,
         /,
-    ) -> None: ...
+    ) -> None:
+        """One frame (head + body), after the fds and after copying each (heap offset,
+        buffer) of `writes` into our heap."""
     def recv(
         self, maxlength: Optional[int] = None, deadline: Optional[float] = None, /
     ) -> Union[bytes, SpecialFrame]: ...
@@ -73,6 +76,21 @@ class Endpoint:
     def recv_into(
         self, buf: Buffer, offset: int, deadline: Optional[float] = None, /
     ) -> Union[int, SpecialFrame]: ...
+    def fast_path(self, connection: Any, methods: dict[str, Any], inline_max: int, /) -> "Endpoint":
+        """Make the four methods below act for that Connection (a weakref.ref to it; its own
+        methods by name, for every call they do not handle); returns this endpoint."""
+    def send_bytes(
+        self, buf: Buffer, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
+    ) -> None:
+        """Connection.send_bytes: the common call in C, any other by the Connection's method."""
+    def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
+        """Connection.recv_bytes: the common call in C, any other by the Connection's method."""
+    def send_bytes_many(self, bufs: Sequence[Buffer], *, timeout: Optional[float] = None) -> None:
+        """Connection.send_bytes_many: the common call in C, any other by the Connection's."""
+    def recv_bytes_many(self, maxcount: int = 1024, *, timeout: Optional[float] = None) -> list[bytes]:
+        """Connection.recv_bytes_many: the common call in C, any other by the Connection's."""
+    sending: bool
+    receiving: bool
     def poll(self, deadline: Optional[float] = None, /) -> bool: ...
     def fileno(self) -> int: ...
     def writer_fileno(self) -> int:

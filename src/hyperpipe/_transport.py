@@ -136,6 +136,20 @@ class Transport:
         """A writable buffer that ``send_frame``/``send_object`` pass without copying."""
         raise NotImplementedError(f"the {self.name} transport has no shared buffers")
 
+    def fast_path(self, connection: Any, methods: dict) -> Any:
+        """Optional: an object whose attributes replace some of the Connection's methods.
+
+        ``connection`` is a weak reference to the Connection, ``methods`` maps the names
+        it may replace (``send_bytes``, ``send_bytes_many``, ``recv_bytes``,
+        ``recv_bytes_many``) to the Connection's own methods (functions). A replacement
+        must do exactly what the Connection's method does: it may handle the common call
+        itself (for example with the GIL held throughout, which makes it atomic as the
+        Connection's lock would) and hand every other call to ``methods[name](connection(),
+        ...)``. Its ``sending``/``receiving`` attributes are set to False once the
+        Connection may no longer send or receive. None (the default): no replacement.
+        """
+        return None
+
     # -- readiness, for event loops ----------------------------------------------------
     def poll(self, deadline: Deadline) -> bool:
         """True when ``recv_frame`` would not block (a frame, EOF or an error is pending)."""

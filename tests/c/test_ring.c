@@ -121,6 +121,23 @@ static void test_single_thread(void) {
         }
         assert(hp_recv_wait(&r, 0, &f) == HP_TIMEOUT);
     }
+    /* hp_recv_try: takes a frame of the kind asked for, leaves any other untouched */
+    uint64_t room;
+    assert(hp_ring_free(&w.tx, &room) == 1 && room == 4096);
+    assert(hp_recv_try(&r, 1, &f) == HP_TIMEOUT); /* empty */
+    assert(hp_try_send(&w, 2, 0, (const void *[]){"12345678"}, (uint64_t[]){8}, 1) == HP_OK);
+    assert(hp_try_send(&w, 1, 0, (const void *[]){"abc"}, (uint64_t[]){3}, 1) == HP_OK);
+    assert(hp_ring_free(&w.tx, &room) == 1 && room == 4096 - 16 - 16);
+    uint32_t token = atomic_load(&r.rx.ctrl->reader_armed);
+    assert(hp_recv_try(&r, 1, &f) == HP_TIMEOUT && r.holds_token == 0); /* kind 2 first */
+    assert(atomic_load(&r.rx.ctrl->reader_armed) == token);
+    assert(hp_recv_wait(&r, 0, &f) == HP_OK && f.kind == 2);
+    hp_recv_finish(&r, &f, 0);
+    assert(hp_recv_try(&r, 1, &f) == HP_OK && f.kind == 1 && f.len == 3 && memcmp(f.payload, "abc", 3) == 0);
+    assert(r.holds_token == 1);
+    hp_recv_finish(&r, &f, 0);
+    assert(hp_recv_try(&r, 1, &f) == HP_TIMEOUT);
+    assert(hp_ring_free(&w.tx, &room) == 1 && room == 4096);
     /* too big for the ring */
     static unsigned char big[4096];
     assert(hp_try_send(&w, 1, 0, (const void *[]){big}, (uint64_t[]){4096}, 1) == HP_ETOOBIG);
@@ -458,6 +475,11 @@ static void test_hostile_endpoint(void) {
     assert(r.corrupt != NULL && hp_now_ns() - start < 1000000000LL);
     atomic_store(&r.rx.ctrl->head, 0);
     assert(hp_recv_wait(&r, 0, &f) == HP_ECORRUPT); /* sticky */
+    assert(hp_recv_try(&r, 1, &f) == HP_ECORRUPT);
+    uint64_t room;
+    atomic_store(&w.tx.ctrl->head, 12345); /* unaligned: no room can be computed from it */
+    assert(hp_ring_free(&w.tx, &room) == HP_RING_CORRUPT);
+    atomic_store(&w.tx.ctrl->head, 0);
     atomic_store(&w.tx.ctrl->tail, 8); /* the consumer ahead of the producer */
     assert(hp_try_send(&w, 1, 0, (const void *[]){"x"}, (uint64_t[]){1}, 1) == HP_ECORRUPT);
     atomic_store(&w.tx.ctrl->tail, 0);

@@ -697,6 +697,15 @@ int hp_recv_peek(hp_endpoint *ep, hp_frame *frame) {
     return HP_OK;
 }
 
+int hp_recv_try(hp_endpoint *ep, uint8_t kind, hp_frame *frame) {
+    if (atomic_load_explicit(&ep->corrupt, memory_order_relaxed)) return HP_ECORRUPT;
+    int rc = hp_recv_peek(ep, frame);
+    if (rc != HP_OK) return rc;
+    if (frame->kind != kind) return HP_TIMEOUT;
+    reader_enter(ep); /* after the peek: the frame stays there, nobody else consumes */
+    return HP_OK;
+}
+
 /* HP_OK or HP_ECORRUPT, else -1 (nothing yet). */
 static int peek_or_eof(hp_endpoint *ep, hp_frame *frame) {
     int rc = hp_recv_peek(ep, frame);

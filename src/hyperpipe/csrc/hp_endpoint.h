@@ -143,6 +143,10 @@ int hp_corrupt(hp_endpoint *ep, const char *why);
 /* Receiver: look at the next frame without waiting: HP_OK, HP_TIMEOUT (none) or
  * HP_ECORRUPT. */
 int hp_recv_peek(hp_endpoint *ep, hp_frame *frame);
+/* Receiver: take the next frame without waiting, only if it is of kind `kind`: HP_OK (it
+ * is entered as by hp_recv_wait: consume it with hp_recv_finish), HP_TIMEOUT (none, or
+ * another kind: nothing changed, no wake-up state touched) or HP_ECORRUPT. */
+int hp_recv_try(hp_endpoint *ep, uint8_t kind, hp_frame *frame);
 /* Receiver: wait for a frame (peeked, not consumed). HP_OK, HP_EOF, HP_TIMEOUT,
  * HP_CLOSED or HP_ECORRUPT. deadline_ns < 0: no limit; 0: do not wait. */
 int hp_recv_wait(hp_endpoint *ep, int64_t deadline_ns, hp_frame *frame);

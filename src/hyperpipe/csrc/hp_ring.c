@@ -77,11 +77,10 @@ void hp_ring_attach(hp_ring *ring, void *base, const hp_seg_header *h, uint32_t 
 
 uint64_t hp_ring_max_payload(const hp_ring *ring) { return ring->capacity / 2 - HP_FRAME_HEADER; }
 
-static uint64_t frame_bytes(uint32_t len) { return HP_FRAME_HEADER + HP_ALIGN_UP((uint64_t)len, 8); }
 
 uint64_t hp_ring_needed(const hp_ring *ring, uint64_t head, uint32_t len) {
     if (len > hp_ring_max_payload(ring)) return 0;
-    uint64_t total = frame_bytes(len);
+    uint64_t total = hp_ring_frame_bytes(len);
     uint64_t room_to_end = ring->capacity - (head & ring->mask);
     return room_to_end >= total ? total : room_to_end + total;
 }
@@ -104,6 +103,14 @@ int hp_ring_can_write(const hp_ring *ring, uint32_t len, uint64_t *head_out) {
     return needed != 0 && ring->capacity - (head - tail) >= needed;
 }
 
+int hp_ring_free(const hp_ring *ring, uint64_t *free_out) {
+    uint64_t head = atomic_load_explicit(&ring->ctrl->head, memory_order_relaxed);
+    uint64_t tail = atomic_load_explicit(&ring->ctrl->tail, memory_order_acquire);
+    if (!indices_ok(ring, head, tail)) return HP_RING_CORRUPT;
+    *free_out = ring->capacity - (head - tail);
+    return 1;
+}
+
 static void put_header(unsigned char *at, uint32_t len, uint8_t kind, uint8_t nfds, uint16_t flags) {
     memcpy(at, &len, 4);
     at[4] = kind;
@@ -116,7 +123,7 @@ void hp_ring_write(hp_ring *ring, uint64_t head, uint8_t kind, uint8_t nfds, uin
     uint64_t len = 0;
     for (int i = 0; i < nparts; i++) len += part_lens[i];
     uint64_t pos = head & ring->mask;
-    uint64_t total = frame_bytes((uint32_t)len);
+    uint64_t total = hp_ring_frame_bytes((uint32_t)len);
     uint64_t skip = 0;
     if (ring->capacity - pos < total) {
         skip = ring->capacity - pos;
@@ -164,7 +171,7 @@ int hp_ring_peek(const hp_ring *ring, hp_frame *frame) {
     memcpy(&len, hdr, 4);
     if (hdr[4] == HP_KIND_WRAP || len > hp_ring_max_payload(ring)) return HP_RING_CORRUPT;
     /* within what was published, and inside the ring: a frame never straddles its end */
-    uint64_t bytes = frame_bytes(len);
+    uint64_t bytes = hp_ring_frame_bytes(len);
     if (skip + bytes > avail || pos + bytes > ring->capacity) return HP_RING_CORRUPT;
     frame->payload = ring->data + pos + HP_FRAME_HEADER;
     frame->len = len;

@@ -130,6 +130,10 @@ uint64_t hp_ring_needed(const hp_ring *ring, uint64_t head, uint32_t len);
 /* Producer: whether `len` bytes fit now: 1 with *head (our index, checked against the
  * consumer's tail), 0 when there is no room yet, HP_RING_CORRUPT. */
 int hp_ring_can_write(const hp_ring *ring, uint32_t len, uint64_t *head);
+/* Producer: the bytes free for frames now: 1 with *free, or HP_RING_CORRUPT. */
+int hp_ring_free(const hp_ring *ring, uint64_t *free);
+/* Bytes a frame with a `len` payload takes in the ring (header and padding, no wrap). */
+static inline uint64_t hp_ring_frame_bytes(uint64_t len) { return HP_FRAME_HEADER + ((len + 7) & ~UINT64_C(7)); }
 /* Producer: copy the parts of a payload at `head` (from hp_ring_can_write in the same
  * call) and publish it. */
 void hp_ring_write(hp_ring *ring, uint64_t head, uint8_t kind, uint8_t nfds, uint16_t flags,
