@@ -23,12 +23,16 @@ queue, so nothing changes for queues built on the standard library's pipes.
 from __future__ import annotations
 
 import atexit
+import copyreg
 import errno
+import io
 import os
+import pickle
 import threading
 import time
 import weakref
 from multiprocessing import queues as mpq
+from multiprocessing.reduction import ForkingPickler
 from multiprocessing.util import Finalize, debug, is_exiting
 from queue import Empty, Full
 from typing import Any, Callable, Optional
@@ -36,6 +40,8 @@ from typing import Any, Callable, Optional
 from . import errors
 from ._connection import Connection
 from ._pipe import Pipe
+from ._shm_transport import ShmTransport
+from ._transport import PASSED, Deadline
 
 # The standard library's private hooks (_feed, _sentinel, _finalize_*) are not in typeshed.
 _Queue: Any = mpq.Queue
@@ -56,6 +62,9 @@ FLUSH_PRIORITY = 11
 #: instead of filling a buffer that a second thread then drains under the GIL
 DIRECT_WAIT = 0.001
 
+#: how a queue's items move in this process (``_mode``)
+NOT_NATIVE, NATIVE, NATIVE_SHM = 0, 1, 2
+
 #: exceptions of a receive that consumed nothing (anything else happened after the item
 #: was taken off the ring, e.g. while unpickling it)
 _NOT_CONSUMED = (EOFError, TimeoutError, errors.ConnectionClosedError)
@@ -67,14 +76,31 @@ def is_hyperpipe_queue(queue: Any) -> bool:
 
 
 def _native(queue: Any) -> bool:
-    if not isinstance(queue._writer, Connection):
-        return False
-    cls = type(queue)
-    native = _native_classes.get(cls)
-    if native is None:
-        native = cls._start_thread is _Queue._start_thread and cls._feed is _Queue._feed
-        _native_classes[cls] = native
-    return native
+    """True if ``queue``'s items take the native path in this process."""
+    return _mode(queue) != NOT_NATIVE
+
+
+def _mode(queue: Any) -> int:
+    """How this process moves ``queue``'s items: ``NOT_NATIVE`` (the standard library's
+    methods), ``NATIVE`` (``Connection.send``/``recv``) or ``NATIVE_SHM`` (the same frames,
+    straight to the shared-memory transport). Worked out once per queue and process."""
+    try:
+        return queue._hp_mode
+    except AttributeError:
+        pass
+    mode = NOT_NATIVE
+    if isinstance(queue._writer, Connection):
+        cls = type(queue)
+        native = _native_classes.get(cls)
+        if native is None:
+            native = cls._start_thread is _Queue._start_thread and cls._feed is _Queue._feed
+            _native_classes[cls] = native
+        if native:
+            shm = all(isinstance(conn._transport, ShmTransport) and conn._codec is None
+                      for conn in (queue._writer, queue._reader))
+            mode = NATIVE_SHM if shm else NATIVE
+    queue._hp_mode = mode
+    return mode
 
 
 # -- building: which queues get hyperpipe pipes ---------------------------------------------
@@ -143,24 +169,95 @@ def _simple_getstate(self: Any) -> tuple:
 # -- Queue / JoinableQueue ------------------------------------------------------------------
 
 
-def _put_item(queue: Any, obj: Any) -> None:
+class _ItemPickler:
+    """Pickles items for ``put``'s direct sends over shared memory: the C pickler with
+    ``ForkingPickler``'s reducers (as fast as ``pickle.dumps``; a ``ForkingPickler``, a
+    Python subclass, costs twice as much per item). One per queue and process, used under
+    the queue's write lock only."""
+
+    __slots__ = ("_file", "_pickler", "_needs_oob", "_oob_threshold")
+
+    def __init__(self, oob_threshold: int) -> None:
+        self._oob_threshold = oob_threshold  # the transport's: the same buffers go out of band
+        self._reset()
+
+    def _reset(self) -> None:
+        self._file = io.BytesIO()
+        self._pickler = pickle.Pickler(self._file, 5, buffer_callback=self._buffer_callback)
+        dispatch = copyreg.dispatch_table.copy()
+        dispatch.update(getattr(ForkingPickler, "_extra_reducers"))
+        self._pickler.dispatch_table = dispatch
+        self._needs_oob = False
+
+    def _buffer_callback(self, buf: pickle.PickleBuffer) -> bool:
+        with buf.raw() as raw:
+            if raw.nbytes < self._oob_threshold:
+                return True  # in band
+        self._needs_oob = True  # the transport's own pickling sends it out of band
+        return False
+
+    def dumps(self, obj: Any) -> Optional[bytes]:
+        """The item's pickle, or None if it holds a buffer that goes out of band."""
+        f = self._file
+        f.seek(0)
+        f.truncate()
+        self._pickler.clear_memo()  # a fork in the middle of another thread's dump left it full
+        self._needs_oob = False
+        try:
+            self._pickler.dump(obj)
+        except BaseException:
+            self._reset()  # a half-written pickler is not reusable
+            raise
+        finally:
+            self._pickler.clear_memo()  # keep nothing of the caller's alive
+        return None if self._needs_oob else f.getvalue()
+
+
+def _send_now(queue: Any, obj: Any, mode: int) -> bool:
+    """Send ``obj`` if the ring takes it within ``DIRECT_WAIT`` (the caller holds ``_wlock``,
+    which serializes every sender of this end, the feeder included); False if not."""
+    conn = queue._writer
+    transport = conn._transport
+    if mode != NATIVE_SHM or transport is None:
+        try:
+            conn.send(obj, timeout=DIRECT_WAIT)
+        except TimeoutError:
+            return False  # the ring stays full (or another thread is sending): the feeder waits
+        return True
+    try:
+        pickler = queue._hp_pickler
+    except AttributeError:
+        pickler = queue._hp_pickler = _ItemPickler(transport._oob_threshold)
+    data = pickler.dumps(obj)  # an unpicklable item raises here, nothing sent
+    deadline = time.monotonic() + DIRECT_WAIT
+    try:
+        if data is None:
+            transport.send_object(obj, deadline)
+        else:
+            transport.send_frame(data, deadline)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _put_item(queue: Any, obj: Any, mode: int) -> None:
     """Send ``obj`` now if the ring has room and nothing of ours is queued; else queue it for
     the feeder. The caller has taken one count of ``queue._sem``."""
+    # The feeder takes an item off the buffer only once it is sent, so an empty buffer means
+    # everything this thread put before is out (a deque's truth needs no lock under the GIL).
+    if not queue._buffer:
+        queue._hp_direct = True
+        wlock = queue._wlock
+        if wlock.acquire(True, DIRECT_WAIT):
+            try:
+                if _send_now(queue, obj, mode):
+                    return
+            except Exception as exc:
+                _send_failed(queue._ignore_epipe, queue._on_queue_feeder_error, queue._sem, exc, obj)
+                return
+            finally:
+                wlock.release()
     with queue._notempty:
-        if not queue._buffer:  # the feeder takes an item off the buffer only once it is sent
-            queue._hp_direct = True
-            wlock = queue._wlock
-            if wlock.acquire(True, DIRECT_WAIT):
-                try:
-                    queue._writer.send(obj, timeout=DIRECT_WAIT)
-                    return
-                except TimeoutError:
-                    pass  # the ring stays full (or another thread is sending): the feeder waits
-                except Exception as exc:
-                    _send_failed(queue._ignore_epipe, queue._on_queue_feeder_error, queue._sem, exc, obj)
-                    return
-                finally:
-                    wlock.release()
         if queue._thread is None:
             _start_feeder(queue)
         queue._buffer.append(obj)
@@ -185,43 +282,54 @@ def _reserve(queue: Any, block: bool, timeout: Optional[float]) -> None:
 
 
 def _queue_put(self: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
-    if not _native(self):
+    mode = _mode(self)
+    if not mode:
         return _original["Queue.put"](self, obj, block, timeout)
     _reserve(self, block, timeout)
-    _put_item(self, obj)
+    _put_item(self, obj, mode)
 
 
 def _joinable_put(self: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
-    if not _native(self):
+    mode = _mode(self)
+    if not mode:
         return _original["JoinableQueue.put"](self, obj, block, timeout)
     _reserve(self, block, timeout)
     # Counted before it can be received, so a consumer's task_done() never runs ahead.
     with self._cond:
         self._unfinished_tasks.release()
-    _put_item(self, obj)
+    _put_item(self, obj, mode)
 
 
 def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
-    if not _native(self):
+    mode = _mode(self)
+    if not mode:
         return _original["Queue.get"](self, block, timeout)
     if self._closed:
         raise ValueError(f"Queue {self!r} is closed")
     if block and timeout is None:
         with self._rlock:
-            return _take(self, None)
-    deadline = time.monotonic() + max(0.0, timeout or 0.0)
+            return _take(self, mode, None)
+    deadline = time.monotonic() + max(0.0, timeout or 0.0) if block else PASSED
     if not self._rlock.acquire(block, timeout):
         raise Empty
     try:
-        return _take(self, max(0.0, deadline - time.monotonic()) if block else 0.0)
+        return _take(self, mode, deadline)
     finally:
         self._rlock.release()
 
 
-def _take(queue: Any, timeout: Optional[float]) -> Any:
-    """Receive one item (the caller holds ``_rlock``) and free its place in the queue."""
+def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
+    """Receive one item by ``deadline`` (the caller holds ``_rlock``) and free its place."""
+    conn = queue._reader
+    transport = conn._transport
     try:
-        obj = queue._reader.recv(timeout=timeout)
+        if mode == NATIVE_SHM and transport is not None:
+            # Connection.recv minus its checks (a queue's reader is readable and has no
+            # codec); its lock still keeps empty()'s poll in another thread apart.
+            with conn._recv_lock:
+                obj = transport.recv_object(deadline)
+        else:
+            obj = conn.recv(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         raise Empty from None
     except _NOT_CONSUMED:

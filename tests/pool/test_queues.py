@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.queues
+import multiprocessing.reduction
 import os
 import signal
 import threading
 import time
 
 import pytest
+
+import hyperpipe
+from hyperpipe import _queues
 
 from pool_support import TIMEOUT, Empty, Full
 import pool_support as support
@@ -228,3 +232,56 @@ def test_an_item_put_is_delivered_even_if_the_producer_dies_next(fork_flavor, pr
     p.kill()
     p.join(TIMEOUT)
     assert q.get(timeout=TIMEOUT) == "item"
+
+
+class _OnlyForkingPickles:
+    """Pickles only through ``ForkingPickler``'s own reducers (as connections and sockets do)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        raise TypeError("only ForkingPickler's reducer pickles this")
+
+
+def _rebuild_only_forking_pickles(value):
+    return _OnlyForkingPickles(value)
+
+
+multiprocessing.reduction.ForkingPickler.register(
+    _OnlyForkingPickles, lambda obj: (_rebuild_only_forking_pickles, (obj.value,)))
+
+
+def test_items_are_pickled_with_the_forking_picklers_reducers(fork_flavor):
+    # put() pickles on its own (not through Connection.send): it must still use the
+    # reducers multiprocessing registers (connections, sockets), as the stdlib's feeder does.
+    q = fork_flavor.ctx.Queue()
+    for i in range(3):
+        q.put((i, _OnlyForkingPickles(i)))
+    got = [q.get(timeout=TIMEOUT) for _ in range(3)]
+    assert [(i, item.value) for i, item in got] == [(i, i) for i in range(3)]
+    q.close()
+    q.join_thread()
+
+
+def test_a_queue_over_the_socket_transport_keeps_the_semantics(procs):
+    # Queues over shared memory send straight to the transport; any other hyperpipe
+    # transport goes through Connection.send/recv: both keep order, timeouts and Empty.
+    ctx = hyperpipe.get_context("fork")
+    q = ctx.Queue(maxsize=3)
+    q._reader.close()
+    q._writer.close()
+    q._reader, q._writer = hyperpipe.Pipe(duplex=False, transport="socket")
+    q._poll = q._reader.poll
+    assert q._writer.transport == "socket"
+    with pytest.raises(Empty):
+        q.get(timeout=0.05)
+    with pytest.raises(Empty):
+        q.get_nowait()
+    procs.start(ctx, support.produce, q, 0, 200, 100)
+    got = [q.get(timeout=TIMEOUT) for _ in range(200)]
+    assert [(t, i) for t, i, _ in got] == [(0, i) for i in range(200)]
+    assert _queues._mode(q) == _queues.NATIVE
+    procs.join_all()
+    q.close()
+    q.join_thread()
