@@ -25,7 +25,6 @@ from __future__ import annotations
 import atexit
 import copyreg
 import errno
-import io
 import os
 import pickle
 import threading
@@ -175,15 +174,18 @@ class _ItemPickler:
     Python subclass, costs twice as much per item). One per queue and process, used under
     the queue's write lock only."""
 
-    __slots__ = ("_file", "_pickler", "_needs_oob", "_oob_threshold")
+    __slots__ = ("_chunks", "write", "_pickler", "_needs_oob", "_oob_threshold")
 
     def __init__(self, oob_threshold: int) -> None:
         self._oob_threshold = oob_threshold  # the transport's: the same buffers go out of band
+        # The pickler's file: it writes a small pickle with one call at the end of dump()
+        # (a big one in 64 KiB frames); a list takes them for less than a BytesIO.
+        self._chunks: list[bytes] = []
+        self.write = self._chunks.append
         self._reset()
 
     def _reset(self) -> None:
-        self._file = io.BytesIO()
-        self._pickler = pickle.Pickler(self._file, 5, buffer_callback=self._buffer_callback)
+        self._pickler = pickle.Pickler(self, 5, buffer_callback=self._buffer_callback)
         dispatch = copyreg.dispatch_table.copy()
         dispatch.update(getattr(ForkingPickler, "_extra_reducers"))
         self._pickler.dispatch_table = dispatch
@@ -198,46 +200,46 @@ class _ItemPickler:
 
     def dumps(self, obj: Any) -> Optional[bytes]:
         """The item's pickle, or None if it holds a buffer that goes out of band."""
-        f = self._file
-        f.seek(0)
-        f.truncate()
-        self._pickler.clear_memo()  # a fork in the middle of another thread's dump left it full
+        chunks = self._chunks
+        chunks.clear()
+        pickler = self._pickler
+        pickler.clear_memo()  # a fork in the middle of another thread's dump left it full
         self._needs_oob = False
         try:
-            self._pickler.dump(obj)
+            pickler.dump(obj)
         except BaseException:
             self._reset()  # a half-written pickler is not reusable
             raise
         finally:
-            self._pickler.clear_memo()  # keep nothing of the caller's alive
-        return None if self._needs_oob else f.getvalue()
+            pickler.clear_memo()  # keep nothing of the caller's alive
+        data = None if self._needs_oob else chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return data
 
 
 def _send_now(queue: Any, obj: Any, mode: int) -> bool:
     """Send ``obj`` if the ring takes it within ``DIRECT_WAIT`` (the caller holds ``_wlock``,
     which serializes every sender of this end, the feeder included); False if not."""
-    conn = queue._writer
-    transport = conn._transport
-    if mode != NATIVE_SHM or transport is None:
+    transport = queue._writer._transport
+    try:
+        if mode != NATIVE_SHM or transport is None:
+            queue._writer.send(obj, timeout=DIRECT_WAIT)
+            return True
         try:
-            conn.send(obj, timeout=DIRECT_WAIT)
-        except TimeoutError:
-            return False  # the ring stays full (or another thread is sending): the feeder waits
-        return True
-    try:
-        pickler = queue._hp_pickler
-    except AttributeError:
-        pickler = queue._hp_pickler = _ItemPickler(transport._oob_threshold)
-    data = pickler.dumps(obj)  # an unpicklable item raises here, nothing sent
-    deadline = time.monotonic() + DIRECT_WAIT
-    try:
+            pickler = queue._hp_pickler
+        except AttributeError:
+            pickler = queue._hp_pickler = _ItemPickler(transport._oob_threshold)
+        data = pickler.dumps(obj)  # an unpicklable item raises here, nothing sent
+        deadline = time.monotonic() + DIRECT_WAIT
         if data is None:
             transport.send_object(obj, deadline)
+        elif len(data) <= transport._inline:
+            transport._send(data, deadline)  # send_frame's common case, one call less
         else:
             transport.send_frame(data, deadline)
+        return True
     except TimeoutError:
-        return False
-    return True
+        return False  # the ring stays full (or another thread is sending): the feeder waits
 
 
 def _put_item(queue: Any, obj: Any, mode: int) -> None:
@@ -282,7 +284,10 @@ def _reserve(queue: Any, block: bool, timeout: Optional[float]) -> None:
 
 
 def _queue_put(self: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
-    mode = _mode(self)
+    try:
+        mode = self._hp_mode
+    except AttributeError:
+        mode = _mode(self)
     if not mode:
         return _original["Queue.put"](self, obj, block, timeout)
     _reserve(self, block, timeout)
@@ -301,21 +306,27 @@ def _joinable_put(self: Any, obj: Any, block: bool = True, timeout: Optional[flo
 
 
 def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
-    mode = _mode(self)
+    try:
+        mode = self._hp_mode
+    except AttributeError:
+        mode = _mode(self)
     if not mode:
         return _original["Queue.get"](self, block, timeout)
     if self._closed:
         raise ValueError(f"Queue {self!r} is closed")
+    # acquire/release: the lock's own C methods (``with`` goes through two Python frames)
+    rlock = self._rlock
     if block and timeout is None:
-        with self._rlock:
-            return _take(self, mode, None)
-    deadline = time.monotonic() + max(0.0, timeout or 0.0) if block else PASSED
-    if not self._rlock.acquire(block, timeout):
-        raise Empty
+        rlock.acquire()
+        deadline = None
+    else:
+        deadline = time.monotonic() + max(0.0, timeout or 0.0) if block else PASSED
+        if not rlock.acquire(block, timeout):
+            raise Empty
     try:
         return _take(self, mode, deadline)
     finally:
-        self._rlock.release()
+        rlock.release()
 
 
 def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
@@ -326,8 +337,12 @@ def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
         if mode == NATIVE_SHM and transport is not None:
             # Connection.recv minus its checks (a queue's reader is readable and has no
             # codec); its lock still keeps empty()'s poll in another thread apart.
-            with conn._recv_lock:
+            lock = conn._recv_lock
+            lock.acquire()
+            try:
                 obj = transport.recv_object(deadline)
+            finally:
+                lock.release()
         else:
             obj = conn.recv(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     except TimeoutError:
