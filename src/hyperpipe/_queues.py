@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import copyreg
 import errno
+import itertools
 import os
 import pickle
 import threading
@@ -63,6 +64,9 @@ DIRECT_WAIT = 0.001
 
 #: how a queue's items move in this process (``_mode``)
 NOT_NATIVE, NATIVE, NATIVE_SHM = 0, 1, 2
+
+#: at most this many items go out under one take of the write lock by the feeder thread
+FEED_BATCH = 64
 
 #: exceptions of a receive that consumed nothing (anything else happened after the item
 #: was taken off the ring, e.g. while unpickling it)
@@ -169,7 +173,7 @@ def _simple_getstate(self: Any) -> tuple:
 
 
 class _ItemPickler:
-    """Pickles items for ``put``'s direct sends over shared memory: the C pickler with
+    """Pickles a queue's items for ``_ItemSender`` over shared memory: the C pickler with
     ``ForkingPickler``'s reducers (as fast as ``pickle.dumps``; a ``ForkingPickler``, a
     Python subclass, costs twice as much per item). One per queue and process, used under
     the queue's write lock only."""
@@ -217,29 +221,42 @@ class _ItemPickler:
         return data
 
 
-def _send_now(queue: Any, obj: Any, mode: int) -> bool:
-    """Send ``obj`` if the ring takes it within ``DIRECT_WAIT`` (the caller holds ``_wlock``,
-    which serializes every sender of this end, the feeder included); False if not."""
-    transport = queue._writer._transport
-    try:
-        if mode != NATIVE_SHM or transport is None:
-            queue._writer.send(obj, timeout=DIRECT_WAIT)
-            return True
-        try:
-            pickler = queue._hp_pickler
-        except AttributeError:
-            pickler = queue._hp_pickler = _ItemPickler(transport._oob_threshold)
-        data = pickler.dumps(obj)  # an unpicklable item raises here, nothing sent
-        deadline = time.monotonic() + DIRECT_WAIT
+class _ItemSender:
+    """Sends one queue's items over its writer, for ``put`` and the feeder alike (always
+    under the queue's write lock, which serializes every sender of that end). Over shared
+    memory: the item's pickle straight to the transport; any other transport:
+    ``Connection.send``."""
+
+    __slots__ = ("_conn", "_pickler")
+
+    def __init__(self, conn: Connection, mode: int) -> None:
+        self._conn = conn
+        transport = conn._transport
+        shm = mode == NATIVE_SHM and transport is not None
+        self._pickler = _ItemPickler(transport._oob_threshold) if shm else None
+
+    def send(self, obj: Any, deadline: Deadline) -> None:
+        """Send ``obj`` by ``deadline`` (None: wait for room); TimeoutError if it was not."""
+        transport = self._conn._transport
+        if self._pickler is None or transport is None:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._conn.send(obj, timeout=timeout)
+            return
+        data = self._pickler.dumps(obj)  # an unpicklable item raises here, nothing sent
         if data is None:
             transport.send_object(obj, deadline)
         elif len(data) <= transport._inline:
             transport._send(data, deadline)  # send_frame's common case, one call less
         else:
             transport.send_frame(data, deadline)
-        return True
-    except TimeoutError:
-        return False  # the ring stays full (or another thread is sending): the feeder waits
+
+
+def _sender(queue: Any, mode: int) -> _ItemSender:
+    try:
+        return queue._hp_sender
+    except AttributeError:
+        sender = queue._hp_sender = _ItemSender(queue._writer, mode)
+        return sender
 
 
 def _put_item(queue: Any, obj: Any, mode: int) -> None:
@@ -252,8 +269,10 @@ def _put_item(queue: Any, obj: Any, mode: int) -> None:
         wlock = queue._wlock
         if wlock.acquire(True, DIRECT_WAIT):
             try:
-                if _send_now(queue, obj, mode):
-                    return
+                _sender(queue, mode).send(obj, time.monotonic() + DIRECT_WAIT)
+                return
+            except TimeoutError:
+                pass  # the ring stays full (or another thread is sending): the feeder waits
             except Exception as exc:
                 _send_failed(queue._ignore_epipe, queue._on_queue_feeder_error, queue._sem, exc, obj)
                 return
@@ -371,7 +390,7 @@ def _start_feeder(queue: Any) -> None:
     debug("Queue._start_thread() (hyperpipe)")
     queue._thread = threading.Thread(
         target=_feed,
-        args=(queue._buffer, queue._notempty, queue._writer.send, queue._wlock, queue._reader.close,
+        args=(queue._buffer, queue._notempty, _sender(queue, _mode(queue)).send, queue._wlock, queue._reader.close,
               queue._writer.close, queue._ignore_epipe, queue._on_queue_feeder_error, queue._sem),
         name="QueueFeederThread",
         daemon=True,
@@ -419,23 +438,32 @@ def _finalize_flush(buffer: Any, notempty: Any, thread_ref: Any) -> None:
 
 def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, writer_close: Any,
           ignore_epipe: bool, onerror: Any, sem: Any) -> None:
-    """Send the buffered items in order. An item leaves the buffer only once it is sent, so
-    ``put`` sends directly only when nothing is waiting here (order per producer)."""
+    """Send the buffered items in order, up to ``FEED_BATCH`` under one take of the write
+    lock. An item leaves the buffer only once it is sent, so ``put`` sends directly only
+    when nothing is waiting here (order per producer)."""
     debug("starting thread to feed data to pipe")
     sentinel = _sentinel
     while True:
         with notempty:
             while not buffer:
                 notempty.wait()
-            obj = buffer[0]
-        if obj is sentinel:
+            batch = list(itertools.islice(buffer, FEED_BATCH))
+        if batch[0] is sentinel:
             debug("feeder thread got sentinel -- exiting")
             reader_close()
             writer_close()
             return
+        sent = 0
         try:
-            with wlock:
-                send(obj)
+            wlock.acquire()
+            try:
+                for obj in batch:
+                    if obj is sentinel:
+                        break
+                    send(obj, None)
+                    sent += 1
+            finally:
+                wlock.release()
         except Exception as exc:
             if ignore_epipe and getattr(exc, "errno", 0) == errno.EPIPE:
                 return
@@ -443,11 +471,13 @@ def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, 
                 debug("error in queue thread: %s", exc)
                 return
             with notempty:
-                buffer.popleft()
-            _send_failed(False, onerror, sem, exc, obj)
+                for _ in range(sent + 1):
+                    buffer.popleft()
+            _send_failed(False, onerror, sem, exc, batch[sent])  # in the except: it prints exc
             continue
         with notempty:
-            buffer.popleft()
+            for _ in range(sent):
+                buffer.popleft()
 
 
 # -- SimpleQueue ----------------------------------------------------------------------------

@@ -285,3 +285,19 @@ def test_a_queue_over_the_socket_transport_keeps_the_semantics(procs):
     procs.join_all()
     q.close()
     q.join_thread()
+
+
+def test_an_unpicklable_item_among_the_feeders_batch_is_dropped_alone(fork_flavor, capsys):
+    # Nobody reads until every put returned: the ring fills and the rest waits in the feeder,
+    # which sends it in batches; the bad item's error is reported and the others arrive in order.
+    q = fork_flavor.ctx.Queue()
+    items = [(i, bytes([i % 251]) * 2048) for i in range(300)]  # 600 KiB: over twice the ring
+    for i, item in enumerate(items):
+        q.put(support.unpicklable() if i == 250 else item)
+    del items[250]
+    assert [q.get(timeout=TIMEOUT) for _ in items] == items
+    assert q.empty()
+    assert q.qsize() == 0  # the dropped item's place was given back
+    q.close()
+    q.join_thread()
+    assert "pickle" in capsys.readouterr().err.lower()
