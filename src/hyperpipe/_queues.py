@@ -172,16 +172,24 @@ def _simple_getstate(self: Any) -> tuple:
 # -- Queue / JoinableQueue ------------------------------------------------------------------
 
 
-class _ItemPickler:
-    """Pickles a queue's items for ``_ItemSender`` over shared memory: the C pickler with
-    ``ForkingPickler``'s reducers (as fast as ``pickle.dumps``; a ``ForkingPickler``, a
-    Python subclass, costs twice as much per item). One per queue and process, used under
-    the queue's write lock only."""
+class _ItemSender:
+    """Sends one queue's items over its writer, for ``put`` and the feeder alike, always
+    under the queue's write lock (which serializes every sender of that end). One per queue
+    and process.
 
-    __slots__ = ("_chunks", "write", "_pickler", "_needs_oob", "_oob_threshold")
+    Over shared memory it pickles the item itself and hands the frame to the transport:
+    with the C pickler carrying ``ForkingPickler``'s reducers (as fast as ``pickle.dumps``;
+    a ``ForkingPickler``, a Python subclass, costs twice as much per item), reused. Over
+    any other transport: ``Connection.send``."""
 
-    def __init__(self, oob_threshold: int) -> None:
-        self._oob_threshold = oob_threshold  # the transport's: the same buffers go out of band
+    __slots__ = ("_conn", "_shm", "_chunks", "write", "_pickler", "_needs_oob", "_oob_threshold")
+
+    def __init__(self, conn: Connection, mode: int) -> None:
+        self._conn = conn
+        transport = conn._transport
+        self._shm = mode == NATIVE_SHM and transport is not None
+        # the transport's threshold: the same buffers go out of band
+        self._oob_threshold = transport._oob_threshold if self._shm else 0
         # The pickler's file: it writes a small pickle with one call at the end of dump()
         # (a big one in 64 KiB frames); a list takes them for less than a BytesIO.
         self._chunks: list[bytes] = []
@@ -202,8 +210,14 @@ class _ItemPickler:
         self._needs_oob = True  # the transport's own pickling sends it out of band
         return False
 
-    def dumps(self, obj: Any) -> Optional[bytes]:
-        """The item's pickle, or None if it holds a buffer that goes out of band."""
+    def send(self, obj: Any, deadline: Deadline) -> None:
+        """Send ``obj`` by ``deadline`` (None: wait for room); TimeoutError if it was not.
+        An unpicklable item raises with nothing sent."""
+        transport = self._conn._transport
+        if not self._shm or transport is None:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._conn.send(obj, timeout=timeout)
+            return
         chunks = self._chunks
         chunks.clear()
         pickler = self._pickler
@@ -216,36 +230,12 @@ class _ItemPickler:
             raise
         finally:
             pickler.clear_memo()  # keep nothing of the caller's alive
-        data = None if self._needs_oob else chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        return data
-
-
-class _ItemSender:
-    """Sends one queue's items over its writer, for ``put`` and the feeder alike (always
-    under the queue's write lock, which serializes every sender of that end). Over shared
-    memory: the item's pickle straight to the transport; any other transport:
-    ``Connection.send``."""
-
-    __slots__ = ("_conn", "_pickler")
-
-    def __init__(self, conn: Connection, mode: int) -> None:
-        self._conn = conn
-        transport = conn._transport
-        shm = mode == NATIVE_SHM and transport is not None
-        self._pickler = _ItemPickler(transport._oob_threshold) if shm else None
-
-    def send(self, obj: Any, deadline: Deadline) -> None:
-        """Send ``obj`` by ``deadline`` (None: wait for room); TimeoutError if it was not."""
-        transport = self._conn._transport
-        if self._pickler is None or transport is None:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._conn.send(obj, timeout=timeout)
-            return
-        data = self._pickler.dumps(obj)  # an unpicklable item raises here, nothing sent
-        if data is None:
+        if self._needs_oob:
             transport.send_object(obj, deadline)
-        elif len(data) <= transport._inline:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if len(data) <= transport._inline:
             transport._send(data, deadline)  # send_frame's common case, one call less
         else:
             transport.send_frame(data, deadline)
@@ -265,11 +255,17 @@ def _put_item(queue: Any, obj: Any, mode: int) -> None:
     # The feeder takes an item off the buffer only once it is sent, so an empty buffer means
     # everything this thread put before is out (a deque's truth needs no lock under the GIL).
     if not queue._buffer:
-        queue._hp_direct = True
         wlock = queue._wlock
         if wlock.acquire(True, DIRECT_WAIT):
             try:
-                _sender(queue, mode).send(obj, time.monotonic() + DIRECT_WAIT)
+                try:
+                    sender = queue._hp_sender
+                except AttributeError:
+                    sender = _sender(queue, mode)
+                try:
+                    sender.send(obj, PASSED)
+                except TimeoutError:  # no room right now: no clock read unless so
+                    sender.send(obj, time.monotonic() + DIRECT_WAIT)
                 return
             except TimeoutError:
                 pass  # the ring stays full (or another thread is sending): the feeder waits
@@ -278,11 +274,16 @@ def _put_item(queue: Any, obj: Any, mode: int) -> None:
                 return
             finally:
                 wlock.release()
-    with queue._notempty:
+    notempty = queue._notempty
+    notempty.acquire()  # the lock's C method: ``with`` costs two Python frames per item
+    try:
         if queue._thread is None:
             _start_feeder(queue)
         queue._buffer.append(obj)
-        queue._notempty.notify()
+        if notempty._waiters:  # the feeder sleeps (notify() alone costs a lock probe)
+            notempty.notify()
+    finally:
+        notempty.release()
 
 
 def _send_failed(ignore_epipe: bool, onerror: Any, sem: Any, exc: Exception, obj: Any) -> None:
@@ -376,7 +377,7 @@ def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
 
 
 def _queue_close(self: Any) -> None:
-    if _native(self) and self._close is None and getattr(self, "_hp_direct", False):
+    if _native(self) and self._close is None and hasattr(self, "_hp_sender"):
         # Everything went out directly (no feeder to close the ends, as the stdlib's does).
         self._closed = True
         self._reader.close()
