@@ -68,6 +68,10 @@ NOT_NATIVE, NATIVE, NATIVE_SHM = 0, 1, 2
 #: at most this many items go out under one take of the write lock by the feeder thread
 FEED_BATCH = 64
 
+#: how many times a process yields the CPU, trying a queue's lock after each, before it
+#: sleeps on it
+LOCK_YIELDS = 40
+
 #: exceptions of a receive that consumed nothing (anything else happened after the item
 #: was taken off the ring, e.g. while unpickling it)
 _NOT_CONSUMED = (EOFError, TimeoutError, errors.ConnectionClosedError)
@@ -249,6 +253,18 @@ def _sender(queue: Any, mode: int) -> _ItemSender:
         return sender
 
 
+def _acquire_contended(lock: Any, timeout: Optional[float]) -> bool:
+    """Take a queue's cross-process lock that another holds. It is held for about a
+    microsecond per item: yielding the CPU a few times usually finds it free, which spares
+    this process a sleep in the kernel and the holder a wake-up call when it releases
+    (queue items 4 -> 4 on 2 cores: 0.7 -> 1.0 M items/s in one interleaved run)."""
+    for _ in range(LOCK_YIELDS):
+        os.sched_yield()
+        if lock.acquire(False):
+            return True
+    return lock.acquire(True, timeout)
+
+
 def _put_item(queue: Any, obj: Any, mode: int) -> None:
     """Send ``obj`` now if the ring has room and nothing of ours is queued; else queue it for
     the feeder. The caller has taken one count of ``queue._sem``."""
@@ -256,7 +272,7 @@ def _put_item(queue: Any, obj: Any, mode: int) -> None:
     # everything this thread put before is out (a deque's truth needs no lock under the GIL).
     if not queue._buffer:
         wlock = queue._wlock
-        if wlock.acquire(True, DIRECT_WAIT):
+        if wlock.acquire(False) or _acquire_contended(wlock, DIRECT_WAIT):
             try:
                 try:
                     sender = queue._hp_sender
@@ -337,7 +353,8 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
     # acquire/release: the lock's own C methods (``with`` goes through two Python frames)
     rlock = self._rlock
     if block and timeout is None:
-        rlock.acquire()
+        if not rlock.acquire(False):
+            _acquire_contended(rlock, None)
         deadline = None
     else:
         deadline = time.monotonic() + max(0.0, timeout or 0.0) if block else PASSED
@@ -456,7 +473,8 @@ def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, 
             return
         sent = 0
         try:
-            wlock.acquire()
+            if not wlock.acquire(False):
+                _acquire_contended(wlock, None)
             try:
                 for obj in batch:
                     if obj is sentinel:

@@ -301,3 +301,39 @@ def test_an_unpicklable_item_among_the_feeders_batch_is_dropped_alone(fork_flavo
     q.close()
     q.join_thread()
     assert "pickle" in capsys.readouterr().err.lower()
+
+
+def test_put_hands_the_item_to_the_feeder_while_another_holds_the_write_lock(fork_flavor):
+    # Another process sending (here: this test holding the lock) must not block put():
+    # the item waits in the feeder and goes out, in order, once the lock is free.
+    q = fork_flavor.ctx.Queue()
+    q.put("first")
+    assert q.get(timeout=TIMEOUT) == "first"
+    assert q._wlock.acquire(timeout=TIMEOUT)
+    try:
+        started = time.monotonic()
+        q.put("second")
+        q.put("third")
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(Empty):
+            q.get(timeout=0.05)
+    finally:
+        q._wlock.release()
+    assert [q.get(timeout=TIMEOUT) for _ in range(2)] == ["second", "third"]
+    q.close()
+    q.join_thread()
+
+
+def test_a_contended_queue_lock_is_taken_after_yields_or_by_waiting(fork_flavor):
+    lock = fork_flavor.ctx.Lock()
+    assert lock.acquire(False)
+    started = time.monotonic()
+    assert not _queues._acquire_contended(lock, 0.05)  # still held: gives up at the timeout
+    assert time.monotonic() - started >= 0.04
+    releaser = threading.Timer(0.05, lock.release)  # freed while it sleeps on it
+    releaser.start()
+    assert _queues._acquire_contended(lock, TIMEOUT)
+    releaser.join(TIMEOUT)
+    lock.release()
+    assert lock.acquire(False)  # and released again: it was taken once
+    lock.release()
