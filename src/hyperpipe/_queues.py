@@ -361,13 +361,17 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
         if not rlock.acquire(block, timeout):
             raise Empty
     try:
-        return _take(self, mode, deadline)
+        item = _take(self, mode, deadline)
     finally:
         rlock.release()
+    # Over shared memory the item is unpickled once the lock is free, as the standard
+    # library does: the next consumer receives meanwhile.
+    return _loads(item) if mode == NATIVE_SHM else item
 
 
 def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
-    """Receive one item by ``deadline`` (the caller holds ``_rlock``) and free its place."""
+    """Take one item off the pipe by ``deadline`` (the caller holds ``_rlock``) and free its
+    place. Over shared memory: its frame, for ``_loads``; otherwise: the object."""
     conn = queue._reader
     transport = conn._transport
     try:
@@ -377,20 +381,32 @@ def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
             lock = conn._recv_lock
             lock.acquire()
             try:
-                obj = transport.recv_object(deadline)
+                frame = transport._recv(None, deadline)
+                # out-of-band buffers: checked and mapped as the item's own, under the lock
+                item = frame if type(frame) is bytes else transport._open_oob(frame, readonly=False)
             finally:
                 lock.release()
         else:
-            obj = conn.recv(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            item = conn.recv(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         raise Empty from None
     except _NOT_CONSUMED:
         raise
     except Exception:
-        queue._sem.release()  # taken off the ring, then failed to unpickle: it is gone
+        queue._sem.release()  # taken off the ring, then found corrupt or unpicklable: it is gone
         raise
     queue._sem.release()
-    return obj
+    return item
+
+
+def _loads(item: Any) -> Any:
+    """The object of a frame ``_take`` received over shared memory."""
+    if type(item) is bytes:
+        return ForkingPickler.loads(item)
+    stream, buffers = item
+    if not stream:
+        return ForkingPickler.loads(buffers[0])  # a pickle too big for the ring, sent as raw bytes
+    return ForkingPickler.loads(stream, buffers=buffers)
 
 
 def _queue_close(self: Any) -> None:

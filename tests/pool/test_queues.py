@@ -337,3 +337,26 @@ def test_a_contended_queue_lock_is_taken_after_yields_or_by_waiting(fork_flavor)
     lock.release()
     assert lock.acquire(False)  # and released again: it was taken once
     lock.release()
+
+
+def _fail_to_unpickle():
+    raise RuntimeError("this item does not unpickle")
+
+
+class _FailsToUnpickle:
+    def __reduce__(self):
+        return (_fail_to_unpickle, ())
+
+
+def test_an_item_that_fails_to_unpickle_is_gone_and_the_queue_goes_on(fork_flavor):
+    q = fork_flavor.ctx.Queue(maxsize=2)
+    q.put(_FailsToUnpickle())
+    q.put("next")
+    with pytest.raises(RuntimeError, match="does not unpickle"):
+        q.get(timeout=TIMEOUT)
+    assert q.get(timeout=TIMEOUT) == "next"
+    q.put_nowait(1)  # both places were given back
+    q.put_nowait(2)
+    assert [q.get(timeout=TIMEOUT) for _ in range(2)] == [1, 2]
+    q.close()
+    q.join_thread()
