@@ -326,7 +326,11 @@ def _queue_put(self: Any, obj: Any, block: bool = True, timeout: Optional[float]
         mode = _mode(self)
     if not mode:
         return _original["Queue.put"](self, obj, block, timeout)
-    _reserve(self, block, timeout)
+    # _reserve, inlined: one call less per item
+    if self._closed:
+        raise ValueError(f"Queue {self!r} is closed")
+    if not self._sem.acquire(block, timeout):
+        raise Full
     _put_item(self, obj, mode)
 
 
@@ -366,7 +370,11 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
         rlock.release()
     # Over shared memory the item is unpickled once the lock is free, as the standard
     # library does: the next consumer receives meanwhile.
-    return _loads(item) if mode == NATIVE_SHM else item
+    if mode != NATIVE_SHM:
+        return item
+    if type(item) is bytes:  # the common case, without a call to _loads
+        return _unpickle(item)
+    return _loads(item)
 
 
 def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
@@ -399,14 +407,17 @@ def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
     return item
 
 
+_unpickle = ForkingPickler.loads
+
+
 def _loads(item: Any) -> Any:
     """The object of a frame ``_take`` received over shared memory."""
     if type(item) is bytes:
-        return ForkingPickler.loads(item)
+        return _unpickle(item)
     stream, buffers = item
     if not stream:
-        return ForkingPickler.loads(buffers[0])  # a pickle too big for the ring, sent as raw bytes
-    return ForkingPickler.loads(stream, buffers=buffers)
+        return _unpickle(buffers[0])  # a pickle too big for the ring, sent as raw bytes
+    return _unpickle(stream, buffers=buffers)
 
 
 def _queue_close(self: Any) -> None:
