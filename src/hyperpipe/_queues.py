@@ -4,12 +4,16 @@ The standard library's ``Queue``, ``JoinableQueue`` and ``SimpleQueue`` classes 
 classes (``ProcessPoolExecutor``'s ``_SafeQueue``, loky and mpire subclass them). What
 changes, for a queue whose pipe is a hyperpipe one and only for it, is how items move:
 
-- ``put`` sends the object itself with ``Connection.send`` (pickle protocol 5, buffers of
-  64 KiB or more out of band through shared memory) straight from the calling thread while
-  the ring has room and nothing of this process is still waiting to go; otherwise it queues
-  the item for a feeder thread that sends in order (per-producer order holds either way);
-- ``get`` receives the object with ``Connection.recv`` (no ``recv_bytes`` + ``loads``, so
-  out-of-band buffers arrive without a copy into a bytes object);
+- ``put`` pickles the object (protocol 5, buffers of 64 KiB or more out of band through
+  shared memory) and sends it straight from the calling thread while the ring has room and
+  nothing of this process is still waiting to go; otherwise it queues the item for a feeder
+  thread that sends in order, in batches (per-producer order holds either way). Over shared
+  memory the frame goes to the transport directly (a reused C pickler carrying
+  ``ForkingPickler``'s reducers), over other transports through ``Connection.send``;
+- ``get`` takes the item off the pipe under the read lock and, over shared memory,
+  unpickles it once the lock is free, as the standard library does (out-of-band buffers
+  arrive without a copy into a bytes object);
+- a contended queue lock is retried after a few ``sched_yield()`` before sleeping on it;
 - the feeder's flush at exit (unless ``cancel_join_thread()``) runs at ``exitpriority=11``,
   before anything closes a connection at exit (10 and lower), so nothing put is lost;
 - a pickled queue carries a marker that applies these patches in the process it arrives in.
