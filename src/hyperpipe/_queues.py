@@ -372,8 +372,9 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
         item = _take(self, mode, deadline)
     finally:
         rlock.release()
-    # Over shared memory the item is unpickled once the lock is free, as the standard
-    # library does: the next consumer receives meanwhile.
+    # Its place is freed and, over shared memory, it is unpickled once the lock is free, as
+    # the standard library does: the next consumer receives meanwhile.
+    self._sem.release()
     if mode != NATIVE_SHM:
         return item
     if type(item) is bytes:  # the common case, without a call to _loads
@@ -382,8 +383,9 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
 
 
 def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
-    """Take one item off the pipe by ``deadline`` (the caller holds ``_rlock``) and free its
-    place. Over shared memory: its frame, for ``_loads``; otherwise: the object."""
+    """Take one item off the pipe by ``deadline`` (the caller holds ``_rlock``, and frees
+    its place if this returns). Over shared memory: its frame, for ``_loads``; otherwise:
+    the object."""
     conn = queue._reader
     transport = conn._transport
     try:
@@ -407,7 +409,6 @@ def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
     except Exception:
         queue._sem.release()  # taken off the ring, then found corrupt or unpicklable: it is gone
         raise
-    queue._sem.release()
     return item
 
 
