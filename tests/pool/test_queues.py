@@ -324,8 +324,8 @@ def test_put_hands_the_item_to_the_feeder_while_another_holds_the_write_lock(for
     q.join_thread()
 
 
-def test_a_contended_queue_lock_is_taken_after_yields_or_by_waiting(fork_flavor):
-    lock = fork_flavor.ctx.Lock()
+def test_a_contended_queue_lock_is_taken_after_yields_or_by_waiting():
+    lock = multiprocessing.get_context("fork").Lock()  # what a queue's locks are
     assert lock.acquire(False)
     started = time.monotonic()
     assert not _queues._acquire_contended(lock, 0.05)  # still held: gives up at the timeout
