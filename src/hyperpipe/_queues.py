@@ -194,7 +194,7 @@ class _ItemSender:
 
     def __init__(self, conn: Connection, mode: int) -> None:
         self._conn = conn
-        transport = conn._transport
+        transport: Any = conn._transport  # a ShmTransport when NATIVE_SHM: its own attributes
         self._shm = mode == NATIVE_SHM and transport is not None
         # the transport's threshold: the same buffers go out of band
         self._oob_threshold = transport._oob_threshold if self._shm else 0
@@ -221,7 +221,7 @@ class _ItemSender:
     def send(self, obj: Any, deadline: Deadline) -> None:
         """Send ``obj`` by ``deadline`` (None: wait for room); TimeoutError if it was not.
         An unpicklable item raises with nothing sent."""
-        transport = self._conn._transport
+        transport: Any = self._conn._transport
         if not self._shm or transport is None:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._conn.send(obj, timeout=timeout)
@@ -440,8 +440,9 @@ def _start_feeder(queue: Any) -> None:
     debug("Queue._start_thread() (hyperpipe)")
     queue._thread = threading.Thread(
         target=_feed,
-        args=(queue._buffer, queue._notempty, _sender(queue, _mode(queue)).send, queue._wlock, queue._reader.close,
-              queue._writer.close, queue._ignore_epipe, queue._on_queue_feeder_error, queue._sem),
+        args=(queue._buffer, queue._notempty, _sender(queue, _mode(queue)).send, queue._wlock,
+              queue._reader.close, queue._writer.close, queue._ignore_epipe,
+              queue._on_queue_feeder_error, queue._sem),
         name="QueueFeederThread",
         daemon=True,
     )
