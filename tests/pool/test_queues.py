@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.queues
+import multiprocessing.reduction
 import os
 import signal
 import threading
 import time
 
 import pytest
+
+import hyperpipe
+from hyperpipe import _queues
 
 from pool_support import TIMEOUT, Empty, Full
 import pool_support as support
@@ -228,3 +232,131 @@ def test_an_item_put_is_delivered_even_if_the_producer_dies_next(fork_flavor, pr
     p.kill()
     p.join(TIMEOUT)
     assert q.get(timeout=TIMEOUT) == "item"
+
+
+class _OnlyForkingPickles:
+    """Pickles only through ``ForkingPickler``'s own reducers (as connections and sockets do)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        raise TypeError("only ForkingPickler's reducer pickles this")
+
+
+def _rebuild_only_forking_pickles(value):
+    return _OnlyForkingPickles(value)
+
+
+multiprocessing.reduction.ForkingPickler.register(
+    _OnlyForkingPickles, lambda obj: (_rebuild_only_forking_pickles, (obj.value,)))
+
+
+def test_items_are_pickled_with_the_forking_picklers_reducers(fork_flavor):
+    # put() pickles on its own (not through Connection.send): it must still use the
+    # reducers multiprocessing registers (connections, sockets), as the stdlib's feeder does.
+    q = fork_flavor.ctx.Queue()
+    for i in range(3):
+        q.put((i, _OnlyForkingPickles(i)))
+    got = [q.get(timeout=TIMEOUT) for _ in range(3)]
+    assert [(i, item.value) for i, item in got] == [(i, i) for i in range(3)]
+    q.close()
+    q.join_thread()
+
+
+def test_a_queue_over_the_socket_transport_keeps_the_semantics(procs):
+    # Queues over shared memory send straight to the transport; any other hyperpipe
+    # transport goes through Connection.send/recv: both keep order, timeouts and Empty.
+    ctx = hyperpipe.get_context("fork")
+    q = ctx.Queue(maxsize=3)
+    q._reader.close()
+    q._writer.close()
+    q._reader, q._writer = hyperpipe.Pipe(duplex=False, transport="socket")
+    q._poll = q._reader.poll
+    assert q._writer.transport == "socket"
+    with pytest.raises(Empty):
+        q.get(timeout=0.05)
+    with pytest.raises(Empty):
+        q.get_nowait()
+    procs.start(ctx, support.produce, q, 0, 200, 100)
+    got = [q.get(timeout=TIMEOUT) for _ in range(200)]
+    assert [(t, i) for t, i, _ in got] == [(0, i) for i in range(200)]
+    assert _queues._mode(q) == _queues.NATIVE
+    procs.join_all()
+    q.close()
+    q.join_thread()
+
+
+def test_an_unpicklable_item_among_the_feeders_batch_is_dropped_alone(fork_flavor, capsys):
+    # Nobody reads until every put returned: the ring fills and the rest waits in the feeder,
+    # which sends it in batches; the bad item's error is reported and the others arrive in order.
+    q = fork_flavor.ctx.Queue()
+    items = [(i, bytes([i % 251]) * 2048) for i in range(300)]  # 600 KiB: over twice the ring
+    for i, item in enumerate(items):
+        q.put(support.unpicklable() if i == 250 else item)
+    del items[250]
+    assert [q.get(timeout=TIMEOUT) for _ in items] == items
+    assert q.empty()
+    assert q.qsize() == 0  # the dropped item's place was given back
+    q.close()
+    q.join_thread()
+    assert "pickle" in capsys.readouterr().err.lower()
+
+
+def test_put_hands_the_item_to_the_feeder_while_another_holds_the_write_lock(fork_flavor):
+    # Another process sending (here: this test holding the lock) must not block put():
+    # the item waits in the feeder and goes out, in order, once the lock is free.
+    q = fork_flavor.ctx.Queue()
+    q.put("first")
+    assert q.get(timeout=TIMEOUT) == "first"
+    assert q._wlock.acquire(timeout=TIMEOUT)
+    try:
+        started = time.monotonic()
+        q.put("second")
+        q.put("third")
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(Empty):
+            q.get(timeout=0.05)
+    finally:
+        q._wlock.release()
+    assert [q.get(timeout=TIMEOUT) for _ in range(2)] == ["second", "third"]
+    q.close()
+    q.join_thread()
+
+
+def test_a_contended_queue_lock_is_taken_after_yields_or_by_waiting():
+    lock = multiprocessing.get_context("fork").Lock()  # what a queue's locks are
+    assert lock.acquire(False)
+    started = time.monotonic()
+    assert not _queues._acquire_contended(lock, 0.05)  # still held: gives up at the timeout
+    assert 0.04 <= time.monotonic() - started < 5.0
+    releaser = threading.Timer(0.05, lock.release)  # freed while it sleeps on it
+    releaser.start()
+    assert _queues._acquire_contended(lock, TIMEOUT)
+    releaser.join(TIMEOUT)
+    lock.release()
+    assert lock.acquire(False)  # and released again: it was taken once
+    lock.release()
+
+
+def _fail_to_unpickle():
+    raise RuntimeError("this item does not unpickle")
+
+
+class _FailsToUnpickle:
+    def __reduce__(self):
+        return (_fail_to_unpickle, ())
+
+
+def test_an_item_that_fails_to_unpickle_is_gone_and_the_queue_goes_on(fork_flavor):
+    q = fork_flavor.ctx.Queue(maxsize=2)
+    q.put(_FailsToUnpickle())
+    q.put("next")
+    with pytest.raises(RuntimeError, match="does not unpickle"):
+        q.get(timeout=TIMEOUT)
+    assert q.get(timeout=TIMEOUT) == "next"
+    q.put_nowait(1)  # both places were given back
+    q.put_nowait(2)
+    assert [q.get(timeout=TIMEOUT) for _ in range(2)] == [1, 2]
+    q.close()
+    q.join_thread()

@@ -118,12 +118,14 @@ def pool_map_arrays(ctx: Any, cfg: dict) -> float:
     return 2 * cfg["arrays"] * array.nbytes / elapsed / 1e9  # in and out
 
 
-def _producer(q: Any, n: int, tag: int) -> None:
+def _producer(q: Any, n: int, tag: int, ready: Any) -> None:
+    ready.wait()  # all at once, when every process is up: the row times the queue, not starting
     for i in range(n):
         q.put((tag, i))
 
 
-def _consumer(q: Any, n: int, done: Any) -> None:
+def _consumer(q: Any, n: int, done: Any, ready: Any) -> None:
+    ready.wait()
     for _ in range(n):
         q.get()
     done.put(n)
@@ -135,13 +137,13 @@ def _queue_run(impl: QueueImpl, items: int, producers: int, consumers: int) -> f
     done = ctx.SimpleQueue()
     per_producer = items // producers
     per_consumer = per_producer * producers // consumers
-    procs = [ctx.Process(target=_consumer, args=(q, per_consumer, done)) for _ in range(consumers)]
-    procs += [ctx.Process(target=_producer, args=(q, per_producer, tag)) for tag in range(producers)]
-    for p in procs[:consumers]:
+    ready = ctx.Barrier(producers + consumers + 1)
+    procs = [ctx.Process(target=_consumer, args=(q, per_consumer, done, ready)) for _ in range(consumers)]
+    procs += [ctx.Process(target=_producer, args=(q, per_producer, tag, ready)) for tag in range(producers)]
+    for p in procs:
         p.start()
+    ready.wait(60)
     t = time.perf_counter()
-    for p in procs[consumers:]:
-        p.start()
     for _ in range(consumers):
         done.get()
     elapsed = time.perf_counter() - t
