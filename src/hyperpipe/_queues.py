@@ -402,7 +402,7 @@ def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
             try:
                 frame = transport._recv(None, deadline)
                 # out-of-band buffers: checked and mapped as the item's own, under the lock
-                item = frame if type(frame) is bytes else transport._open_oob(frame, readonly=False)
+                item = frame if type(frame) is bytes else (frame[1], *transport._open_oob(frame, readonly=False))
             finally:
                 lock.release()
         else:
@@ -424,10 +424,10 @@ def _loads(item: Any) -> Any:
     """The object of a frame ``_take`` received over shared memory."""
     if type(item) is bytes:
         return _unpickle(item)
-    stream, buffers = item
+    flags, stream, buffers = item
     if not stream:
         return _unpickle(buffers[0])  # a pickle too big for the ring, sent as raw bytes
-    return _unpickle(stream, buffers=buffers)
+    return ShmTransport._loads(flags, stream, buffers)  # a pickle, or a plain array's description
 
 
 def _queue_close(self: Any) -> None:
