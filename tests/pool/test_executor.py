@@ -1,0 +1,215 @@
+"""ProcessPoolExecutor's fast paths under hyperpipe (``_executor``): the coalescing wake-up
+and the manager's wait answered without a system call. Both checked on their own and
+through executors of every flavor."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import os
+import threading
+from concurrent.futures import process as cfp
+
+import pytest
+
+import hyperpipe
+from hyperpipe import _executor
+
+import pool_support as support
+from pool_support import TIMEOUT
+
+
+def _pipe_bytes(wakeup: _executor.ExecutorWakeup) -> int:
+    """How many bytes the wake-up pipe holds (drains them)."""
+    try:
+        return len(os.read(wakeup._reader.fileno(), 4096))
+    except BlockingIOError:
+        return 0
+
+
+def _executor_for(flavor, workers=2):
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=flavor.ctx)
+
+
+def test_wakeups_coalesce_until_cleared():
+    wakeup = _executor.ExecutorWakeup()
+    try:
+        assert not wakeup._reader.pending
+        for _ in range(1000):
+            wakeup.wakeup()
+        assert wakeup._reader.pending
+        assert hyperpipe.wait([wakeup._reader], 0) == [wakeup._reader]
+        wakeup.clear()
+        assert not wakeup._reader.pending
+        assert hyperpipe.wait([wakeup._reader], 0) == []
+        wakeup.wakeup()
+        wakeup.wakeup()
+        assert _pipe_bytes(wakeup) == 1  # one byte for the two: the second found it pending
+    finally:
+        wakeup.close()
+    wakeup.close()  # idempotent
+    wakeup.wakeup()  # after close: nothing, as the stdlib's
+    wakeup.clear()
+
+
+def test_wakeup_closes_its_descriptors_when_dropped():
+    wakeup = _executor.ExecutorWakeup()
+    fd = wakeup._reader.fileno()
+    os.fstat(fd)
+    del wakeup
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_a_wakeup_racing_clear_is_never_lost():
+    # A writer thread wakes, a "manager" waits on the descriptor and clears: every change
+    # the writer announces is seen within a bounded wait.
+    wakeup = _executor.ExecutorWakeup()
+    seen = []
+    changes = []
+    stop = threading.Event()
+
+    def writer():
+        for i in range(2000):
+            changes.append(i)
+            wakeup.wakeup()
+        stop.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while not (stop.is_set() and len(seen) == 2000):
+            ready = hyperpipe.wait([wakeup._reader], 5.0)
+            assert ready or len(seen) == len(changes), "a wake-up was lost"
+            wakeup.clear()
+            seen[:] = list(changes)  # the manager re-reads the state after clear()
+    finally:
+        thread.join(TIMEOUT)
+        wakeup.close()
+    assert seen == list(range(2000))
+
+
+def test_a_wakeup_during_clear_leaves_flag_and_pipe_agreeing(monkeypatch):
+    # Another thread wakes while clear() drains. Either way it goes (absorbed: the manager
+    # re-reads the state after clear(); or kept for the next wait), "pending" must agree
+    # with the pipe: a flag left set over an empty pipe would swallow every later wake-up.
+    wakeup = _executor.ExecutorWakeup()
+    pipe_type = type(wakeup._reader)
+    drain = pipe_type.drain
+    late = []
+
+    def drain_while_another_thread_wakes(self):
+        thread = threading.Thread(target=wakeup.wakeup)
+        thread.start()
+        thread.join(0.2)
+        late.append(thread)
+        drain(self)
+
+    try:
+        wakeup.wakeup()
+        monkeypatch.setattr(pipe_type, "drain", drain_while_another_thread_wakes)
+        wakeup.clear()
+        monkeypatch.undo()
+        late[0].join(TIMEOUT)
+        assert wakeup._reader.pending == bool(_pipe_bytes(wakeup))
+        wakeup._reader.pending = False
+        wakeup.wakeup()
+        assert hyperpipe.wait([wakeup._reader], 0) == [wakeup._reader]
+    finally:
+        wakeup.close()
+
+
+def test_manager_wait_answers_from_the_ring():
+    result_r, result_w = hyperpipe.Pipe(duplex=False)
+    wakeup = _executor.ExecutorWakeup()
+    sentinel_r, sentinel_w = os.pipe()
+    objects = [result_r, wakeup._reader, sentinel_r]
+    try:
+        result_r.fileno()  # the manager's wait hands out the descriptor first
+        assert _executor.ready_without_waiting(objects) is None  # nothing: a real wait
+        wakeup.wakeup()
+        assert _executor.ready_without_waiting(objects) == [wakeup._reader]
+        result_w.send("result")
+        os.write(sentinel_w, b"x")  # a ready sentinel is left for the next loop
+        assert _executor.ready_without_waiting(objects) == [result_r, wakeup._reader]
+        wakeup.clear()
+        assert _executor.ready_without_waiting(objects) == [result_r]
+        # Any other list takes the ordinary wait.
+        assert _executor.ready_without_waiting([result_r, sentinel_r]) is None
+        assert _executor.ready_without_waiting([sentinel_r, wakeup._reader]) is None
+        # Through the patched multiprocessing.connection.wait too.
+        hyperpipe.get_context()
+        import multiprocessing.connection
+
+        assert multiprocessing.connection.wait(objects, 0) == [result_r]
+        assert result_r.recv() == "result"
+        assert multiprocessing.connection.wait(objects, 0) == [sentinel_r]
+    finally:
+        for conn in (result_r, result_w):
+            conn.close()
+        os.close(sentinel_r)
+        os.close(sentinel_w)
+        wakeup.close()
+
+
+def test_only_hyperpipe_executors_get_the_fast_wakeup(flavor):
+    with _executor_for(flavor) as ex:
+        wakeup = ex._executor_manager_thread_wakeup
+        assert ex._call_queue.thread_wakeup is wakeup
+        assert isinstance(wakeup, cfp._ThreadWakeup)
+        assert (type(wakeup) is _executor.ExecutorWakeup) == (not flavor.is_stdlib)
+        assert ex.submit(support.inc, 1).result(TIMEOUT) == 2
+
+
+def test_an_executor_never_used_leaves_no_descriptor(fork_flavor):
+    # The suite's guard fails a test that leaks descriptors.
+    ex = _executor_for(fork_flavor)
+    ex.shutdown()
+    del ex
+    gc.collect()
+
+
+def test_submitting_from_many_threads_while_results_flow(flavor):
+    # Wake-ups from several threads race the manager's clear(): every future completes.
+    with _executor_for(flavor) as ex:
+        futures = []
+        lock = threading.Lock()
+
+        def submit_some(base):
+            for i in range(base, base + 300):
+                future = ex.submit(support.inc, i)
+                with lock:
+                    futures.append((i, future))
+
+        threads = [threading.Thread(target=submit_some, args=(k * 1000,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert len(futures) == 1200
+        for i, future in futures:
+            assert future.result(TIMEOUT) == i + 1
+
+
+def test_shutdown_cancels_queued_work(fork_flavor):
+    with _executor_for(fork_flavor) as ex:
+        futures = [ex.submit(support.inc, i) for i in range(2000)]
+        ex.shutdown(wait=True, cancel_futures=True)
+    done = [f for f in futures if not f.cancelled()]
+    assert all(f.result(0) == i + 1 for i, f in enumerate(futures) if f in done)
+    assert any(f.cancelled() for f in futures)
+
+
+def test_an_executor_dropped_without_shutdown_ends_its_manager(fork_flavor):
+    ex = _executor_for(fork_flavor)
+    assert list(ex.map(support.inc, range(100))) == list(range(1, 101))
+    manager = ex._executor_manager_thread
+    processes = list(ex._processes.values())
+    del ex  # the weakref callback wakes the manager, which shuts the pool down
+    gc.collect()
+    manager.join(TIMEOUT)
+    assert not manager.is_alive()
+    for p in processes:
+        p.join(TIMEOUT)
+        assert not p.is_alive()
