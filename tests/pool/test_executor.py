@@ -5,9 +5,12 @@ through executors of every flavor."""
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import gc
 import os
+import pickle
 import threading
+import types
 from concurrent.futures import process as cfp
 
 import pytest
@@ -213,3 +216,71 @@ def test_an_executor_dropped_without_shutdown_ends_its_manager(fork_flavor):
     for p in processes:
         p.join(TIMEOUT)
         assert not p.is_alive()
+
+
+# -- call items: the task's function pickled once ------------------------------------------
+
+
+class Adder:
+    """A callable with state: its pickle changes with it, so it is pickled with each task."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, x: int) -> int:
+        return x + self.n
+
+
+def test_which_functions_are_pickled_once():
+    by_name = _executor._pickled_by_name
+    assert by_name(support.inc) and by_name(len)
+    assert by_name(functools.partial(cfp._process_chunk, support.inc))
+    assert not by_name(functools.partial(support.inc, x=1))  # keywords: pickled each time
+    assert not by_name(functools.partial(cfp._process_chunk, Adder(1)))
+    assert not by_name(Adder(1)) and not by_name(Adder(1).__call__)
+    assert _executor._pickled_fn(lambda x: x) is None  # unpicklable: the task fails as usual
+
+
+def test_the_function_pickle_cache_is_bounded():
+    partials = [functools.partial(cfp._process_chunk, support.inc, i) for i in range(3)]
+    assert all(_executor._pickled_by_name(p) is False for p in partials)  # an int is data
+    functions = [support.inc, support.fail_on, support.die, support.pid_of, len, abs, min, max, sum, any]
+    for fn in functions:
+        assert pickle.loads(_executor._pickled_fn(fn)) is fn
+    assert len(_executor._pickled_fns) == _executor.FN_CACHE_SIZE
+    assert _executor._pickled_fn(any) is _executor._pickled_fns[id(any)][1]  # a hit
+
+
+def test_a_compact_call_item_arrives_as_the_stdlib_item():
+    ctx = hyperpipe.get_context("fork")
+    q = ctx.Queue()
+    q.put = types.MethodType(_executor._put_call_item, q)
+    fn = functools.partial(cfp._process_chunk, support.inc)
+    try:
+        q.put(cfp._CallItem(7, fn, (((41,),),), {}))
+        item = q.get(timeout=TIMEOUT)
+        assert type(item) is cfp._CallItem
+        assert (item.work_id, item.args, item.kwargs) == (7, (((41,),),), {})
+        assert item.fn.func is cfp._process_chunk and item.fn.args == (support.inc,)
+        assert item.fn(*item.args, **item.kwargs) == [42]
+        adder = Adder(1)
+        q.put(cfp._CallItem(8, adder, (1,), {}))
+        adder.n = 100
+        q.put(cfp._CallItem(9, adder, (1,), {}))
+        assert [q.get(timeout=TIMEOUT).fn(1) for _ in range(2)] == [2, 101]
+        q.put(None)
+        assert q.get(timeout=TIMEOUT) is None
+    finally:
+        q.close()
+        q.join_thread()
+
+
+def test_callables_with_state_travel_with_their_current_state(fork_flavor):
+    adder = Adder(1)
+    with _executor_for(fork_flavor) as ex:
+        assert ex.submit(adder, 1).result(TIMEOUT) == 2
+        adder.n = 10
+        assert ex.submit(adder, 1).result(TIMEOUT) == 11
+        assert list(ex.map(adder, range(5))) == [10, 11, 12, 13, 14]
+        adder.n = 20
+        assert list(ex.map(adder, range(5))) == [20, 21, 22, 23, 24]
