@@ -156,6 +156,26 @@ def test_manager_wait_answers_from_the_ring():
         wakeup.close()
 
 
+def test_manager_wait_watches_the_ring_before_sleeping(monkeypatch):
+    result_r, result_w = hyperpipe.Pipe(duplex=False)
+    wakeup = _executor.ExecutorWakeup()
+    objects = [result_r, wakeup._reader]
+    sender = threading.Timer(0.05, result_w.send, ("late result",))
+    try:
+        result_r.fileno()
+        monkeypatch.setattr(_executor, "RESULT_WATCH", TIMEOUT)
+        sender.start()
+        assert _executor.ready_without_waiting(objects) == [result_r]
+        assert result_r.recv() == "late result"
+        monkeypatch.setattr(_executor, "RESULT_WATCH", 0.001)
+        assert _executor.ready_without_waiting(objects) is None  # then a real wait
+    finally:
+        sender.join(TIMEOUT)
+        for conn in (result_r, result_w):
+            conn.close()
+        wakeup.close()
+
+
 def test_only_hyperpipe_executors_get_the_fast_wakeup(flavor):
     with _executor_for(flavor) as ex:
         wakeup = ex._executor_manager_thread_wakeup
