@@ -7,6 +7,7 @@ import multiprocessing.connection
 import pytest
 
 import hyperpipe
+import hyperpipe._context
 from hyperpipe.bench import _pool
 
 
@@ -14,13 +15,13 @@ def test_installed_runs_the_program_under_install_and_undoes_it():
     seen = []
 
     def program(ctx, cfg):
-        seen.append((ctx.get_start_method(), hyperpipe.installed()))
+        seen.append((ctx.get_start_method(), hyperpipe._context.installed()))
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
         _pool._installed(program, "fork", {})
     assert seen == [("fork", True)]
-    assert not hyperpipe.installed()
+    assert not hyperpipe._context.installed()
     assert multiprocessing.connection.Pipe is hyperpipe._context._stdlib_pipe
 
 
