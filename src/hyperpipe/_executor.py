@@ -165,7 +165,7 @@ def ready_without_waiting(objects: list) -> Optional[list]:
         return [result_reader, wakeup_pipe] if wakeup_pipe.pending else [result_reader]
     if wakeup_pipe.pending:
         return [wakeup_pipe]
-    if result_reader.poll(RESULT_WATCH):
+    if _ready(result_reader, RESULT_WATCH):
         return [result_reader, wakeup_pipe] if wakeup_pipe.pending else [result_reader]
     return None
 

@@ -304,3 +304,16 @@ def test_callables_with_state_travel_with_their_current_state(fork_flavor):
         assert list(ex.map(adder, range(5))) == [10, 11, 12, 13, 14]
         adder.n = 20
         assert list(ex.map(adder, range(5))) == [20, 21, 22, 23, 24]
+
+
+def test_manager_wait_on_a_closed_result_reader_says_ready():
+    # The manager then calls recv(), which raises: it marks the pool broken, as with the
+    # stdlib's reader.
+    result_r, result_w = hyperpipe.Pipe(duplex=False)
+    wakeup = _executor.ExecutorWakeup()
+    result_r.close()
+    try:
+        assert _executor.ready_without_waiting([result_r, wakeup._reader]) == [result_r]
+    finally:
+        result_w.close()
+        wakeup.close()
