@@ -317,3 +317,18 @@ def test_manager_wait_on_a_closed_result_reader_says_ready():
     finally:
         result_w.close()
         wakeup.close()
+
+
+@pytest.mark.deliberate_difference(
+    "a function pickled once keeps being sent by name after its module attribute is rebound "
+    "(the stdlib's pickling then refuses it: 'not the same object')"
+)
+def test_a_rebound_function_keeps_being_sent_by_name(fork_flavor):
+    original = support.inc
+    with _executor_for(fork_flavor) as ex:
+        assert ex.submit(original, 1).result(TIMEOUT) == 2
+        support.inc = support.fail_on
+        try:
+            assert ex.submit(original, 1).result(TIMEOUT) == 2  # the workers' own inc
+        finally:
+            support.inc = original
