@@ -25,7 +25,7 @@ import multiprocessing.context
 import threading
 from typing import Any, Optional
 
-from . import _queues
+from . import _executor, _queues
 from ._connection import Connection
 from ._pipe import Pipe as _hyperpipe_pipe
 from ._wait import wait as _hyperpipe_wait
@@ -54,6 +54,9 @@ def _wants_hyperpipe(ctx: Any) -> bool:
 
 def _wait(object_list: Any, timeout: Optional[float] = None) -> list:
     objects = list(object_list)
+    ready = _executor.ready_without_waiting(objects)
+    if ready is not None:
+        return ready
     if any(isinstance(obj, Connection) for obj in objects):
         return _hyperpipe_wait(objects, timeout)
     return _stdlib_wait(objects, timeout)
@@ -66,6 +69,7 @@ _wait.__wrapped__ = _stdlib_wait  # type: ignore[attr-defined]
 def _patch() -> None:
     _queues.set_pipe_policy(_wants_hyperpipe)
     _queues.patch()
+    _executor.patch(_wants_hyperpipe)
     multiprocessing.connection.wait = _wait
 
 

@@ -45,13 +45,14 @@ def wait(object_list: Iterable[Any], timeout: Optional[float] = None) -> list[An
             return found
 
 
-def _ready(obj: Any) -> bool:
+def _ready(obj: Any, timeout: float = 0.0) -> bool:
     """Whether a reported object is ready: a hyperpipe fd may be readable from a stale
-    wake-up, so a hyperpipe Connection is asked (``poll(0)``, which also drains it)."""
+    wake-up, so a hyperpipe Connection is asked (``poll(timeout)``, which also drains it).
+    A Connection that fails to answer counts as ready: its ``recv`` raises the error."""
     if not isinstance(obj, Connection):
         return True
     try:
-        return obj.poll(0)
+        return obj.poll(timeout)
     except (OSError, EOFError):
         return True
 

@@ -1,5 +1,6 @@
 """Pool, ProcessPoolExecutor and Queue rows: the standard library against hyperpipe's
-``get_context()`` (and faster-fifo's queue when it is installed), in one run.
+``get_context()`` and ``install()`` (and faster-fifo's queue, loky's executor and mpire's
+pool when they are installed), in one run.
 
 Each row runs every implementation back to back with the same counts and reports the ratio
 to the standard library measured in this run. ``hyperpipe-bench --only pool,queue``.
@@ -105,6 +106,44 @@ def executor_map_tiny(ctx: Any, cfg: dict) -> float:
         return cfg["tasks"] / (time.perf_counter() - t)
 
 
+def _installed(program: Callable[[Any, dict], float], method: str, cfg: dict) -> float:
+    """``program`` unchanged, with the standard library's context, under ``install()``."""
+    import hyperpipe
+
+    hyperpipe.install()
+    try:
+        return program(multiprocessing.get_context(method), cfg)
+    finally:
+        hyperpipe.uninstall()
+
+
+def loky_map_tiny(method: str, cfg: dict) -> float:
+    """``executor_map_tiny`` on loky's executor (its own start method, whatever ``method``)."""
+    import loky
+
+    with loky.ProcessPoolExecutor(2) as ex:
+        list(ex.map(_inc, range(200)))
+        t = time.perf_counter()
+        for _ in ex.map(_inc, range(cfg["tasks"])):
+            pass
+        return cfg["tasks"] / (time.perf_counter() - t)
+
+
+def mpire_map_tiny(method: str, cfg: dict) -> float:
+    """``pool_map_tiny`` on mpire's pool."""
+    from mpire import WorkerPool
+
+    with WorkerPool(n_jobs=2, start_method=method) as pool:
+        pool.map(_inc, range(200), chunk_size=1)
+        t = time.perf_counter()
+        pool.map(_inc, range(cfg["tasks"]), chunk_size=1)
+        return cfg["tasks"] / (time.perf_counter() - t)
+
+
+#: row -> (peer package, its program), run when the package is installed
+PEERS = {"executor_map_tiny": ("loky", loky_map_tiny), "pool_map_tiny": ("mpire", mpire_map_tiny)}
+
+
 def pool_map_arrays(ctx: Any, cfg: dict) -> float:
     import numpy as np
 
@@ -188,6 +227,10 @@ def _measure(row: str, cfg: dict, method: str) -> dict[str, Any]:
                    "pool_map_arrays": pool_map_arrays}[row]
         for name, ctx in _contexts(method).items():
             out[name] = _guarded(lambda: program(ctx, cfg))
+        out["hp-install"] = _guarded(lambda: _installed(program, method, cfg))
+        peer = PEERS.get(row)
+        if peer is not None and importlib.util.find_spec(peer[0]) is not None:
+            out[peer[0]] = _guarded(lambda: peer[1](method, cfg))
         return out
     for impl in queue_impls(method):
         if row == "queue_1to1":
@@ -247,7 +290,7 @@ def render(result: dict) -> str:
             if isinstance(base, float) and name != "mp":
                 r = v / base if better == "higher" else base / v
                 ratio = f"{r:.2f}x"
-                if name == "hp":
+                if name in ("hp", "hp-install"):
                     verdict = f">={target:g}x " + ("met" if r >= target else "MISSED")
             lines.append(f"  {row:<18} {name:<12} {v:>10,.2f} {unit:<7}{ratio:>6} {verdict}")
     return "\n".join(lines)
