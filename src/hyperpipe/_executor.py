@@ -40,6 +40,7 @@ import copyreg
 import functools
 import os
 import pickle
+import sys
 import threading
 import types
 from concurrent.futures import process as _cfp
@@ -184,9 +185,13 @@ _BY_NAME = (types.FunctionType, types.BuiltinFunctionType)
 
 def _pickled_by_name(obj: Any) -> bool:
     """Whether ``obj``'s pickle is fixed once made: module-level functions (pickled by
-    name, unless a reducer was registered for them) and partials of them."""
+    name, unless a reducer was registered for them) and partials of them. A builtin
+    bound to an object (``some_list.append``) pickles that object: not fixed."""
     kind = type(obj)
     if kind in _BY_NAME:
+        bound_to = getattr(obj, "__self__", None)
+        if bound_to is not None and not isinstance(bound_to, types.ModuleType):
+            return False
         return kind not in ForkingPickler._extra_reducers and kind not in copyreg.dispatch_table
     if kind is functools.partial:
         return (
@@ -198,11 +203,26 @@ def _pickled_by_name(obj: Any) -> bool:
     return False
 
 
+def _still_named(obj: Any) -> bool:
+    """Whether the names ``obj``'s pickle holds still lead to the same objects, as pickle
+    checks each time it pickles a function by name ("not the same object" otherwise)."""
+    if type(obj) is functools.partial:
+        return _still_named(obj.func) and all(map(_still_named, obj.args))
+    found = sys.modules.get(getattr(obj, "__module__", None) or "")
+    for part in obj.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
 def _pickled_fn(fn: Any) -> Optional[bytes]:
     """``fn``'s pickle, made once, or None when it must be pickled with each task."""
     entry = _pickled_fns.get(id(fn))
     if entry is not None and entry[0] is fn:
-        return entry[1]
+        if _still_named(fn):
+            return entry[1]
+        with _pickled_fns_lock:  # rebound since: pickled with the task, which then fails as the stdlib's does
+            _pickled_fns.pop(id(fn), None)
+        return None
     if not _pickled_by_name(fn):
         return None
     try:
