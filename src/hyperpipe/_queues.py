@@ -389,24 +389,9 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
 
 def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
     """Take one item off the pipe by ``deadline`` (the caller holds ``_rlock``, and frees
-    its place if this returns). Over shared memory: its frame, for ``_loads``; otherwise:
-    the object."""
-    conn = queue._reader
-    transport = conn._transport
+    its place if this returns): ``_receive``'s item."""
     try:
-        if mode == NATIVE_SHM and transport is not None:
-            # Connection.recv minus its checks (a queue's reader is readable and has no
-            # codec); its lock still keeps empty()'s poll in another thread apart.
-            lock = conn._recv_lock
-            lock.acquire()
-            try:
-                frame = transport._recv(None, deadline)
-                # out-of-band buffers: checked and mapped as the item's own, under the lock
-                item = frame if type(frame) is bytes else (frame[1], *transport._open_oob(frame, readonly=False))
-            finally:
-                lock.release()
-        else:
-            item = conn.recv(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return _receive(queue._reader, mode, deadline)
     except TimeoutError:
         raise Empty from None
     except _NOT_CONSUMED:
@@ -414,7 +399,24 @@ def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
     except Exception:
         queue._sem.release()  # taken off the ring, then found corrupt or unpicklable: it is gone
         raise
-    return item
+
+
+def _receive(conn: Connection, mode: int, deadline: Deadline) -> Any:
+    """One item of a queue's reader, by ``deadline``. Over shared memory: its frame, for
+    ``_loads`` (once the queue's read lock is free); otherwise: the object."""
+    transport = conn._transport
+    if mode == NATIVE_SHM and transport is not None:
+        # Connection.recv minus its checks (a queue's reader is readable and has no
+        # codec); its lock still keeps empty()'s poll in another thread apart.
+        lock = conn._recv_lock
+        lock.acquire()
+        try:
+            frame = transport._recv(None, deadline)
+            # out-of-band buffers: checked and mapped as the item's own, under the lock
+            return frame if type(frame) is bytes else (frame[1], *transport._open_oob(frame, readonly=False))
+        finally:
+            lock.release()
+    return conn.recv(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 _unpickle = ForkingPickler.loads
@@ -540,18 +542,53 @@ def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, 
 # -- SimpleQueue ----------------------------------------------------------------------------
 
 
+def _simple_mode(queue: Any) -> int:
+    """``_mode`` for a SimpleQueue (no feeder to override: only its pipe decides)."""
+    mode = NOT_NATIVE
+    if isinstance(queue._writer, Connection):
+        shm = all(isinstance(conn._transport, ShmTransport) and conn._codec is None
+                  for conn in (queue._writer, queue._reader))
+        mode = NATIVE_SHM if shm else NATIVE
+    queue._hp_mode = mode
+    return mode
+
+
 def _simple_put(self: Any, obj: Any) -> None:
-    if not isinstance(self._writer, Connection):
+    try:
+        mode = self._hp_mode
+    except AttributeError:
+        mode = _simple_mode(self)
+    if not mode:
         return _original["SimpleQueue.put"](self, obj)
-    with self._wlock:
-        self._writer.send(obj)
+    wlock = self._wlock
+    if not wlock.acquire(False):
+        _acquire_contended(wlock, None)
+    try:
+        try:
+            sender = self._hp_sender
+        except AttributeError:
+            sender = _sender(self, mode)
+        sender.send(obj, None)
+    finally:
+        wlock.release()
 
 
 def _simple_get(self: Any) -> Any:
-    if not isinstance(self._reader, Connection):
+    try:
+        mode = self._hp_mode
+    except AttributeError:
+        mode = _simple_mode(self)
+    if not mode:
         return _original["SimpleQueue.get"](self)
-    with self._rlock:
-        return self._reader.recv()
+    rlock = self._rlock
+    if not rlock.acquire(False):
+        _acquire_contended(rlock, None)
+    try:
+        item = _receive(self._reader, mode, None)
+    finally:
+        rlock.release()
+    # unpickled once the lock is free, as the standard library does
+    return item if mode != NATIVE_SHM else _unpickle(item) if type(item) is bytes else _loads(item)
 
 
 _PATCHES = {

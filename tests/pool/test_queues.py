@@ -360,3 +360,47 @@ def test_an_item_that_fails_to_unpickle_is_gone_and_the_queue_goes_on(fork_flavo
     assert [q.get(timeout=TIMEOUT) for _ in range(2)] == [1, 2]
     q.close()
     q.join_thread()
+
+
+def test_simple_queue_items_of_every_kind_and_failures(fork_flavor):
+    # SimpleQueue (Pool's queues) pickles straight to the transport and unpickles after its
+    # read lock, as Queue does: big arrays out of band, the ForkingPickler's reducers, an
+    # unpicklable item refused with nothing sent, one that fails to unpickle gone alone.
+    q = fork_flavor.ctx.SimpleQueue()
+    fork_flavor.check_queue(q)
+    with pytest.raises(Exception, match="pickle"):
+        q.put(lambda: None)
+    q.put(_FailsToUnpickle())
+    q.put((1, _OnlyForkingPickles(7)))
+    with pytest.raises(RuntimeError, match="does not unpickle"):
+        q.get()
+    first, item = q.get()
+    assert (first, item.value) == (1, 7)
+    np = pytest.importorskip("numpy")
+    array = np.arange(300_000, dtype=np.float64)
+    putter = threading.Thread(target=q.put, args=({"a": array},))  # the stdlib's pipe holds 64 KiB
+    putter.start()
+    got = q.get()["a"]
+    putter.join(TIMEOUT)
+    assert np.array_equal(got, array)
+    got[:1] = -1  # private and writable, as the stdlib's
+    assert q.empty()
+    q.close()
+
+
+def test_a_simple_queue_over_the_socket_transport(procs):
+    ctx = hyperpipe.get_context("fork")
+    inq, outq = ctx.SimpleQueue(), ctx.SimpleQueue()
+    for q in (inq, outq):
+        q._reader.close()
+        q._writer.close()
+        q._reader, q._writer = hyperpipe.Pipe(duplex=False, transport="socket")
+        q._poll = q._reader.poll
+    procs.start(ctx, support.echo_simple, inq, outq)
+    items = [b"", 0, "x" * 100_000, list(range(100))]
+    for item in items:
+        inq.put(item)
+    assert [outq.get() for _ in items] == items
+    assert _queues._simple_mode(outq) == _queues.NATIVE
+    inq.put(None)
+    procs.join_all()
