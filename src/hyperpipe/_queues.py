@@ -374,7 +374,14 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
         if not rlock.acquire(block, timeout):
             raise Empty
     try:
-        item = _take(self, mode, deadline)
+        item = _receive(self._reader, mode, deadline)
+    except TimeoutError:
+        raise Empty from None
+    except _NOT_CONSUMED:
+        raise
+    except Exception:
+        self._sem.release()  # taken off the ring, then found corrupt or unpicklable: it is gone
+        raise
     finally:
         rlock.release()
     # Its place is freed and, over shared memory, it is unpickled once the lock is free, as
@@ -387,23 +394,9 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
     return _loads(item)
 
 
-def _take(queue: Any, mode: int, deadline: Deadline) -> Any:
-    """Take one item off the pipe by ``deadline`` (the caller holds ``_rlock``, and frees
-    its place if this returns): ``_receive``'s item."""
-    try:
-        return _receive(queue._reader, mode, deadline)
-    except TimeoutError:
-        raise Empty from None
-    except _NOT_CONSUMED:
-        raise
-    except Exception:
-        queue._sem.release()  # taken off the ring, then found corrupt or unpicklable: it is gone
-        raise
-
-
 def _receive(conn: Connection, mode: int, deadline: Deadline) -> Any:
     """One item of a queue's reader, by ``deadline``. Over shared memory: its frame, for
-    ``_loads`` (once the queue's read lock is free); otherwise: the object."""
+    ``_loads`` (once the queue's read lock is free; the caller frees the item's place); otherwise: the object."""
     transport = conn._transport
     if mode == NATIVE_SHM and transport is not None:
         # Connection.recv minus its checks (a queue's reader is readable and has no
@@ -423,7 +416,7 @@ _unpickle = ForkingPickler.loads
 
 
 def _loads(item: Any) -> Any:
-    """The object of a frame ``_take`` received over shared memory."""
+    """The object of a frame ``_receive`` took over shared memory."""
     if type(item) is bytes:
         return _unpickle(item)
     flags, stream, buffers = item
