@@ -75,7 +75,7 @@ def _is_flat(obj: Any) -> bool:
     if kind in _FLAT_TYPES:
         return True
     if (kind is tuple or kind is list) and len(obj) <= _FLAT_MAX_ITEMS:
-        return all(type(item) in _FLAT_TYPES for item in obj)
+        return all(map(_FLAT_TYPES.__contains__, map(type, obj)))  # no generator: faster
     return False
 
 
