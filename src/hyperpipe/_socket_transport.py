@@ -9,7 +9,7 @@ processes may share one end under a lock as with the stdlib, and
 
 Waiting:
 
-- a receive with no timeout on a plain socket blocks in ``recv`` itself, as the stdlib
+- a receive with no timeout on a plain socket blocks in ``read()`` itself, as the stdlib
   does (no ``poll`` first); ``close()`` from another thread wakes it by shutting the socket
   down for reading (so other processes holding the same end see it closed too);
 - every other wait (a timeout, a pipe end, TLS, a send that cannot complete at once) is a
@@ -631,13 +631,13 @@ class SocketTransport(Transport):
         """``_receive`` when no frame is under way on a plain socket or a pipe: the header,
         then a small payload, each with one read, as the stdlib does."""
         sock = self._plain
+        fd = self._fd
+        # os.read() (the stdlib's call) where it waits as it should: on a pipe end, which is
+        # non-blocking, and on a socket with no deadline, which blocks. It costs far fewer
+        # instructions than socket.recv(); with a deadline a socket needs MSG_DONTWAIT.
+        use_read = sock is None or deadline is None
         try:
-            if sock is None:
-                head = os.read(self._fd, 4)
-            elif deadline is None:
-                head = sock.recv(4)
-            else:
-                head = sock.recv(4, _DONTWAIT)
+            head = os.read(fd, 4) if use_read else sock.recv(4, _DONTWAIT)
         except BlockingIOError:
             return self._receive(maxlength, deadline)
         except ConnectionResetError:
@@ -651,12 +651,7 @@ class SocketTransport(Transport):
             return self._receive(maxlength, deadline, head=head)
         # The sender wrote header and small payload with one call: it is usually here.
         try:
-            if sock is None:
-                data = os.read(self._fd, size)
-            elif deadline is None:
-                data = sock.recv(size)
-            else:
-                data = sock.recv(size, _DONTWAIT)
+            data = os.read(fd, size) if use_read else sock.recv(size, _DONTWAIT)
         except (BlockingIOError, ConnectionResetError):
             data = b""
         except BaseException:
@@ -666,17 +661,24 @@ class SocketTransport(Transport):
             return data
         return self._receive(maxlength, deadline, head=head + data)
 
-    def _receive_any(
-        self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
+    def recv_frame(
+        self,
+        maxlength: Optional[int],
+        deadline: Deadline,
+        into: Optional[tuple] = None,
+        as_sent: bool = False,
     ) -> Any:
-        """One frame as ``_receive`` returns it; TimeoutError at the deadline."""
-        # _enter_rx()/_leave_rx() written out: this is every receive's path.
+        """One frame; TimeoutError at the deadline. ``into``: as ``_receive``'s. An
+        out-of-band frame comes back pickled in-band (the caller wants bytes) unless
+        ``as_sent``. One method for every receive: each call layer costs a message."""
+        # _enter_rx()/_leave_rx() written out, for the same reason.
         gate = self._rx_gate
         gate.acquire()
         try:
             if self._closed:
                 raise errors.ConnectionClosedError()
-            if into is None and self._rx_plain and self._rx_broken is None and not self._reader.in_frame:
+            reader = self._reader
+            if into is None and self._rx_plain and self._rx_broken is None and not reader.in_frame:
                 frame = self._receive_new(maxlength, deadline)
             else:
                 frame = self._receive(maxlength, deadline, into)
@@ -686,26 +688,20 @@ class SocketTransport(Transport):
                 self._release_if_idle()
         if frame is None:
             raise errors.TimeoutError("recv timed out")
-        return frame
-
-    def recv_frame(self, maxlength: Optional[int], deadline: Deadline) -> Any:
-        frame = self._receive_any(maxlength, deadline)
-        if type(frame) is OobFrame:
-            return frame.in_band()  # the caller wants bytes: the same object, pickled in-band
+        if type(frame) is OobFrame and not as_sent:
+            return frame.in_band()
         return frame
 
     def recv_object(self, deadline: Deadline, copy: bool = True) -> Any:
-        frame = self._receive_any(None, deadline)
+        frame = self.recv_frame(None, deadline, None, True)
         if type(frame) is OobFrame:
             return frame.loads()
         return pickle.loads(frame)
 
     def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
-        frame = self._receive_any(None, deadline, (buf, offset))
+        frame = self.recv_frame(None, deadline, (buf, offset))
         if type(frame) is Direct:
             return frame.size
-        if type(frame) is OobFrame:
-            frame = frame.in_band()
         size = len(frame)
         if offset + size > len(buf):
             raise errors.BufferTooShort(bytes(frame))
