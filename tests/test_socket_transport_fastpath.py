@@ -332,3 +332,28 @@ def test_max_message_size_holds_on_the_short_path(limit: int, timeout: Any) -> N
     finally:
         rx.close()
         s2.close()
+
+
+@pytest.mark.parametrize("kind", ["socketpair", "pipe"])
+def test_a_batch_takes_what_waits_without_polling_first(kind: str) -> None:
+    """recv_bytes_many: the frames already there, up to maxcount, each with its own reads
+    and no poll() before it; a frame cut short stays for the next call, then EOF."""
+    rx, tx, raw = _ends(kind)
+    payloads = [helpers.pattern(n, seed=n) for n in (1, 100, 5000, 0, 70_000)]
+    try:
+        rx._transport.poll = None  # a batch that polls fails here (one system call per frame)
+        _write_all(raw, b"".join(_frame(p) for p in payloads[:4]) + _frame(payloads[4])[:10])
+        assert rx.recv_bytes_many(3, timeout=10) == payloads[:3]
+        assert rx.recv_bytes_many(10, timeout=10) == payloads[3:4]  # stops at the cut frame
+        writer = threading.Thread(target=_write_all, args=(raw, _frame(payloads[4])[10:]))
+        writer.start()
+        assert rx.recv_bytes_many(10, timeout=10) == payloads[4:]
+        writer.join(10)
+        _write_all(raw, _frame(b"last"))
+        tx.close()
+        assert rx.recv_bytes_many(10, timeout=10) == [b"last"]  # the end is for the next call
+        with pytest.raises(EOFError):
+            rx.recv_bytes_many(10, timeout=10)
+    finally:
+        rx.close()
+        tx.close()
