@@ -357,3 +357,26 @@ def test_a_batch_takes_what_waits_without_polling_first(kind: str) -> None:
     finally:
         rx.close()
         tx.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [struct.pack("!i", -5), _frame(b"x" * 100)],
+    ids=["corrupt-header", "over-max_message_size"],
+)
+def test_a_batch_keeps_the_frames_before_a_broken_one(bad: bytes) -> None:
+    """The frames taken before a broken one are delivered; the next call raises."""
+    s1, s2 = socket.socketpair()
+    rx = hyperpipe.Connection(_socket_transport.SocketTransport(sock=s1, max_message_size=50))
+    try:
+        s2.sendall(_frame(b"one") + _frame(b"two") + bad)
+        assert rx.recv_bytes_many(10, timeout=10) == [b"one", b"two"]
+        corrupt = bad.startswith(b"\xff")
+        expected = hyperpipe.ProtocolError if corrupt else hyperpipe.MessageTooLongError
+        with pytest.raises(expected):
+            rx.recv_bytes_many(10, timeout=10)
+        with pytest.raises(expected):
+            rx.recv_bytes(timeout=10)
+    finally:
+        rx.close()
+        s2.close()
