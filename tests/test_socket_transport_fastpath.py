@@ -118,7 +118,8 @@ def test_a_frame_trickling_in_is_received_by_a_blocking_call(kind: str, run_in_t
 
 @pytest.mark.parametrize("kind", ["socketpair", "pipe"])
 @pytest.mark.parametrize("size", [0, 10, 65536, 65537, 200_000])
-def test_nothing_past_the_frame_is_read(kind: str, size: int) -> None:
+@pytest.mark.parametrize("timeout", [None, 10])  # a socket: a blocking read / MSG_DONTWAIT
+def test_nothing_past_the_frame_is_read(kind: str, size: int, timeout: Any) -> None:
     """The bytes after a received frame are still in the descriptor, untouched."""
     rx, tx, raw = _ends(kind)
     rest = b"\x01\x02\x03 not a frame of ours"
@@ -126,7 +127,7 @@ def test_nothing_past_the_frame_is_read(kind: str, size: int) -> None:
     try:
         sender = threading.Thread(target=_write_all, args=(raw, _frame(payload) + rest))
         sender.start()
-        assert rx.recv_bytes(timeout=10) == payload
+        assert rx.recv_bytes(timeout=timeout) == payload
         sender.join(10)
         assert os.read(rx.fileno(), 1000) == rest
     finally:
@@ -314,3 +315,68 @@ def test_the_descriptor_is_closed_once_the_last_call_has_left(run_in_thread: Any
     finally:
         release.set()
         b.close()
+
+
+@pytest.mark.parametrize("limit", [0, 10, 65535])
+@pytest.mark.parametrize("timeout", [None, 10])
+def test_max_message_size_holds_on_the_short_path(limit: int, timeout: Any) -> None:
+    """A small frame over max_message_size is refused from its header (the short path
+    reads small frames whole with one call); one at the limit arrives."""
+    s1, s2 = socket.socketpair()
+    rx = hyperpipe.Connection(_socket_transport.SocketTransport(sock=s1, max_message_size=limit))
+    try:
+        s2.sendall(_frame(helpers.pattern(limit)) + _frame(helpers.pattern(limit + 1)))
+        assert rx.recv_bytes(timeout=timeout) == helpers.pattern(limit)
+        with pytest.raises(hyperpipe.MessageTooLongError, match="max_message_size"):
+            rx.recv_bytes(timeout=timeout)
+    finally:
+        rx.close()
+        s2.close()
+
+
+@pytest.mark.parametrize("kind", ["socketpair", "pipe"])
+def test_a_batch_takes_what_waits_without_polling_first(kind: str) -> None:
+    """recv_bytes_many: the frames already there, up to maxcount, each with its own reads
+    and no poll() before it; a frame cut short stays for the next call, then EOF."""
+    rx, tx, raw = _ends(kind)
+    payloads = [helpers.pattern(n, seed=n) for n in (1, 100, 5000, 0, 70_000)]
+    try:
+        rx._transport.poll = None  # a batch that polls fails here (one system call per frame)
+        _write_all(raw, b"".join(_frame(p) for p in payloads[:4]) + _frame(payloads[4])[:10])
+        assert rx.recv_bytes_many(3, timeout=10) == payloads[:3]
+        assert rx.recv_bytes_many(10, timeout=10) == payloads[3:4]  # stops at the cut frame
+        writer = threading.Thread(target=_write_all, args=(raw, _frame(payloads[4])[10:]))
+        writer.start()
+        assert rx.recv_bytes_many(10, timeout=10) == payloads[4:]
+        writer.join(10)
+        _write_all(raw, _frame(b"last"))
+        tx.close()
+        assert rx.recv_bytes_many(10, timeout=10) == [b"last"]  # the end is for the next call
+        with pytest.raises(EOFError):
+            rx.recv_bytes_many(10, timeout=10)
+    finally:
+        rx.close()
+        tx.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [struct.pack("!i", -5), _frame(b"x" * 100)],
+    ids=["corrupt-header", "over-max_message_size"],
+)
+def test_a_batch_keeps_the_frames_before_a_broken_one(bad: bytes) -> None:
+    """The frames taken before a broken one are delivered; the next call raises."""
+    s1, s2 = socket.socketpair()
+    rx = hyperpipe.Connection(_socket_transport.SocketTransport(sock=s1, max_message_size=50))
+    try:
+        s2.sendall(_frame(b"one") + _frame(b"two") + bad)
+        assert rx.recv_bytes_many(10, timeout=10) == [b"one", b"two"]
+        corrupt = bad.startswith(b"\xff")
+        expected = hyperpipe.ProtocolError if corrupt else hyperpipe.MessageTooLongError
+        with pytest.raises(expected):
+            rx.recv_bytes_many(10, timeout=10)
+        with pytest.raises(expected):
+            rx.recv_bytes(timeout=10)
+    finally:
+        rx.close()
+        s2.close()

@@ -245,8 +245,12 @@ class Connection(Generic[_SendT, _RecvT]):
             if offset or size is not None:
                 m = _slice(m, offset, size)
         if timeout is None:
-            with self._send_lock:
+            lock = self._send_lock
+            lock.acquire()  # not `with`: a with-statement costs as much again (issue 11)
+            try:
                 transport.send_frame(m, None)
+            finally:
+                lock.release()
             return
         deadline = _deadline(timeout)
         lock = self._send_lock
@@ -265,8 +269,12 @@ class Connection(Generic[_SendT, _RecvT]):
         if codec is None and timeout is None:
             # The transport pickles completely before writing: an unpicklable object
             # raises with nothing sent.
-            with self._send_lock:
+            lock = self._send_lock
+            lock.acquire()  # not `with`: a with-statement costs as much again (issue 11)
+            try:
                 transport.send_object(obj, None)
+            finally:
+                lock.release()
             return
         deadline = _deadline(timeout)
         # Serialize before taking the lock: an unpicklable object raises here, nothing sent.
@@ -371,8 +379,12 @@ class Connection(Generic[_SendT, _RecvT]):
             transport = self._for_receiving()
         codec = self._codec
         if codec is None and timeout is None:
-            with self._recv_lock:
+            lock = self._recv_lock
+            lock.acquire()  # not `with`: a with-statement costs as much again (issue 11)
+            try:
                 return transport.recv_object(None, copy)
+            finally:
+                lock.release()
         deadline = _deadline(timeout)
         lock = self._recv_lock
         _acquire(lock, deadline, "recv")

@@ -24,7 +24,7 @@ import mmap
 import pickle
 import struct
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from . import _pickling, errors
 
@@ -75,7 +75,7 @@ def _is_flat(obj: Any) -> bool:
     if kind in _FLAT_TYPES:
         return True
     if (kind is tuple or kind is list) and len(obj) <= _FLAT_MAX_ITEMS:
-        return all(type(item) in _FLAT_TYPES for item in obj)
+        return all(map(_FLAT_TYPES.__contains__, map(type, obj)))  # no generator: faster
     return False
 
 
@@ -87,15 +87,16 @@ def dumps(obj: Any) -> Any:
     return _pickling.dumps(obj)
 
 
-def dumps_oob(obj: Any) -> tuple[memoryview, list[memoryview]]:
+def dumps_oob(obj: Any) -> tuple[Any, Sequence[memoryview]]:
     """Pickle ``obj`` (protocol 5), leaving big contiguous buffers out of the stream.
 
-    Returns the stream and the out-of-band buffers (flat byte views of the sender's own
-    memory, nothing copied); with no buffers the stream is an ordinary in-band pickle.
+    Returns the stream (a bytes-like object) and the out-of-band buffers (flat byte views
+    of the sender's own memory, nothing copied); with no buffers the stream is an ordinary
+    in-band pickle.
     """
-    buffers: list[memoryview] = []
     if _is_flat(obj):
-        return memoryview(pickle.dumps(obj, OOB_PROTOCOL)), buffers
+        return pickle.dumps(obj, OOB_PROTOCOL), ()  # the common small message: no allocations
+    buffers: list[memoryview] = []
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()  # flat, C-contiguous bytes; raises for a non-contiguous one

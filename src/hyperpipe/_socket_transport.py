@@ -9,7 +9,7 @@ processes may share one end under a lock as with the stdlib, and
 
 Waiting:
 
-- a receive with no timeout on a plain socket blocks in ``recv`` itself, as the stdlib
+- a receive with no timeout on a plain socket blocks in ``read()`` itself, as the stdlib
   does (no ``poll`` first); ``close()`` from another thread wakes it by shutting the socket
   down for reading (so other processes holding the same end see it closed too);
 - every other wait (a timeout, a pipe end, TLS, a send that cannot complete at once) is a
@@ -59,7 +59,10 @@ CLOSE_SEND_BOUND = 2.0
 _IO_CHUNK = 1 << 30
 # Frames up to this size are read with recv() into a bytes object directly.
 _SMALL_FRAME = 65536
+_JOIN_LIMIT = _framing.JOIN_LIMIT
 
+_pack_header = _HEADER.pack
+_unpack_header = _HEADER.unpack
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _POLLIN = select.POLLIN | select.POLLPRI
@@ -121,7 +124,13 @@ class SocketTransport(Transport):
         self._fd = fd
         # The socket the fast paths use: a plain socket; None for a pipe or TLS.
         self._plain = None if self._is_ssl else self._sock
+        # Receives may take _receive_new's short path (a TLS frame can come from poll()).
+        self._rx_plain = not self._is_ssl
         self.max_message_size = max_message_size
+        # Frames _receive_new reads whole with one call (bigger ones go to the FrameReader).
+        self._small_limit = (
+            _SMALL_FRAME if max_message_size is None else min(_SMALL_FRAME, max_message_size)
+        )
         self._oob = oob
         self._reader = FrameReader(max_message_size)
         # A whole frame read by poll() (TLS only) and not yet handed out.
@@ -490,10 +499,10 @@ class SocketTransport(Transport):
 
     def send_frame(self, data: memoryview, deadline: Deadline) -> None:
         size = len(data)
-        if size > _framing.JOIN_LIMIT:
+        if size > _JOIN_LIMIT:
             self._send_views([memoryview(_framing.header(size)), data], deadline)
             return
-        frame = _HEADER.pack(size) + data
+        frame = _pack_header(size) + data
         if self._pending or self._is_ssl:
             self._send_views([memoryview(frame)], deadline)
             return
@@ -502,8 +511,12 @@ class SocketTransport(Transport):
         # and, senders being one at a time, none can start before this frame is written.
         sock = self._plain
         blocking = deadline is None and sock is not None
-        self._enter_tx()
+        # _enter_tx()/_leave_tx() written out: this is every small send's path.
+        gate = self._tx_gate
+        gate.acquire()
         try:
+            if self._closed:
+                raise errors.ConnectionClosedError()
             try:
                 if sock is not None:
                     written = sock.send(frame, _NOSIGNAL if blocking else _SEND_FLAGS)
@@ -524,7 +537,9 @@ class SocketTransport(Transport):
                         written=written,
                     )
         finally:
-            self._leave_tx()
+            gate.release()
+            if self._closed:
+                self._release_if_idle()
 
     def send_frames(self, frames: list[memoryview], deadline: Deadline) -> None:
         """Send several frames with one write sequence: all are accepted, or none."""
@@ -616,13 +631,13 @@ class SocketTransport(Transport):
         """``_receive`` when no frame is under way on a plain socket or a pipe: the header,
         then a small payload, each with one read, as the stdlib does."""
         sock = self._plain
+        fd = self._fd
+        # os.read() (the stdlib's call) where it waits as it should: on a pipe end, which is
+        # non-blocking, and on a socket with no deadline, which blocks. It costs far fewer
+        # instructions than socket.recv(); with a deadline a socket needs MSG_DONTWAIT.
+        use_read = sock is None or deadline is None
         try:
-            if sock is None:
-                head = os.read(self._fd, 4)
-            elif deadline is None:
-                head = sock.recv(4)
-            else:
-                head = sock.recv(4, _DONTWAIT)
+            head = os.read(fd, 4) if use_read else sock.recv(4, _DONTWAIT)
         except BlockingIOError:
             return self._receive(maxlength, deadline)
         except ConnectionResetError:
@@ -631,22 +646,12 @@ class SocketTransport(Transport):
             if not head:
                 self._end_of_stream()
             return self._receive(maxlength, deadline, head=head)
-        (size,) = _HEADER.unpack(head)
-        limit = self.max_message_size
-        if (
-            not 0 <= size <= _SMALL_FRAME
-            or (maxlength is not None and size > maxlength)
-            or (limit is not None and size > limit)
-        ):
+        (size,) = _unpack_header(head)
+        if not 0 <= size <= self._small_limit or (maxlength is not None and size > maxlength):
             return self._receive(maxlength, deadline, head=head)
         # The sender wrote header and small payload with one call: it is usually here.
         try:
-            if sock is None:
-                data = os.read(self._fd, size)
-            elif deadline is None:
-                data = sock.recv(size)
-            else:
-                data = sock.recv(size, _DONTWAIT)
+            data = os.read(fd, size) if use_read else sock.recv(size, _DONTWAIT)
         except (BlockingIOError, ConnectionResetError):
             data = b""
         except BaseException:
@@ -656,42 +661,47 @@ class SocketTransport(Transport):
             return data
         return self._receive(maxlength, deadline, head=head + data)
 
-    def _receive_any(
-        self, maxlength: Optional[int], deadline: Deadline, into: Optional[tuple] = None
+    def recv_frame(
+        self,
+        maxlength: Optional[int],
+        deadline: Deadline,
+        into: Optional[tuple] = None,
+        as_sent: bool = False,
     ) -> Any:
-        """One frame as ``_receive`` returns it; TimeoutError at the deadline."""
-        self._enter_rx()
+        """One frame; TimeoutError at the deadline. ``into``: as ``_receive``'s. An
+        out-of-band frame comes back pickled in-band (the caller wants bytes) unless
+        ``as_sent``. One method for every receive: each call layer costs a message."""
+        # _enter_rx()/_leave_rx() written out, for the same reason.
+        gate = self._rx_gate
+        gate.acquire()
         try:
-            if into is None and not (
-                self._reader.in_frame or self._is_ssl or self._rx_broken or self._rx_ready
-            ):
+            if self._closed:
+                raise errors.ConnectionClosedError()
+            reader = self._reader
+            if into is None and self._rx_plain and self._rx_broken is None and not reader.in_frame:
                 frame = self._receive_new(maxlength, deadline)
             else:
                 frame = self._receive(maxlength, deadline, into)
         finally:
-            self._leave_rx()
+            gate.release()
+            if self._closed:
+                self._release_if_idle()
         if frame is None:
             raise errors.TimeoutError("recv timed out")
-        return frame
-
-    def recv_frame(self, maxlength: Optional[int], deadline: Deadline) -> Any:
-        frame = self._receive_any(maxlength, deadline)
-        if type(frame) is OobFrame:
-            return frame.in_band()  # the caller wants bytes: the same object, pickled in-band
+        if type(frame) is OobFrame and not as_sent:
+            return frame.in_band()
         return frame
 
     def recv_object(self, deadline: Deadline, copy: bool = True) -> Any:
-        frame = self._receive_any(None, deadline)
+        frame = self.recv_frame(None, deadline, None, True)
         if type(frame) is OobFrame:
             return frame.loads()
         return pickle.loads(frame)
 
     def recv_frame_into(self, buf: memoryview, offset: int, deadline: Deadline) -> int:
-        frame = self._receive_any(None, deadline, (buf, offset))
+        frame = self.recv_frame(None, deadline, (buf, offset))
         if type(frame) is Direct:
             return frame.size
-        if type(frame) is OobFrame:
-            frame = frame.in_band()
         size = len(frame)
         if offset + size > len(buf):
             raise errors.BufferTooShort(bytes(frame))
