@@ -122,6 +122,10 @@ def test_random_kills() -> None:
         p = ctx.Process(target=_spam, args=(b.reduce(),))
         p.start()
         b.close()
+        # Killed only once it sends: b.reduce() outside a process start hands its descriptors
+        # over through the resource sharer, whose copies stay with us until the child takes
+        # them, so a child killed before that (a loaded machine) would leave b open here.
+        assert a.poll(time.monotonic() + 30)
         time.sleep(rng.random() * 0.2)
         os.kill(p.pid, signal.SIGKILL)
         expected = 0
