@@ -107,11 +107,17 @@ def _mode(queue: Any) -> int:
             native = cls._start_thread is _Queue._start_thread and cls._feed is _Queue._feed
             _native_classes[cls] = native
         if native:
-            shm = all(isinstance(conn._transport, ShmTransport) and conn._codec is None
-                      for conn in (queue._writer, queue._reader))
-            mode = NATIVE_SHM if shm else NATIVE
+            mode = _pipe_mode(queue)
     queue._hp_mode = mode
     return mode
+
+
+def _pipe_mode(queue: Any) -> int:
+    """``NATIVE_SHM`` when both ends of a queue's hyperpipe pipe are shared-memory ones
+    without a codec (frames go straight to the transport), else ``NATIVE``."""
+    shm = all(isinstance(conn._transport, ShmTransport) and conn._codec is None
+              for conn in (queue._writer, queue._reader))
+    return NATIVE_SHM if shm else NATIVE
 
 
 # -- building: which queues get hyperpipe pipes ---------------------------------------------
@@ -397,7 +403,7 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
 def _receive(conn: Connection, mode: int, deadline: Deadline) -> Any:
     """One item of a queue's reader, by ``deadline``. Over shared memory: its frame, for
     ``_loads`` (once the queue's read lock is free; the caller frees the item's place); otherwise: the object."""
-    transport = conn._transport
+    transport: Any = conn._transport  # a ShmTransport when NATIVE_SHM: its own attributes
     if mode == NATIVE_SHM and transport is not None:
         # Connection.recv minus its checks (a queue's reader is readable and has no
         # codec); its lock still keeps empty()'s poll in another thread apart.
@@ -537,11 +543,7 @@ def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, 
 
 def _simple_mode(queue: Any) -> int:
     """``_mode`` for a SimpleQueue (no feeder to override: only its pipe decides)."""
-    mode = NOT_NATIVE
-    if isinstance(queue._writer, Connection):
-        shm = all(isinstance(conn._transport, ShmTransport) and conn._codec is None
-                  for conn in (queue._writer, queue._reader))
-        mode = NATIVE_SHM if shm else NATIVE
+    mode = _pipe_mode(queue) if isinstance(queue._writer, Connection) else NOT_NATIVE
     queue._hp_mode = mode
     return mode
 
