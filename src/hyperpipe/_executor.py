@@ -45,7 +45,7 @@ import threading
 import types
 from concurrent.futures import process as _cfp
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from . import _queues
 from ._connection import Connection
@@ -100,7 +100,7 @@ class _WakeupPipe:
         self.close()
 
 
-class ExecutorWakeup(_cfp._ThreadWakeup):  # type: ignore[misc,name-defined]
+class ExecutorWakeup(_cfp._ThreadWakeup):
     """``_ThreadWakeup`` with coalescing wake-ups (see the module's docstring).
 
     Invariant, outside ``_lock``: ``pending`` <=> the pipe holds a byte. ``wakeup()`` sets
@@ -113,7 +113,7 @@ class ExecutorWakeup(_cfp._ThreadWakeup):  # type: ignore[misc,name-defined]
     def __init__(self) -> None:  # no super().__init__(): it would make the pipe we replace
         self._closed = False
         self._lock = threading.Lock()
-        self._reader = _WakeupPipe()
+        self._reader: Any = _WakeupPipe()  # typeshed says Connection: the stdlib only waits on it
 
     def close(self) -> None:
         with self._lock:
@@ -192,7 +192,7 @@ def _pickled_by_name(obj: Any) -> bool:
         bound_to = getattr(obj, "__self__", None)
         if bound_to is not None and not isinstance(bound_to, types.ModuleType):
             return False
-        return kind not in ForkingPickler._extra_reducers and kind not in copyreg.dispatch_table
+        return kind not in getattr(ForkingPickler, "_extra_reducers") and kind not in copyreg.dispatch_table
     if kind is functools.partial:
         return (
             not obj.keywords
@@ -240,7 +240,7 @@ def _rebuild_call_item(work_id: int, fn_pickle: bytes, args: tuple, kwargs: dict
     return _cfp._CallItem(work_id, pickle.loads(fn_pickle), args, kwargs)
 
 
-class _CompactCallItem(_cfp._CallItem):  # type: ignore[misc,name-defined]
+class _CompactCallItem(_cfp._CallItem):
     """A ``_CallItem`` whose function travels as the pickle made once (``fn_pickle``)."""
 
     fn_pickle: bytes
@@ -255,22 +255,22 @@ def _put_call_item(queue: Any, obj: Any, block: bool = True, timeout: Optional[f
         fn_pickle = _pickled_fn(obj.fn)
         if fn_pickle is not None:
             obj.__class__ = _CompactCallItem  # the manager made it for this put alone
-            obj.fn_pickle = fn_pickle
+            cast(Any, obj).fn_pickle = fn_pickle
     type(queue).put(queue, obj, block, timeout)
 
 
 def _executor_init(self: Any, *args: Any, **kwargs: Any) -> None:
     assert _original_init is not None
     _original_init(self, *args, **kwargs)
-    stdlib_wakeup = getattr(self, "_executor_manager_thread_wakeup", None)
-    call_queue = getattr(self, "_call_queue", None)
+    stdlib_wakeup: Any = getattr(self, "_executor_manager_thread_wakeup", None)
+    call_queue: Any = getattr(self, "_call_queue", None)
     if (
         type(stdlib_wakeup) is _cfp._ThreadWakeup
         and getattr(call_queue, "thread_wakeup", None) is stdlib_wakeup
         and _wants_hyperpipe(self._mp_context)
     ):
         self._executor_manager_thread_wakeup = call_queue.thread_wakeup = ExecutorWakeup()
-        stdlib_wakeup.close()
+        cast(Any, stdlib_wakeup).close()
         if _queues.is_hyperpipe_queue(call_queue):
             call_queue.put = types.MethodType(_put_call_item, call_queue)
 

@@ -110,7 +110,7 @@ def dumps_oob(obj: Any) -> tuple[Any, Sequence[memoryview]]:
     return memoryview(stream.getvalue()), buffers  # no BytesIO view: see _pickling
 
 
-def oob_views(stream: Any, buffers: list) -> list:
+def oob_views(stream: Any, buffers: Sequence) -> list:
     """An out-of-band frame as buffers for a scatter-gather write."""
     head = HEADER.pack(OOB_MARK) + OOB_META.pack(len(stream), len(buffers))
     head += b"".join(LONG_LENGTH.pack(b.nbytes) for b in buffers)

@@ -337,23 +337,23 @@ class ShmTransport(Transport):
         except BaseException:
             self._reset_pickler()  # a half-written pickler is not reusable
             raise
-        stream = f.getbuffer()
+        pickled = f.getbuffer()
         try:
-            if not buffers and len(stream) <= self._inline:
+            if not buffers and len(pickled) <= self._inline:
                 try:
-                    self._send(stream, deadline)
+                    self._send(pickled, deadline)
                 except errors.TimeoutError:
-                    self._blocked_size = len(stream)
+                    self._blocked_size = len(pickled)
                     raise
             else:
                 raws = [b.raw() for b in buffers]
                 try:
-                    self._send_oob(stream, raws, deadline)
+                    self._send_oob(pickled, raws, deadline)
                 finally:
                     for raw in raws:
                         raw.release()
         finally:
-            stream.release()
+            pickled.release()
             self._oob_buffers = []
             # The memo refers to what was pickled: keep nothing of the caller's alive.
             self._pickler.clear_memo()

@@ -630,7 +630,7 @@ class SocketTransport(Transport):
     def _receive_new(self, maxlength: Optional[int], deadline: Deadline) -> Any:
         """``_receive`` when no frame is under way on a plain socket or a pipe: the header,
         then a small payload, each with one read, as the stdlib does."""
-        sock = self._plain
+        sock: Any = self._plain  # None only where use_read is true below
         fd = self._fd
         # os.read() (the stdlib's call) where it waits as it should: on a pipe end, which is
         # non-blocking, and on a socket with no deadline, which blocks. It costs far fewer

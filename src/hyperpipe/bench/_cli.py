@@ -11,7 +11,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from . import _pool, _report
 from ._impls import BASELINE, Impl, all_impls
@@ -460,7 +460,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
     if interrupted:
         return 130
-    return 1 if any(not r["ok"] for r in records) or ("pool" in result and _pool.failed(result["pool"])) else 0
+    return 1 if any(not r["ok"] for r in records) or ("pool" in result and _pool.failed(cast(dict, result["pool"]))) else 0
 
 
 def _run_pool_rows(rows: list[str], opts: argparse.Namespace) -> dict:

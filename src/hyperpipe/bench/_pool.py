@@ -119,7 +119,7 @@ def _installed(program: Callable[[Any, dict], float], method: str, cfg: dict) ->
 
 def loky_map_tiny(method: str, cfg: dict) -> float:
     """``executor_map_tiny`` on loky's executor (its own start method, whatever ``method``)."""
-    import loky
+    import loky  # type: ignore[import-not-found]  # optional peer
 
     with loky.ProcessPoolExecutor(2) as ex:
         list(ex.map(_inc, range(200)))
@@ -131,7 +131,7 @@ def loky_map_tiny(method: str, cfg: dict) -> float:
 
 def mpire_map_tiny(method: str, cfg: dict) -> float:
     """``pool_map_tiny`` on mpire's pool."""
-    from mpire import WorkerPool
+    from mpire import WorkerPool  # type: ignore[import-not-found]  # optional peer
 
     with WorkerPool(n_jobs=2, start_method=method) as pool:
         pool.map(_inc, range(200), chunk_size=1)
