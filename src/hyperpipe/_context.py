@@ -25,7 +25,7 @@ import multiprocessing.context
 import threading
 from typing import Any, Optional
 
-from . import _executor, _queues
+from . import _executor, _pool, _queues
 from ._connection import Connection
 from ._pipe import Pipe as _hyperpipe_pipe
 from ._wait import wait as _hyperpipe_wait
@@ -69,6 +69,7 @@ _wait.__wrapped__ = _stdlib_wait  # type: ignore[attr-defined]
 def _patch() -> None:
     _queues.set_pipe_policy(_wants_hyperpipe)
     _queues.patch()
+    _pool.patch()
     _executor.patch(_wants_hyperpipe)
     multiprocessing.connection.wait = _wait
 

@@ -232,10 +232,24 @@ class _ItemSender:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._conn.send(obj, timeout=timeout)
             return
+        data = self.dump(obj)
+        if data is None:
+            transport.send_object(obj, deadline)
+        elif len(data) <= transport._inline:
+            transport._send(data, deadline)  # send_frame's common case, one call less
+        else:
+            transport.send_frame(data, deadline)
+
+    def dump(self, obj: Any, memo: Optional[dict] = None) -> Optional[bytes]:
+        """``obj``'s pickle (protocol 5), or None when it has buffers to send out of band
+        (the transport's own pickling sends those). An unpicklable object raises. ``memo``
+        (``Pickler.memo``'s form) names objects the receiver's memo holds already."""
         chunks = self._chunks
         chunks.clear()
         pickler = self._pickler
         pickler.clear_memo()  # a fork in the middle of another thread's dump left it full
+        if memo is not None:
+            pickler.memo = memo
         self._needs_oob = False
         try:
             pickler.dump(obj)
@@ -245,14 +259,11 @@ class _ItemSender:
         finally:
             pickler.clear_memo()  # keep nothing of the caller's alive
         if self._needs_oob:
-            transport.send_object(obj, deadline)
-            return
+            chunks.clear()
+            return None
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        if len(data) <= transport._inline:
-            transport._send(data, deadline)  # send_frame's common case, one call less
-        else:
-            transport.send_frame(data, deadline)
+        return data
 
 
 def _sender(queue: Any, mode: int) -> _ItemSender:
@@ -586,7 +597,7 @@ def _simple_get(self: Any) -> Any:
     return item if mode != NATIVE_SHM else _unpickle(item) if type(item) is bytes else _loads(item)
 
 
-_PATCHES = {
+_PATCHES: dict[tuple[type, str], Callable[..., Any]] = {
     (mpq.Queue, "__init__"): _queue_init,
     (mpq.Queue, "__getstate__"): _queue_getstate,
     (mpq.Queue, "put"): _queue_put,
@@ -603,16 +614,21 @@ _PATCHES = {
 def patch() -> None:
     """Patch ``multiprocessing.queues`` (idempotent). Only queues over hyperpipe pipes change."""
     with _patch_lock:
-        if _original:
-            return
-        for (cls, name), function in _PATCHES.items():
-            original = cls.__dict__[name]
-            function.__name__ = name
-            function.__qualname__ = f"{cls.__name__}.{name}"
-            function.__doc__ = original.__doc__
-            function.__wrapped__ = original  # type: ignore[attr-defined]
-            _original[f"{cls.__name__}.{name}"] = original
-            setattr(cls, name, function)
+        if not _original:
+            patch_methods(_PATCHES, _original)
+
+
+def patch_methods(patches: dict[tuple[type, str], Callable[..., Any]], original: dict[str, Any]) -> None:
+    """Put each function of ``patches`` in its class as that method, keeping the method it
+    replaces in ``original`` under ``"Class.name"``."""
+    for (cls, name), function in patches.items():
+        replaced = cls.__dict__[name]
+        function.__name__ = name
+        function.__qualname__ = f"{cls.__name__}.{name}"
+        function.__doc__ = replaced.__doc__
+        function.__wrapped__ = replaced  # type: ignore[attr-defined]
+        original[f"{cls.__name__}.{name}"] = replaced
+        setattr(cls, name, function)
 
 
 def set_pipe_policy(wants_hyperpipe: Callable[[Any], bool]) -> None:
