@@ -149,3 +149,14 @@ def test_the_worker_handler_still_hears_what_it_waits_for(fork_flavor):
         assert all(not p.is_alive() for p in pool._pool)
     finally:
         pool.terminate()
+
+
+def test_terminate_still_reaches_the_worker_handler(fork_flavor):
+    # terminate() while tasks run: the worker handler hears it through the change notifier
+    pool = fork_flavor.ctx.Pool(2)
+    results = pool.imap_unordered(support.pid_of, range(400), chunksize=1)  # 10 ms each
+    assert results.next(TIMEOUT) in {p.pid for p in pool._pool}  # tasks are flowing
+    pool.terminate()
+    pool.join()  # the watchdog bounds it
+    assert not pool._worker_handler.is_alive()
+    assert all(not p.is_alive() for p in pool._pool)
