@@ -24,7 +24,6 @@ the rate. For a Pool whose queues are hyperpipe's (and only for it):
 
 from __future__ import annotations
 
-import operator
 import pickletools
 import struct
 import sys
@@ -40,6 +39,7 @@ _mpp: Any = _stdlib_pool
 
 _original: dict[str, Callable[..., Any]] = {}
 _patch_lock = threading.Lock()
+
 
 def _string_op(text: str) -> bytes:
     raw = text.encode("utf-8", "surrogatepass")
@@ -116,7 +116,8 @@ class _TaskSender:
         else:
             fns = (func,)
         head = self._head
-        if head is None or head[0] != fns:
+        # by identity (``==`` could run a callable's own __eq__); one or two functions
+        if head is None or len(head[0]) != len(fns) or head[0][0] is not func or head[0][-1] is not fns[-1]:
             head = self._head = _head(fns)
             if head is None:
                 return None

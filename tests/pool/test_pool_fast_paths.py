@@ -160,3 +160,22 @@ def test_terminate_still_reaches_the_worker_handler(fork_flavor):
     pool.join()  # the watchdog bounds it
     assert not pool._worker_handler.is_alive()
     assert all(not p.is_alive() for p in pool._pool)
+
+
+class _RaisesOnEquality:
+    """A callable whose ``==`` raises: the sender never compares functions with it."""
+
+    def __eq__(self, other):
+        raise AssertionError("compared with ==")
+
+    __hash__ = object.__hash__
+
+    def __call__(self, x):
+        return x
+
+
+def test_functions_are_compared_by_identity(sender):
+    task_sender, reader = sender
+    task_sender.put((1, 0, mpp.mapstar, (support.inc, (1,)), {}))
+    task_sender.put((1, 1, mpp.mapstar, (_RaisesOnEquality(), (1,)), {}))  # pickled by Connection.send
+    assert [pickle.loads(_received(reader))[1] for _ in range(2)] == [0, 1]
