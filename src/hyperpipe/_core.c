@@ -14,7 +14,7 @@
 #include <string.h>
 #include <unistd.h>
 
-enum { KIND_DATA = 1 };
+enum { KIND_DATA = 1, KIND_OOB = 2 }; /* frame kinds (_shm_transport) */
 
 /* The Connection methods an endpoint can do in C (Endpoint_send_bytes and below). */
 enum { FAST_SEND, FAST_RECV, FAST_SEND_MANY, FAST_RECV_MANY, FAST_NMETHODS };
@@ -54,6 +54,7 @@ typedef struct {
     uint64_t inline_max;             /* bigger payloads go out of band: the slow way */
     char sending, receiving;         /* the Connection may still send / receive */
     HeapMapObject *tx_heap, *rx_heap; /* mapped on first use */
+    uint64_t heap_received;           /* messages received in a block of the peer's heap */
 } EndpointObject;
 
 static PyTypeObject HeapMapType, HeapBlockType;
@@ -763,24 +764,138 @@ out:
     return ret;
 }
 
-/* heap_block(offset, nbytes, readonly): the received block at offset (rx heap). */
-static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
-    unsigned long long offset, nbytes;
-    int readonly;
-    if (!PyArg_ParseTuple(args, "KKp", &offset, &nbytes, &readonly)) return NULL;
-    if (!check_dir(self, 'r')) return NULL;
-    PyObject *ret = NULL;
+/* The received block at `offset` of the peer's heap, after checking that the frame names
+ * a live block that covers `nbytes`; NULL with an exception set (a frame that does not
+ * makes the end unusable). Caller is inside (hp_enter). */
+static PyObject *received_block(EndpointObject *self, uint64_t offset, uint64_t nbytes, int readonly) {
     HeapMapObject *m = get_heap(self, &self->rx_heap, self->ep.rx_index);
-    if (m) {
-        if (offset > self->ep.heap_size || nbytes > self->ep.heap_size - offset ||
-            !hp_heap_check_block(&m->heap, offset, nbytes)) {
-            raise_status(self, hp_corrupt(&self->ep, "a frame refers to no live block of the peer's heap"));
-        } else {
-            ret = (PyObject *)new_block(m, offset, nbytes, readonly);
-        }
+    if (!m) return NULL;
+    if (offset > self->ep.heap_size || nbytes > self->ep.heap_size - offset ||
+        !hp_heap_check_block(&m->heap, offset, nbytes))
+        return raise_status(self, hp_corrupt(&self->ep, "a frame refers to no live block of the peer's heap"));
+    self->heap_received++;
+    return (PyObject *)new_block(m, offset, nbytes, readonly);
+}
+
+/* A KIND_OOB frame's payload (_shm_transport's module docstring): the head <QQqI> (size,
+ * block size, heap offset or OOB_MEMFD, buffer count), then one span <QQ> (offset, size)
+ * per buffer and one for the pickle stream (offset OOB_INLINE: it follows in the frame). */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the frame layout is read as little-endian"
+#endif
+enum { FLAG_SHARED = 1, OOB_HEAD_SIZE = 28, OOB_SPAN_SIZE = 16 };
+#define OOB_INLINE UINT64_MAX
+#define OOB_MEMFD (-1)
+
+typedef struct {
+    uint64_t size, total, nbuf, stream_at, stream_len, end;
+    int64_t base;
+    const unsigned char *spans; /* nbuf (offset, size) pairs, unaligned */
+} oob_layout;
+
+static uint64_t load_u64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/* Parse and check every field of a KIND_OOB payload that came with `nfds` descriptors
+ * (it was copied out of shared memory: the peer cannot change it under us). NULL if it is
+ * consistent, else why not. */
+static const char *oob_parse(const unsigned char *p, uint64_t len, int nfds, oob_layout *o) {
+    if (len < OOB_HEAD_SIZE) return "corrupt out-of-band frame";
+    uint32_t nbuf;
+    memcpy(&nbuf, p + 24, 4);
+    o->size = load_u64(p);
+    o->total = load_u64(p + 8);
+    o->base = (int64_t)load_u64(p + 16);
+    o->nbuf = nbuf;
+    o->end = OOB_HEAD_SIZE + OOB_SPAN_SIZE * (o->nbuf + 1); /* < 2^37: no overflow */
+    if (o->end > len) return "corrupt out-of-band frame";
+    o->spans = p + OOB_HEAD_SIZE;
+    o->stream_at = load_u64(o->spans + OOB_SPAN_SIZE * o->nbuf);
+    o->stream_len = load_u64(o->spans + OOB_SPAN_SIZE * o->nbuf + 8);
+    if (o->stream_at == OOB_INLINE) {
+        if (o->stream_len != len - o->end) return "out-of-band frame with a stream of the wrong size";
+    } else if (o->stream_len > o->total || o->stream_at > o->total - o->stream_len) {
+        return "out-of-band stream beyond its block";
     }
-    leave(self);
-    return ret;
+    for (uint64_t i = 0; i < o->nbuf; i++) {
+        uint64_t at = load_u64(o->spans + OOB_SPAN_SIZE * i), n = load_u64(o->spans + OOB_SPAN_SIZE * i + 8);
+        if (n > o->total || at > o->total - n) return "out-of-band buffer beyond its block";
+    }
+    if (!o->stream_len && o->nbuf != 1) return "out-of-band buffer beyond its block";
+    if (o->size != (o->stream_len ? o->total : load_u64(o->spans + 8))) return "out-of-band frame with the wrong size";
+    if (nfds != (o->base == OOB_MEMFD ? 1 : 0)) return "out-of-band frame with the wrong descriptors";
+    return NULL;
+}
+
+static void close_fd_list(PyObject *fds) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++) {
+        long fd = PyLong_AsLong(PyList_GET_ITEM(fds, i));
+        if (fd >= 0) close((int)fd);
+    }
+    PyErr_Clear(); /* not an int: nothing of ours to close */
+}
+
+/* (stream, buffers) of the block a KIND_OOB frame refers to: a view of a heap block, or
+ * of the memfd `mapper(fd, size, writable)` maps (it closes the fd). */
+static PyObject *oob_views(EndpointObject *self, PyObject *payload, PyObject *fds, int flags, const oob_layout *o,
+                           int readonly, PyObject *mapper) {
+    int copy_out = (flags & FLAG_SHARED) && !readonly; /* the sender keeps writing: copy */
+    PyObject *owner, *view, *stream = NULL, *buffers = NULL;
+    if (o->base != OOB_MEMFD) {
+        if (!check_dir(self, 'r')) return NULL;
+        owner = received_block(self, (uint64_t)o->base, o->total, readonly);
+        leave(self);
+    } else {
+        owner = PyObject_CallFunction(mapper, "OKO", PyList_GET_ITEM(fds, 0), (unsigned long long)o->total,
+                                      readonly || (flags & FLAG_SHARED) ? Py_False : Py_True);
+    }
+    if (!owner) return NULL;
+    view = PyMemoryView_FromObject(owner);
+    Py_DECREF(owner);
+    if (!view) return NULL;
+    const char *data = PyMemoryView_GET_BUFFER(view)->buf;
+    if (o->stream_at == OOB_INLINE)
+        stream = PyBytes_FromStringAndSize(PyBytes_AS_STRING(payload) + o->end, (Py_ssize_t)o->stream_len);
+    else
+        stream = PySequence_GetSlice(view, (Py_ssize_t)o->stream_at, (Py_ssize_t)(o->stream_at + o->stream_len));
+    buffers = stream ? PyList_New((Py_ssize_t)o->nbuf) : NULL;
+    for (uint64_t i = 0; buffers && i < o->nbuf; i++) {
+        uint64_t at = load_u64(o->spans + OOB_SPAN_SIZE * i), n = load_u64(o->spans + OOB_SPAN_SIZE * i + 8);
+        PyObject *b = copy_out ? PyByteArray_FromStringAndSize(data + at, (Py_ssize_t)n)
+                               : PySequence_GetSlice(view, (Py_ssize_t)at, (Py_ssize_t)(at + n));
+        if (!b) Py_CLEAR(buffers);
+        else PyList_SET_ITEM(buffers, (Py_ssize_t)i, b);
+    }
+    Py_DECREF(view);
+    if (!buffers) {
+        Py_XDECREF(stream);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", stream, buffers);
+}
+
+/* open_oob(frame, readonly, mapper): (stream, buffers) of a received special frame
+ * (kind, flags, payload, fds), every field checked first (ProtocolError, its descriptors
+ * closed). `readonly`: views of the block; else buffers of our own (a heap block or
+ * private memfd is ours alone once received; a shared one is copied). */
+static PyObject *Endpoint_open_oob(EndpointObject *self, PyObject *args) {
+    int kind, flags, readonly;
+    PyObject *payload, *fds, *mapper;
+    if (!PyArg_ParseTuple(args, "(iiSO!)pO", &kind, &flags, &payload, &PyList_Type, &fds, &readonly, &mapper))
+        return NULL;
+    oob_layout o;
+    const char *why = kind != KIND_OOB ? NULL
+                                       : oob_parse((const unsigned char *)PyBytes_AS_STRING(payload),
+                                                   (uint64_t)PyBytes_GET_SIZE(payload), (int)PyList_GET_SIZE(fds), &o);
+    if (kind != KIND_OOB || why) {
+        close_fd_list(fds);
+        if (why) return PyErr_Format(Err_Protocol ? Err_Protocol : PyExc_OSError, "%s", why);
+        return PyErr_Format(Err_Protocol ? Err_Protocol : PyExc_OSError, "unknown shared-memory frame kind %d", kind);
+    }
+    return oob_views(self, payload, fds, flags, &o, readonly, mapper);
 }
 
 /* -- a Connection's hot methods, in C ------------------------------------------------ */
@@ -1031,12 +1146,13 @@ static PyObject *Endpoint_fds(EndpointObject *self, PyObject *unused) {
 static PyObject *Endpoint_stats(EndpointObject *self, PyObject *unused) {
     hp_endpoint *ep = &self->ep;
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsK}", "messages_sent", ep->msgs_sent, "messages_received",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsK}", "messages_sent", ep->msgs_sent, "messages_received",
         ep->msgs_recv, "bytes_sent", ep->bytes_sent, "bytes_received", ep->bytes_recv, "sleeps",
         ep->sleeps, "wakeups_sent", ep->wakes_sent, "writer_waits", ep->writer_waits,
         "shared_cpu_yields", ep->shared_cpu_yields,
         "oob_sent", ep->oob_sent, "oob_received", ep->oob_recv, "spin_ns", ep->spin_ns,
-        "ring_capacity", self->opened ? (ep->has_rx ? ep->rx.capacity : ep->tx.capacity) : 0ULL);
+        "ring_capacity", self->opened ? (ep->has_rx ? ep->rx.capacity : ep->tx.capacity) : 0ULL,
+        "heap_received", self->heap_received);
 }
 
 static PyObject *Endpoint_get_max_payload(EndpointObject *self, void *unused) {
@@ -1069,7 +1185,7 @@ static PyMethodDef Endpoint_methods[] = {
     {"heap_release", (PyCFunction)Endpoint_heap_release, METH_O, NULL},
     {"heap_buffer", (PyCFunction)Endpoint_heap_buffer, METH_O, NULL},
     {"heap_share", (PyCFunction)Endpoint_heap_share, METH_VARARGS, NULL},
-    {"heap_block", (PyCFunction)Endpoint_heap_block, METH_VARARGS, NULL},
+    {"open_oob", (PyCFunction)Endpoint_open_oob, METH_VARARGS, NULL},
     {"catch_incoming", (PyCFunction)Endpoint_catch_incoming, METH_O, NULL},
     {"fast_path", (PyCFunction)Endpoint_fast_path, METH_VARARGS, NULL},
     {"send_bytes", (PyCFunction)(void (*)(void))Endpoint_send_bytes, METH_FASTCALL | METH_KEYWORDS,

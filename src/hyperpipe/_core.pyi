@@ -1,6 +1,6 @@
 """Stub of hyperpipe._core, the C binding of the shared-memory transport (src/hyperpipe/_core.c)."""
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from typing_extensions import Buffer
 
@@ -111,4 +111,10 @@ class Endpoint:
     def catch_incoming(self, max_seconds: float, /) -> bool: ...
     def heap_buffer(self, nbytes: int, /) -> Optional[HeapBlock]: ...
     def heap_share(self, block: object, data: Buffer, /) -> Optional[tuple[int, int]]: ...
-    def heap_block(self, offset: int, nbytes: int, readonly: bool, /) -> HeapBlock: ...
+    def open_oob(
+        self, frame: SpecialFrame, readonly: bool, mapper: Callable[[int, int, bool], Buffer], /
+    ) -> tuple[Buffer, list[Buffer]]:
+        """(stream, buffers) of a received out-of-band frame, every field checked first
+        (ProtocolError, its descriptors closed): views of a block of the peer's heap, or of
+        the memfd `mapper(fd, size, writable)` maps; bytearray copies of a shared block's
+        buffers unless `readonly`."""

@@ -187,27 +187,42 @@ def _array_stream(arr: Any) -> Optional[bytes]:
 def _array_from(stream: Any, buffers: list) -> Any:
     """The array a FLAG_NDARRAY message describes, over its one buffer: what pickle's
     ``_frombuffer`` would make (``frombuffer(buf, dtype).reshape(shape, order)``)."""
+    key = stream if type(stream) is bytes else bytes(stream)
+    described = _array_descriptions.get(key)
+    if described is None:
+        described = _parse_array_description(key)
+        if len(_array_descriptions) < 64:  # a peer's made-up ones must not grow it without end
+            _array_descriptions[key] = described
+    if len(buffers) != 1:
+        raise errors.ProtocolError("corrupt array description in an out-of-band frame")
+    dtype, shape, order = described
+    arr = sys.modules["numpy"].frombuffer(buffers[0], dtype=dtype)
+    # A 1-d array is already what reshape would make; anything else is reshaped (and a
+    # shape that does not fit the buffer raises numpy's own ValueError).
+    return arr if arr.shape == shape else arr.reshape(shape, order=order)
+
+
+def _parse_array_description(stream: bytes) -> tuple:
+    """(dtype, shape, order) of a FLAG_NDARRAY stream; ProtocolError if it is not one."""
     try:
         order, ndim, code_len = _ARRAY.unpack_from(stream)
         end = _ARRAY.size + ndim * 8
         shape = _array_dims(ndim).unpack_from(stream, _ARRAY.size)
-        code = bytes(stream[end:])
-        if len(buffers) != 1 or len(code) != code_len or order not in (b"C", b"F"):
+        code = stream[end:]
+        if len(code) != code_len or order not in (b"C", b"F"):
             raise ValueError
-        dtype = _array_dtypes.get(code)
-        if dtype is None:
-            numpy = sys.modules.get("numpy") or importlib.import_module("numpy")  # the sender had it
-            dtype = numpy.dtype(code.decode("ascii"))
-            if dtype.kind not in _ARRAY_KINDS:
-                raise ValueError
-            if len(_array_dtypes) < 64:  # a peer's made-up codes must not grow it without end
-                _array_dtypes[code] = dtype
+        numpy = sys.modules.get("numpy") or importlib.import_module("numpy")  # the sender had it
+        dtype = numpy.dtype(code.decode("ascii"))
+        if dtype.kind not in _ARRAY_KINDS:
+            raise ValueError
     except (struct.error, ValueError, TypeError):
         raise errors.ProtocolError("corrupt array description in an out-of-band frame") from None
-    return sys.modules["numpy"].frombuffer(buffers[0], dtype=dtype).reshape(shape, order="F" if order == b"F" else "C")
+    return dtype, shape, "F" if order == b"F" else "C"
 
 
-_array_dtypes: dict = {}  # dtype string -> numpy dtype, of the arrays received
+# FLAG_NDARRAY stream -> (dtype, shape, order), of the arrays received (a stream of
+# arrays is usually of one shape and type: parsed once).
+_array_descriptions: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,7 +277,6 @@ class ShmTransport(Transport):
         self._inline = min(options["oob_threshold"] - 1, endpoint.max_payload)
         self._heap = options["heap_size"] > 0
         self._heap_sent = 0
-        self._heap_received = 0
         self._oob_threshold = self._inline + 1
         # Out-of-band buffers per message: their spans must fit in the frame (more go in band).
         self._max_oob_buffers = (self._inline - _OOB_HEAD.size) // _OOB_SPAN.size - 1
@@ -495,53 +509,12 @@ class ShmTransport(Transport):
         return ForkingPickler.loads(stream, buffers=buffers)
 
     def _open_oob(self, r: tuple, readonly: bool) -> tuple[Any, list]:
-        """``(stream, buffers)`` of a received ``KIND_OOB`` frame, every span checked.
+        """``(stream, buffers)`` of a received ``KIND_OOB`` frame, every span checked (in C).
 
         ``readonly``: views of the block (no copy). Otherwise buffers of our own: a heap
         block or private memfd is ours alone once received; a shared one is copied.
         """
-        kind, flags, payload, fds = r
-        try:
-            if kind != KIND_OOB:
-                raise errors.ProtocolError(f"unknown shared-memory frame kind {kind}")
-            try:
-                size, total, base, nbuf = _OOB_HEAD.unpack_from(payload)
-                end = _OOB_HEAD.size + _OOB_SPAN.size * (nbuf + 1)
-                spans = [_OOB_SPAN.unpack_from(payload, pos) for pos in range(_OOB_HEAD.size, end, _OOB_SPAN.size)]
-            except struct.error:
-                raise errors.ProtocolError("corrupt out-of-band frame") from None
-            stream_at, stream_len = spans.pop()
-            inline = stream_at == _INLINE
-            if inline:
-                if end + stream_len != len(payload):
-                    raise errors.ProtocolError("out-of-band frame with a stream of the wrong size")
-            elif stream_at + stream_len > total:
-                raise errors.ProtocolError("out-of-band stream beyond its block")
-            if any(at + n > total for at, n in spans) or (not stream_len and nbuf != 1):
-                raise errors.ProtocolError("out-of-band buffer beyond its block")
-            if size != _oob_size(total, spans, stream_len):
-                raise errors.ProtocolError("out-of-band frame with the wrong size")
-            if len(fds) != (1 if base == _MEMFD else 0):
-                raise errors.ProtocolError("out-of-band frame with the wrong descriptors")
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        shared = bool(flags & FLAG_SHARED)
-        if base != _MEMFD:
-            # A heap block is ours until its last view dies: writable and independent of
-            # the sender (unless shared), which reuses it only after that.
-            view = memoryview(self._ep.heap_block(base, total, readonly))
-            self._heap_received += 1
-        else:
-            # A private memfd handed over by the sender (which unmapped it) is ours alone.
-            view = memoryview(_map_received(fds[0], total, writable=not (readonly or shared)))
-        stream = memoryview(payload)[end:] if inline else view[stream_at : stream_at + stream_len]
-        if shared and not readonly:
-            buffers: list[Any] = [bytearray(view[at : at + n]) for at, n in spans]
-        else:  # views: read-only ones when `readonly` (the block or mapping is)
-            buffers = [view[at : at + n] for at, n in spans]
-        return stream, buffers
+        return self._ep.open_oob(r, readonly, _map_received)
 
     # -- readiness and lifetime -------------------------------------------------------
     def poll(self, deadline: Deadline) -> bool:
@@ -588,7 +561,7 @@ class ShmTransport(Transport):
     def statistics(self) -> dict:
         stats = dict(self._ep.stats()) if not self._ep.closed else {}
         stats["heap_sent"] = self._heap_sent
-        stats["heap_received"] = self._heap_received
+        stats.setdefault("heap_received", 0)
         stats["transport"] = self.name
         return stats
 
