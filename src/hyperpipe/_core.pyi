@@ -61,11 +61,15 @@ class Endpoint:
         fds: Sequence[int],
         oob_bytes: int,
         deadline: Optional[float],
-        writes: Optional[Sequence[tuple[int, Buffer]]] = None,
         /,
     ) -> None:
-        """One frame (head + body), after the fds and after copying each (heap offset,
-        buffer) of `writes` into our heap."""
+        """One frame (head + body), after the fds."""
+    def send_copy(
+        self, flags: int, stream: Buffer, buffers: Sequence[Buffer], inline_max: int, deadline: Optional[float], /
+    ) -> bool:
+        """An out-of-band frame whose buffers are copied into one block (page-aligned spans),
+        of our heap if it has room (True), else of a fresh memfd passed with it (False); the
+        stream in the frame if it stays within inline_max bytes, else in the block."""
     def recv(
         self, maxlength: Optional[int] = None, deadline: Optional[float] = None, /
     ) -> Union[bytes, SpecialFrame]: ...

@@ -378,7 +378,7 @@ class ShmTransport(Transport):
         ``flags`` (FLAG_NDARRAY) say what the stream is.
 
         The ladder: the caller's own shared pages (allocate_buffer), sent as they are;
-        else one block of our heap; else a fresh memfd.
+        else a copy into one block of our heap, or of a fresh memfd (``send_copy``, in C).
         """
         ep = self._ep
         spans_size = _OOB_HEAD.size + _OOB_SPAN.size * (len(raws) + 1)
@@ -400,47 +400,13 @@ class ShmTransport(Transport):
                     head, size = _oob_head(len(origin), base, [(at, raw.nbytes)], len(stream))
                     self._send_heap_frame(FLAG_SHARED | flags, head, size, stream, base, deadline)
                     return
-        spans = []
-        total = 0
-        for raw in raws:
-            at = _page_align(total)
-            spans.append((at, raw.nbytes))
-            total = at + raw.nbytes
-        if stream_fits:
-            body: Any = stream
-            stream_at = _INLINE
-        else:
-            body = None
-            stream_at = total
-            total += len(stream)
-        total = max(total, 1)
-        base = ep.heap_alloc(total) if self._heap else -1
-        if base >= 0:
-            head, size = _oob_head(total, base, spans, len(stream), stream_at)
-            writes = [(base + at, raw) for (at, _), raw in zip(spans, raws)]
-            if body is None:
-                writes.append((base + stream_at, stream))
-            self._send_heap_frame(flags, head, size, body, base, deadline, writes)
-            return
-        head, size = _oob_head(total, _MEMFD, spans, len(stream), stream_at)
-        fd = _new_memfd(total)
-        try:
-            with mmap.mmap(fd, total, flags=_MAP_FLAGS) as mm:
-                for (at, n), raw in zip(spans, raws):
-                    mm[at : at + n] = raw
-                if body is None:
-                    mm[stream_at : stream_at + len(stream)] = stream
-            ep.send_parts(KIND_OOB, flags, head, body, (fd,), size, deadline)
-        finally:
-            os.close(fd)
+        if ep.send_copy(flags, stream, raws, self._inline, deadline):
+            self._heap_sent += 1
 
-    def _send_heap_frame(
-        self, flags: int, head: bytes, size: int, body: Any, base: int, deadline: Deadline, writes: Any = None
-    ) -> None:
-        """Send a frame that refers to a block of our heap, which holds a reference for it,
-        after copying ``writes`` ((heap offset, buffer) pairs) into the block."""
+    def _send_heap_frame(self, flags: int, head: bytes, size: int, body: Any, base: int, deadline: Deadline) -> None:
+        """Send a frame that refers to a block of our heap, which holds a reference for it."""
         try:
-            self._ep.send_parts(KIND_OOB, flags, head, body, (), size, deadline, writes)
+            self._ep.send_parts(KIND_OOB, flags, head, body, (), size, deadline)
         except BaseException:
             self._ep.heap_release(base)  # the frame was not sent: its reference goes
             raise

@@ -159,6 +159,40 @@ def test_allocate_buffer_comes_from_the_pipes_heap(pair: Any) -> None:
     del frame, buf
 
 
+def test_a_full_heap_sends_through_a_memfd_and_is_used_again_once_free() -> None:
+    a, b = shm_pipe(True, heap_size=2 * MiB)
+    try:
+        arr = np.arange(MiB // 8, dtype=np.float64)
+        a.send_object(arr, None)
+        held = b.recv_object(soon(), copy=False)  # keeps its block: the heap has no room left
+        a.send_object(arr + 1, None)
+        a.send_frame(memoryview(bytes(3 * MiB)), None)  # bigger than the heap
+        assert (b.recv_object(soon(), copy=False) == arr + 1).all()
+        assert len(b.recv_frame(None, soon())) == 3 * MiB
+        assert a.statistics()["heap_sent"] == 1 and a.statistics()["oob_sent"] == 2
+        del held
+        a.send_object(arr + 2, None)
+        assert (b.recv_object(soon(), copy=False) == arr + 2).all()
+        assert a.statistics()["heap_sent"] == 2 and b.statistics()["heap_received"] == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_copy_that_was_not_sent_gives_its_block_back() -> None:
+    a, b = shm_pipe(True, heap_size=2 * MiB)
+    b.close()
+    try:
+        for _ in range(3):  # each would hold 1 MiB of the 2 if its block were kept
+            with pytest.raises((BrokenPipeError, EOFError, OSError)):
+                a.send_object(np.zeros(MiB // 8), soon())
+        block = a.allocate_buffer(MiB + MiB // 2)
+        assert type(block) is memoryview and type(block.obj).__name__ == "HeapBlock"  # not a memfd
+        del block
+    finally:
+        a.close()
+
+
 @pytest.mark.parametrize("first_to_let_go", ["sender", "receiver"])
 def test_a_shared_heap_block_is_reused_only_once_both_sides_let_go(first_to_let_go: str) -> None:
     a, b = shm_pipe(True)
