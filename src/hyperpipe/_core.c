@@ -1392,6 +1392,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyModule_AddObjectRef(m, "Endpoint", (PyObject *)&EndpointType) < 0 ||
         PyModule_AddObjectRef(m, "HeapBlock", (PyObject *)&HeapBlockType) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_GRANULE", (long)HP_HEAP_GRANULE) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_BLOCK_HEADER", (long)HP_HEAP_BLOCK_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "VERSION", HP_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "MAX_FDS", HP_MAX_FDS) < 0) {
         Py_DECREF(m);

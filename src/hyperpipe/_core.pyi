@@ -7,6 +7,7 @@ from typing_extensions import Buffer
 VERSION: int
 MAX_FDS: int
 HEAP_GRANULE: int
+HEAP_BLOCK_HEADER: int  # a heap block's data starts this far into its first granule
 
 def segment_create(capacity: int, nrings: int, heap_size: int = 0, /) -> int:
     """A new memfd holding an initialised segment (rings of `capacity` bytes, heaps)."""
