@@ -58,7 +58,6 @@ FLAG_NDARRAY = 2
 
 _INLINE = (1 << 64) - 1  # a stream offset: the stream follows the spans in the frame
 _MEMFD = -1  # a block offset: the block is the memfd passed with the frame
-_PAGE = mmap.PAGESIZE
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _OOB_HEAD = struct.Struct("<QQqI")
 _OOB_SPAN = struct.Struct("<QQ")
@@ -107,10 +106,6 @@ def available() -> bool:
                 ok = False
         _available = ok
     return _available
-
-
-def _page_align(n: int) -> int:
-    return (n + _PAGE - 1) & ~(_PAGE - 1)
 
 
 class SharedBuffer(mmap.mmap):
