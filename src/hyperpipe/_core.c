@@ -12,9 +12,33 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
-enum { KIND_DATA = 1 };
+enum { KIND_DATA = 1, KIND_OOB = 2 }; /* frame kinds (_shm_transport) */
+
+/* A KIND_OOB frame's payload (_shm_transport's module docstring): the head <QQqI> (size,
+ * block size, heap offset or OOB_MEMFD, buffer count), then one span <QQ> (offset, size)
+ * per buffer and one for the pickle stream (offset OOB_INLINE: it follows in the frame). */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the frame layout is read as little-endian"
+#endif
+enum { FLAG_SHARED = 1, OOB_HEAD_SIZE = 28, OOB_SPAN_SIZE = 16 };
+#define OOB_INLINE UINT64_MAX
+#define OOB_MEMFD (-1)
+
+typedef struct {
+    uint64_t size, total, nbuf, stream_at, stream_len, end;
+    int64_t base;
+    const unsigned char *spans; /* nbuf (offset, size) pairs, unaligned */
+} oob_layout;
+
+static inline uint64_t load_u64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
 
 /* The Connection methods an endpoint can do in C (Endpoint_send_bytes and below). */
 enum { FAST_SEND, FAST_RECV, FAST_SEND_MANY, FAST_RECV_MANY, FAST_NMETHODS };
@@ -54,6 +78,7 @@ typedef struct {
     uint64_t inline_max;             /* bigger payloads go out of band: the slow way */
     char sending, receiving;         /* the Connection may still send / receive */
     HeapMapObject *tx_heap, *rx_heap; /* mapped on first use */
+    uint64_t heap_received;           /* messages received in a block of the peer's heap */
 } EndpointObject;
 
 static PyTypeObject HeapMapType, HeapBlockType;
@@ -319,62 +344,14 @@ static PyObject *Endpoint_send_many(EndpointObject *self, PyObject *args) {
     return PyLong_FromSsize_t(i);
 }
 
-/* Copy each (offset, buffer) of `writes` into our heap, with the GIL released for the whole
- * lot when it is big (1 MiB or more). 0, or -1 with an exception set. Caller is inside. */
-static int heap_copy(EndpointObject *self, PyObject *writes) {
-    struct heap_write {
-        Py_buffer src;
-        unsigned long long offset;
-    } small[4], *w = NULL;
-    PyObject *fast = PySequence_Fast(writes, "writes must be a sequence of (offset, buffer)");
-    if (!fast) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), got = 0;
-    HeapMapObject *m = self->tx_heap;
-    uint64_t total = 0;
-    int rc = -1;
-    w = n <= 4 ? small : PyMem_New(struct heap_write, n);
-    if (!w) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    for (; got < n; got++) {
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, got), "Ky*", &w[got].offset, &w[got].src)) goto out;
-        if (!m || w[got].offset > self->ep.heap_size ||
-            (uint64_t)w[got].src.len > self->ep.heap_size - w[got].offset) {
-            PyBuffer_Release(&w[got].src);
-            PyErr_SetString(PyExc_ValueError, "heap_write out of range");
-            goto out;
-        }
-        total += (uint64_t)w[got].src.len;
-    }
-    Py_INCREF(m); /* close() from another thread drops the endpoint's reference */
-    if (total >= (1 << 20)) {
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) memcpy(m->heap.data + w[i].offset, w[i].src.buf, (size_t)w[i].src.len);
-        Py_END_ALLOW_THREADS
-    } else {
-        for (Py_ssize_t i = 0; i < n; i++) memcpy(m->heap.data + w[i].offset, w[i].src.buf, (size_t)w[i].src.len);
-    }
-    Py_DECREF(m);
-    rc = 0;
-out:
-    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&w[i].src);
-    if (w != small) PyMem_Free(w);
-    Py_DECREF(fast);
-    return rc;
-}
-
-/* send_parts(kind, flags, head, body, fds, oob_bytes, deadline, writes=None): one frame
- * whose payload is head + body (body may be None), preceded on the socket by fds; first
- * the (offset, buffer) pairs of `writes` are copied into our heap (heap_copy), so that
- * nothing runs in Python between a big copy and the frame's publication. */
+/* send_parts(kind, flags, head, body, fds, oob_bytes, deadline): one frame whose payload
+ * is head + body (body may be None), preceded on the socket by fds. */
 static PyObject *Endpoint_send_parts(EndpointObject *self, PyObject *args) {
     int kind, flags;
     Py_buffer head, body = {0};
-    PyObject *body_obj, *fds_obj, *deadline_obj, *writes = Py_None;
+    PyObject *body_obj, *fds_obj, *deadline_obj;
     unsigned long long oob_bytes;
-    if (!PyArg_ParseTuple(args, "iiy*OOKO|O", &kind, &flags, &head, &body_obj, &fds_obj, &oob_bytes,
-                          &deadline_obj, &writes))
+    if (!PyArg_ParseTuple(args, "iiy*OOKO", &kind, &flags, &head, &body_obj, &fds_obj, &oob_bytes, &deadline_obj))
         return NULL;
     int ok, fds[HP_MAX_FDS], nfds = 0, have_body = 0;
     PyObject *ret = NULL;
@@ -400,10 +377,6 @@ static PyObject *Endpoint_send_parts(EndpointObject *self, PyObject *args) {
     Py_DECREF(fast);
     if (PyErr_Occurred()) goto done;
     if (!check_dir(self, 'w')) goto done;
-    if (writes != Py_None && heap_copy(self, writes) < 0) {
-        leave(self);
-        goto done;
-    }
     const void *parts[2] = {head.buf, have_body ? body.buf : NULL};
     uint64_t lens[2] = {(uint64_t)head.len, have_body ? (uint64_t)body.len : 0};
     int rc;
@@ -659,6 +632,21 @@ static HeapMapObject *get_heap(EndpointObject *self, HeapMapObject **slot, int i
     return m;
 }
 
+/* reserve_block for a caller already inside (hp_enter). */
+static int reserve_inside(EndpointObject *self, uint64_t nbytes, int announce, int64_t *off, HeapMapObject **map) {
+    *off = -1;
+    *map = NULL;
+    if (!self->ep.heap_size) return 0;
+    *map = get_heap(self, &self->tx_heap, self->ep.tx_index);
+    if (!*map) return -1;
+    if ((*off = hp_heap_alloc(&(*map)->heap, nbytes)) == -2) {
+        raise_oserror(errno, "cannot allocate shared heap pages for an out-of-band buffer");
+        return -1;
+    }
+    if (*off >= 0 && announce) hp_announce(&self->ep, nbytes);
+    return 0;
+}
+
 /* Reserve a block of our heap for `arg` bytes: 0 with *off its data offset (-1: no
  * heap, or no room) and *map the heap's mapping, or -1 with an exception set. With
  * `announce`, a copy into it starts now (hp_announce). */
@@ -667,17 +655,7 @@ static int reserve_block(EndpointObject *self, PyObject *arg, int announce, int6
     *off = -1;
     *map = NULL;
     if (PyErr_Occurred() || !check_dir(self, 'w')) return -1;
-    int rc = 0;
-    if (self->ep.heap_size) {
-        *map = get_heap(self, &self->tx_heap, self->ep.tx_index);
-        if (!*map) rc = -1;
-        else if ((*off = hp_heap_alloc(&(*map)->heap, nbytes)) == -2) {
-            raise_oserror(errno, "cannot allocate shared heap pages for an out-of-band buffer");
-            rc = -1;
-        } else if (*off >= 0 && announce) {
-            hp_announce(&self->ep, nbytes);
-        }
-    }
+    int rc = reserve_inside(self, nbytes, announce, off, map);
     leave(self);
     return rc;
 }
@@ -690,14 +668,38 @@ static PyObject *Endpoint_heap_alloc(EndpointObject *self, PyObject *arg) {
     return PyLong_FromLongLong(off);
 }
 
-/* heap_write(offset, buffer): copy into our heap (heap_copy). */
+/* Copy `n` buffers to `dst` + their offsets, with the GIL released when it is a lot. */
+static void copy_out(unsigned char *dst, const Py_buffer *bufs, const uint64_t *at, Py_ssize_t n, uint64_t total) {
+    if (total >= (1 << 20)) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) memcpy(dst + at[i], bufs[i].buf, (size_t)bufs[i].len);
+        Py_END_ALLOW_THREADS
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) memcpy(dst + at[i], bufs[i].buf, (size_t)bufs[i].len);
+    }
+}
+
+/* heap_write(offset, buffer): copy into our heap (for tests that publish frames by hand). */
 static PyObject *Endpoint_heap_write(EndpointObject *self, PyObject *args) {
-    if (!check_dir(self, 'w')) return NULL;
-    PyObject *writes = PyTuple_Pack(1, args);
-    int rc = writes ? heap_copy(self, writes) : -1;
-    Py_XDECREF(writes);
-    leave(self);
-    return rc < 0 ? NULL : Py_NewRef(Py_None);
+    unsigned long long offset;
+    Py_buffer src;
+    if (!PyArg_ParseTuple(args, "Ky*", &offset, &src)) return NULL;
+    PyObject *ret = NULL;
+    if (check_dir(self, 'w')) {
+        HeapMapObject *m = self->tx_heap;
+        if (!m || offset > self->ep.heap_size || (uint64_t)src.len > self->ep.heap_size - offset) {
+            PyErr_SetString(PyExc_ValueError, "heap_write out of range");
+        } else {
+            uint64_t at = offset;
+            Py_INCREF(m); /* close() from another thread drops the endpoint's reference */
+            copy_out(m->heap.data, &src, &at, 1, (uint64_t)src.len);
+            Py_DECREF(m);
+            ret = Py_NewRef(Py_None);
+        }
+        leave(self);
+    }
+    PyBuffer_Release(&src);
+    return ret;
 }
 
 /* heap_release(offset): drop the reference a frame that was never sent held. */
@@ -763,24 +765,245 @@ out:
     return ret;
 }
 
-/* heap_block(offset, nbytes, readonly): the received block at offset (rx heap). */
-static PyObject *Endpoint_heap_block(EndpointObject *self, PyObject *args) {
-    unsigned long long offset, nbytes;
-    int readonly;
-    if (!PyArg_ParseTuple(args, "KKp", &offset, &nbytes, &readonly)) return NULL;
-    if (!check_dir(self, 'r')) return NULL;
+/* The size from which glibc's memcpy streams with non-temporal stores (3/4 of the
+ * last-level cache, glibc 2.36's default). Such a copy into a page-aligned destination
+ * ran 10-15% slower than into one 64 bytes past the source modulo a page (256 MiB arrays,
+ * docs/benchmarks.md "shm views"), where smaller copies want the page-aligned one. */
+static uint64_t streaming_copy_size(void) {
+    static uint64_t size;
+    if (!size) {
+        long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+        size = l3 > 0 ? (uint64_t)l3 / 4 * 3 : UINT64_MAX;
+    }
+    return size;
+}
+
+/* send_copy(flags, stream, buffers, inline_max, deadline): send a KIND_OOB frame whose
+ * buffers (contiguous) are copied into one block, each at a page boundary: a block of our
+ * heap (announced to the receiver before the copy), else, when the heap is off or full, a
+ * fresh memfd passed with the frame. The stream goes in the frame when the frame stays
+ * within inline_max bytes, else into the block after the buffers. Returns True if the
+ * block was in the heap. Nothing runs in Python between the copy and the publication. */
+static PyObject *Endpoint_send_copy(EndpointObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "send_copy(flags, stream, buffers, inline_max, deadline)");
+        return NULL;
+    }
+    long flags = PyLong_AsLong(args[0]);
+    unsigned long long inline_max = PyLong_AsUnsignedLongLong(args[3]);
+    int ok;
+    int64_t deadline = to_deadline_ns(args[4], &ok);
+    if (!ok || PyErr_Occurred()) return NULL;
+    if (flags < 0 || flags > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "bad frame flags");
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(args[2], "buffers must be a sequence");
+    if (!fast) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), got = 0;
+    Py_buffer stream = {0}, *bufs = PyMem_New(Py_buffer, n + 1); /* + 1: never 0 bytes */
+    uint64_t *at = PyMem_New(uint64_t, n + 1), head_len = OOB_HEAD_SIZE + OOB_SPAN_SIZE * ((uint64_t)n + 1);
+    unsigned char *head = PyMem_Malloc(head_len);
     PyObject *ret = NULL;
-    HeapMapObject *m = get_heap(self, &self->rx_heap, self->ep.rx_index);
-    if (m) {
-        if (offset > self->ep.heap_size || nbytes > self->ep.heap_size - offset ||
-            !hp_heap_check_block(&m->heap, offset, nbytes)) {
-            raise_status(self, hp_corrupt(&self->ep, "a frame refers to no live block of the peer's heap"));
-        } else {
-            ret = (PyObject *)new_block(m, offset, nbytes, readonly);
+    int have_stream = 0, inside = 0;
+    if (!bufs || !at || !head) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (PyObject_GetBuffer(args[1], &stream, PyBUF_SIMPLE) < 0) goto out;
+    have_stream = 1;
+    uint64_t total = 0, streamed = streaming_copy_size();
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &bufs[got], PyBUF_SIMPLE) < 0) goto out;
+        at[got] = (total + 4095) & ~(uint64_t)4095; /* page-aligned, as numpy likes them */
+        if ((uint64_t)bufs[got].len >= streamed) /* 64 bytes past the source, modulo a page */
+            at[got] += ((uintptr_t)bufs[got].buf + 64) & 4095;
+        total = at[got] + (uint64_t)bufs[got].len;
+    }
+    int stream_inline = head_len + (uint64_t)stream.len <= inline_max;
+    uint64_t stream_at = stream_inline ? OOB_INLINE : total;
+    if (!stream_inline) total += (uint64_t)stream.len;
+    if (total == 0) total = 1;
+    uint64_t size = stream.len ? total : (n ? (uint64_t)bufs[0].len : 0); /* as _oob_size */
+    if (!check_dir(self, 'w')) goto out;
+    inside = 1;
+    int64_t off;
+    HeapMapObject *map;
+    if (reserve_inside(self, total, 1, &off, &map) < 0) goto out;
+    unsigned char *dst;
+    int fd = -1;
+    if (off >= 0) {
+        Py_INCREF(map); /* close() from another thread drops the endpoint's reference */
+        dst = map->heap.data + off;
+    } else {
+        map = NULL;
+        fd = hp_memfd_create("hyperpipe-buffer", total, total);
+        if (fd < 0) {
+            raise_oserror(errno, "cannot create shared memory for an out-of-band buffer");
+            goto out;
+        }
+        dst = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+        if (dst == MAP_FAILED) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            close(fd);
+            goto out;
         }
     }
-    leave(self);
+    if (!stream_inline) {
+        bufs[n] = stream;
+        at[n] = stream_at;
+    }
+    copy_out(dst, bufs, at, n + !stream_inline, total);
+    if (fd >= 0) munmap(dst, total);
+    int64_t base = off >= 0 ? off : OOB_MEMFD;
+    uint32_t nbuf = (uint32_t)n;
+    memcpy(head, &size, 8);
+    memcpy(head + 8, &total, 8);
+    memcpy(head + 16, &base, 8);
+    memcpy(head + 24, &nbuf, 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t len = (uint64_t)bufs[i].len;
+        memcpy(head + OOB_HEAD_SIZE + OOB_SPAN_SIZE * i, &at[i], 8);
+        memcpy(head + OOB_HEAD_SIZE + OOB_SPAN_SIZE * i + 8, &len, 8);
+    }
+    uint64_t stream_len = (uint64_t)stream.len;
+    memcpy(head + OOB_HEAD_SIZE + OOB_SPAN_SIZE * n, &stream_at, 8);
+    memcpy(head + OOB_HEAD_SIZE + OOB_SPAN_SIZE * n + 8, &stream_len, 8);
+    const void *parts[2] = {head, stream.buf};
+    uint64_t lens[2] = {head_len, stream_inline ? stream_len : 0};
+    int rc = send_blocking(self, KIND_OOB, (uint16_t)flags, parts, lens, 2, fd >= 0 ? &fd : NULL, fd >= 0,
+                           size, deadline);
+    if (fd >= 0) close(fd); /* the receiver has its own (or the frame was not sent) */
+    if (map) {
+        if (rc != HP_OK) { /* the frame was not sent: its reference goes, and the announce */
+            hp_heap_release(&map->heap, (uint64_t)off);
+            hp_unannounce(&self->ep);
+        }
+        Py_DECREF(map);
+    }
+    if (rc == HP_OK) ret = Py_NewRef(off >= 0 ? Py_True : Py_False);
+    else if (rc != -1) raise_status(self, rc);
+out:
+    if (inside) leave(self);
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
+    if (have_stream) PyBuffer_Release(&stream);
+    PyMem_Free(bufs);
+    PyMem_Free(at);
+    PyMem_Free(head);
+    Py_DECREF(fast);
     return ret;
+}
+
+/* The received block at `offset` of the peer's heap, after checking that the frame names
+ * a live block that covers `nbytes`; NULL with an exception set (a frame that does not
+ * makes the end unusable). Caller is inside (hp_enter). */
+static PyObject *received_block(EndpointObject *self, uint64_t offset, uint64_t nbytes, int readonly) {
+    HeapMapObject *m = get_heap(self, &self->rx_heap, self->ep.rx_index);
+    if (!m) return NULL;
+    if (offset > self->ep.heap_size || nbytes > self->ep.heap_size - offset ||
+        !hp_heap_check_block(&m->heap, offset, nbytes))
+        return raise_status(self, hp_corrupt(&self->ep, "a frame refers to no live block of the peer's heap"));
+    self->heap_received++;
+    return (PyObject *)new_block(m, offset, nbytes, readonly);
+}
+
+/* Parse and check every field of a KIND_OOB payload that came with `nfds` descriptors
+ * (it was copied out of shared memory: the peer cannot change it under us). NULL if it is
+ * consistent, else why not. */
+static const char *oob_parse(const unsigned char *p, uint64_t len, int nfds, oob_layout *o) {
+    if (len < OOB_HEAD_SIZE) return "corrupt out-of-band frame";
+    uint32_t nbuf;
+    memcpy(&nbuf, p + 24, 4);
+    o->size = load_u64(p);
+    o->total = load_u64(p + 8);
+    o->base = (int64_t)load_u64(p + 16);
+    o->nbuf = nbuf;
+    o->end = OOB_HEAD_SIZE + OOB_SPAN_SIZE * (o->nbuf + 1); /* < 2^37: no overflow */
+    if (o->end > len) return "corrupt out-of-band frame";
+    o->spans = p + OOB_HEAD_SIZE;
+    o->stream_at = load_u64(o->spans + OOB_SPAN_SIZE * o->nbuf);
+    o->stream_len = load_u64(o->spans + OOB_SPAN_SIZE * o->nbuf + 8);
+    if (o->stream_at == OOB_INLINE) {
+        if (o->stream_len != len - o->end) return "out-of-band frame with a stream of the wrong size";
+    } else if (o->stream_len > o->total || o->stream_at > o->total - o->stream_len) {
+        return "out-of-band stream beyond its block";
+    }
+    for (uint64_t i = 0; i < o->nbuf; i++) {
+        uint64_t at = load_u64(o->spans + OOB_SPAN_SIZE * i), n = load_u64(o->spans + OOB_SPAN_SIZE * i + 8);
+        if (n > o->total || at > o->total - n) return "out-of-band buffer beyond its block";
+    }
+    if (!o->stream_len && o->nbuf != 1) return "out-of-band buffer beyond its block";
+    if (o->size != (o->stream_len ? o->total : load_u64(o->spans + 8))) return "out-of-band frame with the wrong size";
+    if (nfds != (o->base == OOB_MEMFD ? 1 : 0)) return "out-of-band frame with the wrong descriptors";
+    return NULL;
+}
+
+static void close_fd_list(PyObject *fds) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++) {
+        long fd = PyLong_AsLong(PyList_GET_ITEM(fds, i));
+        if (fd >= 0) close((int)fd);
+    }
+    PyErr_Clear(); /* not an int: nothing of ours to close */
+}
+
+/* (stream, buffers) of the block a KIND_OOB frame refers to: a view of a heap block, or
+ * of the memfd `mapper(fd, size, writable)` maps (it closes the fd). */
+static PyObject *oob_views(EndpointObject *self, PyObject *payload, PyObject *fds, int flags, const oob_layout *o,
+                           int readonly, PyObject *mapper) {
+    int copy_out = (flags & FLAG_SHARED) && !readonly; /* the sender keeps writing: copy */
+    PyObject *owner, *view, *stream = NULL, *buffers = NULL;
+    if (o->base != OOB_MEMFD) {
+        if (!check_dir(self, 'r')) return NULL;
+        owner = received_block(self, (uint64_t)o->base, o->total, readonly);
+        leave(self);
+    } else {
+        owner = PyObject_CallFunction(mapper, "OKO", PyList_GET_ITEM(fds, 0), (unsigned long long)o->total,
+                                      readonly || (flags & FLAG_SHARED) ? Py_False : Py_True);
+    }
+    if (!owner) return NULL;
+    view = PyMemoryView_FromObject(owner);
+    Py_DECREF(owner);
+    if (!view) return NULL;
+    const char *data = PyMemoryView_GET_BUFFER(view)->buf;
+    if (o->stream_at == OOB_INLINE)
+        stream = PyBytes_FromStringAndSize(PyBytes_AS_STRING(payload) + o->end, (Py_ssize_t)o->stream_len);
+    else
+        stream = PySequence_GetSlice(view, (Py_ssize_t)o->stream_at, (Py_ssize_t)(o->stream_at + o->stream_len));
+    buffers = stream ? PyList_New((Py_ssize_t)o->nbuf) : NULL;
+    for (uint64_t i = 0; buffers && i < o->nbuf; i++) {
+        uint64_t at = load_u64(o->spans + OOB_SPAN_SIZE * i), n = load_u64(o->spans + OOB_SPAN_SIZE * i + 8);
+        PyObject *b = copy_out ? PyByteArray_FromStringAndSize(data + at, (Py_ssize_t)n)
+                               : PySequence_GetSlice(view, (Py_ssize_t)at, (Py_ssize_t)(at + n));
+        if (!b) Py_CLEAR(buffers);
+        else PyList_SET_ITEM(buffers, (Py_ssize_t)i, b);
+    }
+    Py_DECREF(view);
+    if (!buffers) {
+        Py_XDECREF(stream);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", stream, buffers);
+}
+
+/* open_oob(frame, readonly, mapper): (stream, buffers) of a received special frame
+ * (kind, flags, payload, fds), every field checked first (ProtocolError, its descriptors
+ * closed). `readonly`: views of the block; else buffers of our own (a heap block or
+ * private memfd is ours alone once received; a shared one is copied). */
+static PyObject *Endpoint_open_oob(EndpointObject *self, PyObject *args) {
+    int kind, flags, readonly;
+    PyObject *payload, *fds, *mapper;
+    if (!PyArg_ParseTuple(args, "(iiSO!)pO", &kind, &flags, &payload, &PyList_Type, &fds, &readonly, &mapper))
+        return NULL;
+    oob_layout o;
+    const char *why = kind != KIND_OOB ? NULL
+                                       : oob_parse((const unsigned char *)PyBytes_AS_STRING(payload),
+                                                   (uint64_t)PyBytes_GET_SIZE(payload), (int)PyList_GET_SIZE(fds), &o);
+    if (kind != KIND_OOB || why) {
+        close_fd_list(fds);
+        if (why) return PyErr_Format(Err_Protocol ? Err_Protocol : PyExc_OSError, "%s", why);
+        return PyErr_Format(Err_Protocol ? Err_Protocol : PyExc_OSError, "unknown shared-memory frame kind %d", kind);
+    }
+    return oob_views(self, payload, fds, flags, &o, readonly, mapper);
 }
 
 /* -- a Connection's hot methods, in C ------------------------------------------------ */
@@ -1031,12 +1254,13 @@ static PyObject *Endpoint_fds(EndpointObject *self, PyObject *unused) {
 static PyObject *Endpoint_stats(EndpointObject *self, PyObject *unused) {
     hp_endpoint *ep = &self->ep;
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsK}", "messages_sent", ep->msgs_sent, "messages_received",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsK}", "messages_sent", ep->msgs_sent, "messages_received",
         ep->msgs_recv, "bytes_sent", ep->bytes_sent, "bytes_received", ep->bytes_recv, "sleeps",
         ep->sleeps, "wakeups_sent", ep->wakes_sent, "writer_waits", ep->writer_waits,
         "shared_cpu_yields", ep->shared_cpu_yields,
         "oob_sent", ep->oob_sent, "oob_received", ep->oob_recv, "spin_ns", ep->spin_ns,
-        "ring_capacity", self->opened ? (ep->has_rx ? ep->rx.capacity : ep->tx.capacity) : 0ULL);
+        "ring_capacity", self->opened ? (ep->has_rx ? ep->rx.capacity : ep->tx.capacity) : 0ULL,
+        "heap_received", self->heap_received);
 }
 
 static PyObject *Endpoint_get_max_payload(EndpointObject *self, void *unused) {
@@ -1054,6 +1278,7 @@ static PyMethodDef Endpoint_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Endpoint_send, METH_FASTCALL, NULL},
     {"send_many", (PyCFunction)Endpoint_send_many, METH_VARARGS, NULL},
     {"send_parts", (PyCFunction)Endpoint_send_parts, METH_VARARGS, NULL},
+    {"send_copy", (PyCFunction)(void (*)(void))Endpoint_send_copy, METH_FASTCALL, NULL},
     {"recv", (PyCFunction)(void (*)(void))Endpoint_recv, METH_FASTCALL, NULL},
     {"recv_many", (PyCFunction)Endpoint_recv_many, METH_VARARGS, NULL},
     {"recv_into", (PyCFunction)Endpoint_recv_into, METH_VARARGS, NULL},
@@ -1069,7 +1294,7 @@ static PyMethodDef Endpoint_methods[] = {
     {"heap_release", (PyCFunction)Endpoint_heap_release, METH_O, NULL},
     {"heap_buffer", (PyCFunction)Endpoint_heap_buffer, METH_O, NULL},
     {"heap_share", (PyCFunction)Endpoint_heap_share, METH_VARARGS, NULL},
-    {"heap_block", (PyCFunction)Endpoint_heap_block, METH_VARARGS, NULL},
+    {"open_oob", (PyCFunction)Endpoint_open_oob, METH_VARARGS, NULL},
     {"catch_incoming", (PyCFunction)Endpoint_catch_incoming, METH_O, NULL},
     {"fast_path", (PyCFunction)Endpoint_fast_path, METH_VARARGS, NULL},
     {"send_bytes", (PyCFunction)(void (*)(void))Endpoint_send_bytes, METH_FASTCALL | METH_KEYWORDS,
@@ -1182,6 +1407,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyModule_AddObjectRef(m, "Endpoint", (PyObject *)&EndpointType) < 0 ||
         PyModule_AddObjectRef(m, "HeapBlock", (PyObject *)&HeapBlockType) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_GRANULE", (long)HP_HEAP_GRANULE) < 0 ||
+        PyModule_AddIntConstant(m, "HEAP_BLOCK_HEADER", (long)HP_HEAP_BLOCK_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "VERSION", HP_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "MAX_FDS", HP_MAX_FDS) < 0) {
         Py_DECREF(m);

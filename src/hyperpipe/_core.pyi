@@ -1,12 +1,13 @@
 """Stub of hyperpipe._core, the C binding of the shared-memory transport (src/hyperpipe/_core.c)."""
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from typing_extensions import Buffer
 
 VERSION: int
 MAX_FDS: int
 HEAP_GRANULE: int
+HEAP_BLOCK_HEADER: int  # a heap block's data starts this far into its first granule
 
 def segment_create(capacity: int, nrings: int, heap_size: int = 0, /) -> int:
     """A new memfd holding an initialised segment (rings of `capacity` bytes, heaps)."""
@@ -61,11 +62,15 @@ class Endpoint:
         fds: Sequence[int],
         oob_bytes: int,
         deadline: Optional[float],
-        writes: Optional[Sequence[tuple[int, Buffer]]] = None,
         /,
     ) -> None:
-        """One frame (head + body), after the fds and after copying each (heap offset,
-        buffer) of `writes` into our heap."""
+        """One frame (head + body), after the fds."""
+    def send_copy(
+        self, flags: int, stream: Buffer, buffers: Sequence[Buffer], inline_max: int, deadline: Optional[float], /
+    ) -> bool:
+        """An out-of-band frame whose buffers are copied into one block (page-aligned spans),
+        of our heap if it has room (True), else of a fresh memfd passed with it (False); the
+        stream in the frame if it stays within inline_max bytes, else in the block."""
     def recv(
         self, maxlength: Optional[int] = None, deadline: Optional[float] = None, /
     ) -> Union[bytes, SpecialFrame]: ...
@@ -111,4 +116,10 @@ class Endpoint:
     def catch_incoming(self, max_seconds: float, /) -> bool: ...
     def heap_buffer(self, nbytes: int, /) -> Optional[HeapBlock]: ...
     def heap_share(self, block: object, data: Buffer, /) -> Optional[tuple[int, int]]: ...
-    def heap_block(self, offset: int, nbytes: int, readonly: bool, /) -> HeapBlock: ...
+    def open_oob(
+        self, frame: SpecialFrame, readonly: bool, mapper: Callable[[int, int, bool], Buffer], /
+    ) -> tuple[Buffer, list[Buffer]]:
+        """(stream, buffers) of a received out-of-band frame, every field checked first
+        (ProtocolError, its descriptors closed): views of a block of the peer's heap, or of
+        the memfd `mapper(fd, size, writable)` maps; bytearray copies of a shared block's
+        buffers unless `readonly`."""

@@ -58,7 +58,6 @@ FLAG_NDARRAY = 2
 
 _INLINE = (1 << 64) - 1  # a stream offset: the stream follows the spans in the frame
 _MEMFD = -1  # a block offset: the block is the memfd passed with the frame
-_PAGE = mmap.PAGESIZE
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _OOB_HEAD = struct.Struct("<QQqI")
 _OOB_SPAN = struct.Struct("<QQ")
@@ -107,10 +106,6 @@ def available() -> bool:
                 ok = False
         _available = ok
     return _available
-
-
-def _page_align(n: int) -> int:
-    return (n + _PAGE - 1) & ~(_PAGE - 1)
 
 
 class SharedBuffer(mmap.mmap):
@@ -187,27 +182,42 @@ def _array_stream(arr: Any) -> Optional[bytes]:
 def _array_from(stream: Any, buffers: list) -> Any:
     """The array a FLAG_NDARRAY message describes, over its one buffer: what pickle's
     ``_frombuffer`` would make (``frombuffer(buf, dtype).reshape(shape, order)``)."""
+    key = stream if type(stream) is bytes else bytes(stream)
+    described = _array_descriptions.get(key)
+    if described is None:
+        described = _parse_array_description(key)
+        if len(_array_descriptions) < 64:  # a peer's made-up ones must not grow it without end
+            _array_descriptions[key] = described
+    if len(buffers) != 1:
+        raise errors.ProtocolError("corrupt array description in an out-of-band frame")
+    dtype, shape, order = described
+    arr = sys.modules["numpy"].frombuffer(buffers[0], dtype=dtype)
+    # A 1-d array is already what reshape would make; anything else is reshaped (and a
+    # shape that does not fit the buffer raises numpy's own ValueError).
+    return arr if arr.shape == shape else arr.reshape(shape, order=order)
+
+
+def _parse_array_description(stream: bytes) -> tuple:
+    """(dtype, shape, order) of a FLAG_NDARRAY stream; ProtocolError if it is not one."""
     try:
         order, ndim, code_len = _ARRAY.unpack_from(stream)
         end = _ARRAY.size + ndim * 8
         shape = _array_dims(ndim).unpack_from(stream, _ARRAY.size)
-        code = bytes(stream[end:])
-        if len(buffers) != 1 or len(code) != code_len or order not in (b"C", b"F"):
+        code = stream[end:]
+        if len(code) != code_len or order not in (b"C", b"F"):
             raise ValueError
-        dtype = _array_dtypes.get(code)
-        if dtype is None:
-            numpy = sys.modules.get("numpy") or importlib.import_module("numpy")  # the sender had it
-            dtype = numpy.dtype(code.decode("ascii"))
-            if dtype.kind not in _ARRAY_KINDS:
-                raise ValueError
-            if len(_array_dtypes) < 64:  # a peer's made-up codes must not grow it without end
-                _array_dtypes[code] = dtype
+        numpy = sys.modules.get("numpy") or importlib.import_module("numpy")  # the sender had it
+        dtype = numpy.dtype(code.decode("ascii"))
+        if dtype.kind not in _ARRAY_KINDS:
+            raise ValueError
     except (struct.error, ValueError, TypeError):
         raise errors.ProtocolError("corrupt array description in an out-of-band frame") from None
-    return sys.modules["numpy"].frombuffer(buffers[0], dtype=dtype).reshape(shape, order="F" if order == b"F" else "C")
+    return dtype, shape, "F" if order == b"F" else "C"
 
 
-_array_dtypes: dict = {}  # dtype string -> numpy dtype, of the arrays received
+# FLAG_NDARRAY stream -> (dtype, shape, order), of the arrays received (a stream of
+# arrays is usually of one shape and type: parsed once).
+_array_descriptions: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,7 +272,6 @@ class ShmTransport(Transport):
         self._inline = min(options["oob_threshold"] - 1, endpoint.max_payload)
         self._heap = options["heap_size"] > 0
         self._heap_sent = 0
-        self._heap_received = 0
         self._oob_threshold = self._inline + 1
         # Out-of-band buffers per message: their spans must fit in the frame (more go in band).
         self._max_oob_buffers = (self._inline - _OOB_HEAD.size) // _OOB_SPAN.size - 1
@@ -364,7 +373,7 @@ class ShmTransport(Transport):
         ``flags`` (FLAG_NDARRAY) say what the stream is.
 
         The ladder: the caller's own shared pages (allocate_buffer), sent as they are;
-        else one block of our heap; else a fresh memfd.
+        else a copy into one block of our heap, or of a fresh memfd (``send_copy``, in C).
         """
         ep = self._ep
         spans_size = _OOB_HEAD.size + _OOB_SPAN.size * (len(raws) + 1)
@@ -386,47 +395,13 @@ class ShmTransport(Transport):
                     head, size = _oob_head(len(origin), base, [(at, raw.nbytes)], len(stream))
                     self._send_heap_frame(FLAG_SHARED | flags, head, size, stream, base, deadline)
                     return
-        spans = []
-        total = 0
-        for raw in raws:
-            at = _page_align(total)
-            spans.append((at, raw.nbytes))
-            total = at + raw.nbytes
-        if stream_fits:
-            body: Any = stream
-            stream_at = _INLINE
-        else:
-            body = None
-            stream_at = total
-            total += len(stream)
-        total = max(total, 1)
-        base = ep.heap_alloc(total) if self._heap else -1
-        if base >= 0:
-            head, size = _oob_head(total, base, spans, len(stream), stream_at)
-            writes = [(base + at, raw) for (at, _), raw in zip(spans, raws)]
-            if body is None:
-                writes.append((base + stream_at, stream))
-            self._send_heap_frame(flags, head, size, body, base, deadline, writes)
-            return
-        head, size = _oob_head(total, _MEMFD, spans, len(stream), stream_at)
-        fd = _new_memfd(total)
-        try:
-            with mmap.mmap(fd, total, flags=_MAP_FLAGS) as mm:
-                for (at, n), raw in zip(spans, raws):
-                    mm[at : at + n] = raw
-                if body is None:
-                    mm[stream_at : stream_at + len(stream)] = stream
-            ep.send_parts(KIND_OOB, flags, head, body, (fd,), size, deadline)
-        finally:
-            os.close(fd)
+        if ep.send_copy(flags, stream, raws, self._inline, deadline):
+            self._heap_sent += 1
 
-    def _send_heap_frame(
-        self, flags: int, head: bytes, size: int, body: Any, base: int, deadline: Deadline, writes: Any = None
-    ) -> None:
-        """Send a frame that refers to a block of our heap, which holds a reference for it,
-        after copying ``writes`` ((heap offset, buffer) pairs) into the block."""
+    def _send_heap_frame(self, flags: int, head: bytes, size: int, body: Any, base: int, deadline: Deadline) -> None:
+        """Send a frame that refers to a block of our heap, which holds a reference for it."""
         try:
-            self._ep.send_parts(KIND_OOB, flags, head, body, (), size, deadline, writes)
+            self._ep.send_parts(KIND_OOB, flags, head, body, (), size, deadline)
         except BaseException:
             self._ep.heap_release(base)  # the frame was not sent: its reference goes
             raise
@@ -495,53 +470,12 @@ class ShmTransport(Transport):
         return ForkingPickler.loads(stream, buffers=buffers)
 
     def _open_oob(self, r: tuple, readonly: bool) -> tuple[Any, list]:
-        """``(stream, buffers)`` of a received ``KIND_OOB`` frame, every span checked.
+        """``(stream, buffers)`` of a received ``KIND_OOB`` frame, every span checked (in C).
 
         ``readonly``: views of the block (no copy). Otherwise buffers of our own: a heap
         block or private memfd is ours alone once received; a shared one is copied.
         """
-        kind, flags, payload, fds = r
-        try:
-            if kind != KIND_OOB:
-                raise errors.ProtocolError(f"unknown shared-memory frame kind {kind}")
-            try:
-                size, total, base, nbuf = _OOB_HEAD.unpack_from(payload)
-                end = _OOB_HEAD.size + _OOB_SPAN.size * (nbuf + 1)
-                spans = [_OOB_SPAN.unpack_from(payload, pos) for pos in range(_OOB_HEAD.size, end, _OOB_SPAN.size)]
-            except struct.error:
-                raise errors.ProtocolError("corrupt out-of-band frame") from None
-            stream_at, stream_len = spans.pop()
-            inline = stream_at == _INLINE
-            if inline:
-                if end + stream_len != len(payload):
-                    raise errors.ProtocolError("out-of-band frame with a stream of the wrong size")
-            elif stream_at + stream_len > total:
-                raise errors.ProtocolError("out-of-band stream beyond its block")
-            if any(at + n > total for at, n in spans) or (not stream_len and nbuf != 1):
-                raise errors.ProtocolError("out-of-band buffer beyond its block")
-            if size != _oob_size(total, spans, stream_len):
-                raise errors.ProtocolError("out-of-band frame with the wrong size")
-            if len(fds) != (1 if base == _MEMFD else 0):
-                raise errors.ProtocolError("out-of-band frame with the wrong descriptors")
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        shared = bool(flags & FLAG_SHARED)
-        if base != _MEMFD:
-            # A heap block is ours until its last view dies: writable and independent of
-            # the sender (unless shared), which reuses it only after that.
-            view = memoryview(self._ep.heap_block(base, total, readonly))
-            self._heap_received += 1
-        else:
-            # A private memfd handed over by the sender (which unmapped it) is ours alone.
-            view = memoryview(_map_received(fds[0], total, writable=not (readonly or shared)))
-        stream = memoryview(payload)[end:] if inline else view[stream_at : stream_at + stream_len]
-        if shared and not readonly:
-            buffers: list[Any] = [bytearray(view[at : at + n]) for at, n in spans]
-        else:  # views: read-only ones when `readonly` (the block or mapping is)
-            buffers = [view[at : at + n] for at, n in spans]
-        return stream, buffers
+        return self._ep.open_oob(r, readonly, _map_received)
 
     # -- readiness and lifetime -------------------------------------------------------
     def poll(self, deadline: Deadline) -> bool:
@@ -588,7 +522,7 @@ class ShmTransport(Transport):
     def statistics(self) -> dict:
         stats = dict(self._ep.stats()) if not self._ep.closed else {}
         stats["heap_sent"] = self._heap_sent
-        stats["heap_received"] = self._heap_received
+        stats.setdefault("heap_received", 0)
         stats["transport"] = self.name
         return stats
 

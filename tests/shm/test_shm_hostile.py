@@ -184,18 +184,18 @@ def test_frame_fields_out_of_range() -> None:
     "offset, size",
     [
         (1 << 40, 16),  # outside the heap
-        (64 + (1 << 16) * 3, 16),  # a granule's block that was never allocated (no reference)
-        (64, 1 << 20),  # a live block, but more bytes than it has
+        (_core.HEAP_BLOCK_HEADER + (1 << 16) * 3, 16),  # a granule's block never allocated (no reference)
+        (_core.HEAP_BLOCK_HEADER, 1 << 20),  # a live block, but more bytes than it has
     ],
 )
 @victim
 def test_heap_frames_must_name_a_live_block(offset: int, size: int) -> None:
     reader, writer = hyperpipe.Pipe(False, transport="shm", ring_size=CAPACITY)
-    writer.send_bytes(b"b" * 100_000)  # a real block at offset 64, of two granules
+    writer.send_bytes(b"b" * 100_000)  # a real block at the heap's start, of two granules
     assert reader.recv_bytes() == b"b" * 100_000
     seg = Segment(reader)
     head, _ = _oob_head(size, offset, [(0, size)], 0)
-    if offset == 64:
+    if offset == _core.HEAP_BLOCK_HEADER:
         writer.send_bytes(b"c" * 100_000)  # and keep it alive: its frame holds a reference
         seg.field(0, HEAD, seg.field(0, HEAD) - ((8 + len(head) + 7) & ~7))  # replace that frame by ours
     seg.publish(0, len(head), kind=KIND_OOB, payload=head)

@@ -129,4 +129,12 @@ def test_a_description_that_does_not_fit_its_buffer_raises() -> None:
         _array_from(memoryview(good), [memoryview(bytearray(81))])
     with pytest.raises(errors.ProtocolError):
         _array_from(memoryview(good), [memoryview(bytearray(80))] * 2)
-    assert len(_shm_transport._array_dtypes) < 64
+    assert len(_shm_transport._array_descriptions) <= 64
+
+
+def test_descriptions_a_peer_makes_up_do_not_grow_the_cache_without_end() -> None:
+    for n in range(1, 200):
+        stream = _array_stream(np.zeros(n, dtype=np.uint8))
+        assert stream is not None
+        assert _array_from(stream, [memoryview(bytearray(n))]).shape == (n,)
+    assert len(_shm_transport._array_descriptions) <= 64
