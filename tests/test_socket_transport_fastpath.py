@@ -6,6 +6,7 @@ them fall short at every byte and check that nothing is lost, duplicated or read
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -444,6 +445,9 @@ def test_only_plain_sockets_without_a_size_limit_get_it() -> None:
     limited = hyperpipe.Connection(_socket_transport.SocketTransport(sock=s1, max_message_size=10))
     try:
         assert _uses(a, "c") and _uses(b, "c")
+        # the C methods carry the Connection's signatures
+        assert list(inspect.signature(a.send_bytes).parameters) == ["buf", "offset", "size", "timeout"]
+        assert list(inspect.signature(b.recv_bytes).parameters) == ["maxlength", "timeout"]
         assert _uses(r, "python") and _uses(w, "python")  # a pipe end waits in poll()
         assert _uses(limited, "python")
     finally:

@@ -1478,7 +1478,13 @@ static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
         return NULL;
     if (fd < 0 || send_limit < 0 || send_limit > INT32_MAX || recv_limit < 0 || recv_limit > INT32_MAX)
         return PyErr_Format(PyExc_ValueError, "socket_fast_path(): bad descriptor or limits");
-    if (!(SocketFastType.tp_flags & Py_TPFLAGS_READY) && PyType_Ready(&SocketFastType) < 0) return NULL;
+    if (!(SocketFastType.tp_flags & Py_TPFLAGS_READY)) {
+        /* The same signatures and docstrings as the Endpoint's versions of these methods. */
+        for (PyMethodDef *m = SocketFast_methods; m->ml_name; m++)
+            for (PyMethodDef *e = Endpoint_methods; e->ml_name; e++)
+                if (!strcmp(m->ml_name, e->ml_name)) m->ml_doc = e->ml_doc;
+        if (PyType_Ready(&SocketFastType) < 0) return NULL;
+    }
     for (int i = 0; i < N_COUNT; i++)
         if (!sf_names[i] && !(sf_names[i] = PyUnicode_InternFromString(sf_name_text[i]))) return NULL;
     PyObject *slow[FAST_NMETHODS];

@@ -1,4 +1,5 @@
-"""Stub of hyperpipe._core, the C binding of the shared-memory transport (src/hyperpipe/_core.c)."""
+"""Stub of hyperpipe._core, the C binding of the shared-memory transport and of the socket
+transport's fast path (src/hyperpipe/_core.c)."""
 
 from typing import Any, Optional, Sequence, Union
 
@@ -112,3 +113,26 @@ class Endpoint:
     def heap_buffer(self, nbytes: int, /) -> Optional[HeapBlock]: ...
     def heap_share(self, block: object, data: Buffer, /) -> Optional[tuple[int, int]]: ...
     def heap_block(self, offset: int, nbytes: int, readonly: bool, /) -> HeapBlock: ...
+
+class SocketFast:
+    """A socket Connection's send_bytes/recv_bytes for small frames (SocketTransport.fast_path)."""
+
+    sending: bool
+    receiving: bool
+    def send_bytes(
+        self, buf: Buffer, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
+    ) -> None:
+        """Connection.send_bytes: one small buffer in C, any other call by the Connection's method."""
+    def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
+        """Connection.recv_bytes: a call with no argument in C, any other by the Connection's method."""
+    def send_bytes_many(self, bufs: Sequence[Buffer], *, timeout: Optional[float] = None) -> None:
+        """The Connection's method."""
+    def recv_bytes_many(self, maxcount: int = 1024, *, timeout: Optional[float] = None) -> list[bytes]:
+        """The Connection's method."""
+
+def socket_fast_path(
+    connection: Any, methods: dict[str, Any], transport: Any, fd: int, send_limit: int, recv_limit: int, /
+) -> SocketFast:
+    """C versions of the Connection's methods named in `methods` (its own, for every call they
+    do not handle) for `transport`, a plain-socket SocketTransport on `fd`: payloads up to
+    `send_limit` are sent, and up to `recv_limit` received, in C."""
