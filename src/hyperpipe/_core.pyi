@@ -1,7 +1,7 @@
 """Stub of hyperpipe._core, the C binding of the shared-memory transport and of the socket
 transport's fast path (src/hyperpipe/_core.c)."""
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from typing_extensions import Buffer
 
@@ -115,20 +115,18 @@ class Endpoint:
     def heap_block(self, offset: int, nbytes: int, readonly: bool, /) -> HeapBlock: ...
 
 class SocketFast:
-    """A socket Connection's send_bytes/recv_bytes for small frames (SocketTransport.fast_path)."""
+    """A socket Connection's send_bytes/recv_bytes for small frames (SocketTransport.fast_path).
+
+    Its four methods have the Connection's signatures (Connection.send_bytes and so on):
+    one small buffer sent, or a receive with no argument, in C; any other call (and both
+    batch methods) by the Connection's own method."""
 
     sending: bool
     receiving: bool
-    def send_bytes(
-        self, buf: Buffer, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
-    ) -> None:
-        """Connection.send_bytes: one small buffer in C, any other call by the Connection's method."""
-    def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
-        """Connection.recv_bytes: a call with no argument in C, any other by the Connection's method."""
-    def send_bytes_many(self, bufs: Sequence[Buffer], *, timeout: Optional[float] = None) -> None:
-        """The Connection's method."""
-    def recv_bytes_many(self, maxcount: int = 1024, *, timeout: Optional[float] = None) -> list[bytes]:
-        """The Connection's method."""
+    send_bytes: Callable[..., None]
+    recv_bytes: Callable[..., bytes]
+    send_bytes_many: Callable[..., None]
+    recv_bytes_many: Callable[..., list[bytes]]
 
 def socket_fast_path(
     connection: Any, methods: dict[str, Any], transport: Any, fd: int, send_limit: int, recv_limit: int, /
