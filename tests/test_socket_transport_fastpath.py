@@ -413,11 +413,12 @@ def _tcp_pair() -> tuple[Any, Any]:
 
 @pytest.mark.parametrize("kind", ["socketpair", "tcp"])
 def test_every_size_arrives_whole_and_in_order(path: str, kind: str) -> None:
-    """Around each limit of the fast path (the joined header at 16 KiB, the one-read
-    payload at 64 KiB): sizes it takes and sizes it hands on, mixed with other calls."""
+    """Around each limit of the fast path (a frame copied whole up to 1 KiB, sent at all
+    up to 16 KiB, read with one call up to 64 KiB): sizes it takes and sizes it hands on,
+    mixed with other calls."""
     a, b = hyperpipe.Pipe(transport="socket") if kind == "socketpair" else _tcp_pair()
     assert _uses(a, path) and _uses(b, path)
-    sizes = [0, 1, 4, 100, 16_383, 16_384, 16_385, 65_535, 65_536, 65_537, 300_000]
+    sizes = [0, 1, 4, 100, 1024, 1025, 16_383, 16_384, 16_385, 65_535, 65_536, 65_537, 300_000]
     try:
         for round_ in range(3):
             sent = [helpers.pattern(n, seed=n + round_) for n in sizes]

@@ -2,7 +2,7 @@
  *
  * Pure C, no Python (the binding is _core.c's SocketFast). A small stdlib frame is a
  * 4-byte big-endian length and the payload; the fast path writes one with a single
- * sendmsg and reads one with a read of the header and one of the payload, never past
+ * send or sendmsg and reads one with a read of the header and one of the payload, never past
  * the frame. Each call is one system call and returns its result or -errno.
  */
 #ifndef HP_SOCKIO_H
@@ -18,7 +18,7 @@ ssize_t hp_sock_read(int fd, void *buf, size_t len);
 /* Read of at most len bytes that never waits (MSG_DONTWAIT): a payload sent with its header. */
 ssize_t hp_sock_read_ready(int fd, void *buf, size_t len);
 
-/* Write the frame header for len bytes and the payload with one sendmsg (blocking,
+/* Write the frame header for len bytes and the payload with one system call (blocking,
  * MSG_NOSIGNAL: a peer that went away is EPIPE, not SIGPIPE). */
 ssize_t hp_sock_send_frame(int fd, const void *payload, uint32_t len);
 
