@@ -1162,10 +1162,11 @@ static PyObject *core_set_errors(PyObject *mod, PyObject *args) {
  * transport's gate for that direction, the same checks, the same system calls (hp_sockio.h:
  * one sendmsg per frame; a blocking read of the header, GIL released, and one of the
  * payload that never waits), the same release order (a close() that came meanwhile
- * releases the descriptor as the last call leaves). Both locks are only tried: if either
- * is held, or the transport is not in its plain state (closed, a frame half read, a
- * frame parked for the background flush, a broken stream), the call is handed unchanged to
- * the Connection's own method, which waits for them. Once bytes of a frame have moved,
+ * releases the descriptor as the last call leaves). The locks are taken as the Python path
+ * takes them with no timeout (waiting with the GIL released; a signal handler that raises
+ * ends the wait). If the transport is not in its plain state then (closed, a frame half
+ * read, a frame parked for the background flush, a broken stream), the call is handed
+ * unchanged to the Connection's own method. Once bytes of a frame have moved,
  * whatever is not the common case (a short read or write, a signal, end of stream, an
  * error, a big or special frame) is finished under the same locks by the transport's
  * Python code (_rest_of_frame, _send_rest), given the bytes already moved: nothing is
@@ -1200,13 +1201,23 @@ static PyObject *sf_call(PyObject *obj, int name, PyObject *arg1, PyObject *arg2
     return PyObject_VectorcallMethod(sf_names[name], stack, 1 + (arg1 != NULL) + (arg2 != NULL), NULL);
 }
 
-/* lock.acquire(False): 1 taken, 0 held by another call, -1 error. */
-static int sf_try_lock(PyObject *lock) {
-    PyObject *r = sf_call(lock, N_ACQUIRE, Py_False, NULL);
-    if (!r) return -1;
-    int taken = r == Py_True;
-    Py_DECREF(r);
-    return taken;
+/* lock.acquire(): 0, or -1 with the exception set (e.g. a signal handler's). */
+static int sf_lock(PyObject *lock) {
+    PyObject *r = sf_call(lock, N_ACQUIRE, NULL, NULL);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+/* A new reference to the Connection; NULL once it died (an exception set only on error). */
+static PyObject *sf_connection(SocketFastObject *self) {
+    PyObject *conn = NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyWeakref_GetRef(self->conn_ref, &conn) < 0) return NULL;
+#else
+    conn = PyWeakref_GetObject(self->conn_ref);
+    conn = conn == Py_None ? NULL : Py_NewRef(conn);
+#endif
+    return conn;
 }
 
 /* obj.<name> is `expected`: 1, 0 if not, -1 error. */
@@ -1218,32 +1229,25 @@ static int sf_attr_is(PyObject *obj, int name, PyObject *expected) {
     return same;
 }
 
-/* Take the Connection's lock and the transport's gate of one direction, without
- * waiting: 1 with both held (new references in *lock, *gate), 0 when either is busy or
- * the Connection is gone (nothing held), -1 on an error (nothing held). */
+/* Take the Connection's lock, then the transport's gate, of one direction: 1 with both
+ * held (new references in *lock, *gate), 0 when the Connection is gone, -1 on an error
+ * (nothing held in either case). */
 static int sf_enter(SocketFastObject *self, int lock_name, int gate_name, PyObject **lock, PyObject **gate) {
-    PyObject *conn = NULL;
-#if PY_VERSION_HEX >= 0x030D0000
-    if (PyWeakref_GetRef(self->conn_ref, &conn) < 0) return -1;
-#else
-    conn = PyWeakref_GetObject(self->conn_ref);
-    conn = conn == Py_None ? NULL : Py_NewRef(conn);
-#endif
-    if (!conn) return 0;
+    PyObject *conn = sf_connection(self);
+    if (!conn) return PyErr_Occurred() ? -1 : 0;
     *lock = PyObject_GetAttr(conn, sf_names[lock_name]);
     Py_DECREF(conn);
-    int rc = *lock ? sf_try_lock(*lock) : -1;
-    if (rc == 1) {
-        *gate = PyObject_GetAttr(self->transport, sf_names[gate_name]);
-        rc = *gate ? sf_try_lock(*gate) : -1;
-        if (rc == 1) return 1;
-        Py_XDECREF(*gate);
-        PyObject *r = sf_call(*lock, N_RELEASE, NULL, NULL);
-        if (!r) rc = -1;
-        Py_XDECREF(r);
+    if (!*lock || sf_lock(*lock) < 0) {
+        Py_XDECREF(*lock);
+        return -1;
     }
-    Py_XDECREF(*lock);
-    return rc;
+    *gate = PyObject_GetAttr(self->transport, sf_names[gate_name]);
+    if (*gate && sf_lock(*gate) == 0) return 1;
+    Py_XDECREF(*gate);
+    PyObject *r = sf_call(*lock, N_RELEASE, NULL, NULL);
+    Py_XDECREF(r); /* releasing a lock we hold does not fail; the error reported is the one above */
+    Py_DECREF(*lock);
+    return -1;
 }
 
 /* Leave as the Python path does: the gate, the descriptor's release if close() came
@@ -1271,13 +1275,8 @@ static void sf_leave(SocketFastObject *self, PyObject *lock, PyObject *gate) {
 /* The Connection's own method, for every call the fast path does not do. */
 static PyObject *sf_slow_way(SocketFastObject *self, int which, PyObject *const *args, size_t nargsf,
                              PyObject *kwnames) {
-    PyObject *conn = NULL, *bound = NULL, *ret = NULL;
-#if PY_VERSION_HEX >= 0x030D0000
-    if (PyWeakref_GetRef(self->conn_ref, &conn) < 0) return NULL;
-#else
-    conn = PyWeakref_GetObject(self->conn_ref);
-    conn = conn == Py_None ? NULL : Py_NewRef(conn);
-#endif
+    PyObject *conn = sf_connection(self), *bound = NULL, *ret = NULL;
+    if (!conn && PyErr_Occurred()) return NULL;
     if (!conn) /* a bound method that outlived its Connection */
         return PyErr_Format(Err_Closed ? Err_Closed : PyExc_OSError, "handle is closed");
     bound = PyMethod_New(self->slow[which], conn);
