@@ -1201,6 +1201,29 @@ static PyObject *sf_call(PyObject *obj, int name, PyObject *arg1, PyObject *arg2
     return PyObject_VectorcallMethod(sf_names[name], stack, 1 + (arg1 != NULL) + (arg2 != NULL), NULL);
 }
 
+/* The exception being raised, set aside while more Python code runs, then put back. */
+typedef struct {
+    PyObject *type, *value, *tb;
+} sf_error;
+
+static sf_error sf_save_error(void) {
+    sf_error e = {NULL, NULL, NULL};
+#if PY_VERSION_HEX >= 0x030C0000
+    e.value = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&e.type, &e.value, &e.tb);
+#endif
+    return e;
+}
+
+static void sf_restore_error(sf_error e) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(e.value);
+#else
+    PyErr_Restore(e.type, e.value, e.tb);
+#endif
+}
+
 /* lock.acquire(): 0, or -1 with the exception set (e.g. a signal handler's). */
 static int sf_lock(PyObject *lock) {
     PyObject *r = sf_call(lock, N_ACQUIRE, NULL, NULL);
@@ -1254,8 +1277,7 @@ static int sf_enter(SocketFastObject *self, int lock_name, int gate_name, PyObje
  * meanwhile, the Connection's lock. An exception already set is kept; one from leaving
  * itself (a bug: releasing a lock we hold cannot fail) is reported as unraisable. */
 static void sf_leave(SocketFastObject *self, PyObject *lock, PyObject *gate) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    sf_error raised = sf_save_error();
     PyObject *r = sf_call(gate, N_RELEASE, NULL, NULL);
     if (r) {
         Py_DECREF(r);
@@ -1269,7 +1291,7 @@ static void sf_leave(SocketFastObject *self, PyObject *lock, PyObject *gate) {
     Py_XDECREF(r);
     Py_DECREF(lock);
     Py_DECREF(gate);
-    PyErr_Restore(type, value, tb);
+    sf_restore_error(raised);
 }
 
 /* The Connection's own method, for every call the fast path does not do. */
@@ -1345,8 +1367,7 @@ static PyObject *sf_recv_frame(SocketFastObject *self) {
     if (size < 0 || size > self->recv_limit) return sf_rest_of_frame(self, head, sizeof head, NULL, 0);
     PyObject *payload = PyBytes_FromStringAndSize(NULL, size);
     if (!payload) { /* the header is kept for the next call, as the Python path does */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
+        sf_error raised = sf_save_error();
         PyObject *moved = sf_join(head, sizeof head, NULL, 0), *reader = NULL, *r = NULL;
         if (moved) reader = PyObject_GetAttr(self->transport, sf_names[N_READER]);
         if (reader) r = sf_call(reader, N_FEED, moved, NULL);
@@ -1354,7 +1375,7 @@ static PyObject *sf_recv_frame(SocketFastObject *self) {
         Py_XDECREF(r);
         Py_XDECREF(reader);
         Py_XDECREF(moved);
-        PyErr_Restore(type, value, tb);
+        sf_restore_error(raised);
         return NULL;
     }
     /* Sent with its header in one write: it is almost always here already. */
