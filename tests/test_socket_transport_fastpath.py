@@ -6,11 +6,13 @@ them fall short at every byte and check that nothing is lost, duplicated or read
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
 import select
+import signal
 import socket
 import struct
 import threading
@@ -380,3 +382,370 @@ def test_a_batch_keeps_the_frames_before_a_broken_one(bad: bytes) -> None:
     finally:
         rx.close()
         s2.close()
+
+
+# -- the C fast path (_core.SocketFast): send_bytes(buf) and recv_bytes() with no other
+# argument on a plain socket. Every test below runs on it and on the pure-Python path
+# (what a build without a compiler uses); `path` says which, and checks it is in use.
+
+
+@pytest.fixture(params=["c", "python"])
+def path(request: Any, monkeypatch: Any) -> str:
+    if request.param == "c":
+        if _socket_transport._core is None:
+            pytest.skip("the C core is not built")
+    else:
+        monkeypatch.setattr(_socket_transport, "C_FAST_PATH", False)
+    return request.param
+
+
+def _uses(conn: Any, path: str) -> bool:
+    """Whether conn's send_bytes and recv_bytes are those of ``path``."""
+    in_c = type(conn.recv_bytes).__name__ == "builtin_function_or_method"
+    return in_c == (path == "c") and type(conn.send_bytes) is type(conn.recv_bytes)
+
+
+def _tcp_pair() -> tuple[Any, Any]:
+    from hyperpipe._listener import loopback_pair
+
+    return loopback_pair("AF_INET", b"fast-path key", stdlib=False)
+
+
+@pytest.mark.parametrize("kind", ["socketpair", "tcp"])
+def test_every_size_arrives_whole_and_in_order(path: str, kind: str) -> None:
+    """Around each limit of the fast path (a frame copied whole up to 1 KiB, sent at all
+    up to 16 KiB, read with one call up to 64 KiB): sizes it takes and sizes it hands on,
+    mixed with other calls."""
+    a, b = hyperpipe.Pipe(transport="socket") if kind == "socketpair" else _tcp_pair()
+    assert _uses(a, path) and _uses(b, path)
+    sizes = [0, 1, 4, 100, 1024, 1025, 16_383, 16_384, 16_385, 65_535, 65_536, 65_537, 300_000]
+    try:
+        for round_ in range(3):
+            sent = [helpers.pattern(n, seed=n + round_) for n in sizes]
+            sender = threading.Thread(
+                target=lambda: [a.send_bytes(p) for p in sent] + [a.send(("obj", round_))]
+            )
+            sender.start()
+            assert [b.recv_bytes() for _ in sent] == sent
+            assert b.recv() == ("obj", round_)
+            sender.join(10)
+            b.send_bytes(bytearray(b"back"))
+            b.send_bytes(memoryview(b"xbackx")[1:-1])
+            assert a.recv_bytes() == b"back" and a.recv_bytes(timeout=10) == b"back"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_only_plain_sockets_without_a_size_limit_get_it() -> None:
+    if _socket_transport._core is None:
+        pytest.skip("the C core is not built")
+    a, b = hyperpipe.Pipe(transport="socket")
+    r, w = hyperpipe.Pipe(duplex=False, transport="socket")
+    s1, s2 = socket.socketpair()
+    limited = hyperpipe.Connection(_socket_transport.SocketTransport(sock=s1, max_message_size=10))
+    try:
+        assert _uses(a, "c") and _uses(b, "c")
+        # the C methods carry the Connection's signatures
+        assert list(inspect.signature(a.send_bytes).parameters) == ["buf", "offset", "size", "timeout"]
+        assert list(inspect.signature(b.recv_bytes).parameters) == ["maxlength", "timeout"]
+        assert _uses(r, "python") and _uses(w, "python")  # a pipe end waits in poll()
+        assert _uses(limited, "python")
+    finally:
+        for conn in (a, b, r, w, limited):
+            conn.close()
+        s2.close()
+
+
+def test_without_the_core_the_python_path_serves(monkeypatch: Any) -> None:
+    monkeypatch.setattr(_socket_transport, "_core", None)
+    a, b = hyperpipe.Pipe(transport="socket")
+    try:
+        assert _uses(a, "python") and _uses(b, "python")
+        a.send_bytes(b"plain python")
+        assert b.recv_bytes() == b"plain python"
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("shape", ["small", "empty", "long_header", "past_small_frame", "oob"])
+def test_a_blocking_receive_of_a_frame_cut_anywhere(path: str, shape: str) -> None:
+    """No timeout: the header read waits; whatever arrives short (part of the header,
+    part of the payload), a big or special header: the frame comes whole, then the next."""
+    a, b = hyperpipe.Pipe(transport="socket")
+    assert _uses(b, path)
+    if shape == "oob":  # an out-of-band frame, as a hyperpipe peer sends a big array
+        numpy = pytest.importorskip("numpy")
+        value = numpy.arange(10_000, dtype=numpy.float64)
+        stream, buffers = _socket_transport._framing.dumps_oob(value)
+        frame = b"".join(bytes(v) for v in _socket_transport._framing.oob_views(stream, buffers))
+        expected = pickle.dumps(value, 5)
+    else:
+        payload = {
+            "small": helpers.pattern(23),
+            "empty": b"",
+            "long_header": helpers.pattern(9),
+            "past_small_frame": helpers.pattern(_socket_transport._SMALL_FRAME + 7),
+        }[shape]
+        frame, expected = _frame(payload, long=shape == "long_header"), payload
+    cuts = list(range(1, min(len(frame), 40))) + [len(frame) // 2, len(frame) - 1]
+    raw = a.fileno()
+    try:
+        for cut in sorted(set(cuts)):
+            _write_all(raw, frame[:cut])
+
+            def rest(cut: int = cut) -> None:
+                time.sleep(0.002)  # the receive is waiting in its read by now, usually
+                _write_all(raw, frame[cut:] + _frame(b"next"))
+
+            writer = threading.Thread(target=rest)
+            writer.start()
+            got = b.recv_bytes()
+            if shape == "oob":
+                assert pickle.loads(got).tolist() == value.tolist(), f"cut at byte {cut}"
+            else:
+                assert got == expected, f"cut at byte {cut}"
+            assert b.recv_bytes() == b"next"
+            writer.join(10)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_end_of_stream_after_all_data(path: str) -> None:
+    a, b = hyperpipe.Pipe(transport="socket")
+    assert _uses(b, path)
+    try:
+        a.send_bytes(b"last")
+        a.close()
+        assert b.recv_bytes() == b"last"
+        with pytest.raises(hyperpipe.PeerClosedError):
+            b.recv_bytes()
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize(
+    "written, then_close, error",
+    [
+        (_frame(b"0123456789")[:7], True, hyperpipe.TruncatedMessageError),
+        (struct.pack("!i", -7) + _frame(b"after"), False, hyperpipe.ProtocolError),
+    ],
+    ids=["ended-inside-a-frame", "corrupt-header"],
+)
+def test_a_broken_stream_stays_broken(path: str, written: bytes, then_close: bool, error: Any) -> None:
+    a, b = hyperpipe.Pipe(transport="socket")
+    assert _uses(b, path)
+    try:
+        _write_all(a.fileno(), written)
+        if then_close:
+            a.close()
+        for _ in range(2):
+            with pytest.raises(error):
+                b.recv_bytes()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_bound_method_kept_after_close_or_death_raises_closed(path: str) -> None:
+    a, b = hyperpipe.Pipe(transport="socket")
+    send, recv = a.send_bytes, b.recv_bytes
+    a.close()
+    b.close()
+    for call in (lambda: send(b"x"), recv):
+        with pytest.raises(hyperpipe.ConnectionClosedError):
+            call()
+    if path == "python":
+        return  # a bound method of the Connection keeps it alive
+    c, d = hyperpipe.Pipe(transport="socket")
+    send, recv = c.send_bytes, d.recv_bytes
+    del c, d  # the Connections die (and close) though the C methods live on
+    for call in (lambda: send(b"x"), recv):
+        with pytest.raises(hyperpipe.ConnectionClosedError):
+            call()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def sigusr1() -> Any:
+    """Install a SIGUSR1 handler (``raising[0]``: it raises _Interrupted) and return
+    (poke, raising): poke(delay) signals the main thread from another thread."""
+    raising = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if raising[0]:
+            raising[0] = False
+            raise _Interrupted()
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    main = threading.get_ident()
+    pokers: list[threading.Thread] = []
+
+    def poke(delay: float) -> None:
+        def run() -> None:
+            time.sleep(delay)
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+        pokers.append(threading.Thread(target=run, daemon=True))
+        pokers[-1].start()
+
+    yield poke, raising
+    for thread in pokers:
+        thread.join(10)
+    signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.parametrize("raises", [True, False])
+@pytest.mark.parametrize("before", [b"", b"\x00\x00"])  # nothing of the frame, or part of it
+def test_a_signal_during_a_blocked_receive(path: str, sigusr1: Any, raises: bool, before: bytes) -> None:
+    """A handler that raises ends the receive (what came of the frame is kept); one that
+    does not lets it go on waiting. Either way the next receive gets the frame whole."""
+    poke, raising = sigusr1
+    a, b = hyperpipe.Pipe(transport="socket")
+    assert _uses(b, path)
+    frame = _frame(b"after the signal")
+    try:
+        _write_all(a.fileno(), before)
+        raising[0] = raises
+        poke(0.2)
+        if raises:
+            with pytest.raises(_Interrupted):
+                b.recv_bytes()
+            _write_all(a.fileno(), frame[len(before) :])
+        else:
+            writer = threading.Timer(0.5, _write_all, (a.fileno(), frame[len(before) :]))
+            writer.start()
+        assert b.recv_bytes() == b"after the signal"
+        a.send_bytes(b"and the next")
+        assert b.recv_bytes() == b"and the next"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_send_cut_by_a_signal_is_finished(path: str, sigusr1: Any) -> None:
+    """A small frame larger than the socket's buffer, the peer not reading yet: a signal
+    interrupts the blocked write part way; the rest follows, never a cut frame."""
+    poke, _ = sigusr1
+    a, b = hyperpipe.Pipe(transport="socket")
+    assert _uses(a, path)
+    a._transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payloads = [helpers.pattern(16_000, seed=i) for i in range(4)]
+    got: list[bytes] = []
+    reader = threading.Timer(1.0, lambda: got.extend(b.recv_bytes(timeout=10) for _ in payloads))
+    try:
+        reader.start()
+        for i, payload in enumerate(payloads):
+            poke(0.1 + 0.2 * i)
+            a.send_bytes(payload)
+        reader.join(20)
+        assert got == payloads
+    finally:
+        reader.cancel()
+        a.close()
+        b.close()
+
+
+def test_close_wakes_a_blocked_c_receive(path: str, run_in_thread: Any) -> None:
+    rx, tx = hyperpipe.Pipe(transport="socket")
+    assert _uses(rx, path)
+    fd = rx.fileno()
+    try:
+        started = threading.Event()
+
+        def blocked() -> None:
+            started.set()
+            rx.recv_bytes()
+
+        waiter = run_in_thread(blocked)
+        assert started.wait(10)
+        time.sleep(0.2)
+        assert waiter.is_alive()
+        rx.close()
+        waiter.join(10)
+        assert not waiter.is_alive(), "close() did not wake the receiver"
+        assert [type(e) for e in waiter.errors] == [hyperpipe.ConnectionClosedError]
+        with pytest.raises(OSError):
+            os.fstat(fd)  # released by the receive on its way out
+    finally:
+        tx.close()
+
+
+def test_close_lets_a_blocked_c_send_finish_its_frame(path: str, run_in_thread: Any) -> None:
+    """The peer reads nothing: the sender blocks in its write; close() gives it the
+    bound, then cuts it. The peer gets whole frames only, then the end of the stream."""
+    tx, rx = hyperpipe.Pipe(transport="socket")
+    assert _uses(tx, path)
+    payload = helpers.pattern(10_000)
+    sent = [0]
+
+    def flood() -> None:
+        while True:
+            tx.send_bytes(payload)
+            sent[0] += 1
+
+    sender = run_in_thread(flood)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (sent[0] == 0 or sender.is_alive() and _progressing(sent)):
+            pass
+        tx.close()
+        sender.join(_socket_transport.CLOSE_SEND_BOUND + 5)
+        assert not sender.is_alive()
+        assert len(sender.errors) == 1 and isinstance(sender.errors[0], hyperpipe.ConnectionClosedError)
+        received = 0
+        with pytest.raises(EOFError):
+            while True:
+                assert rx.recv_bytes(timeout=10) == payload
+                received += 1
+        assert sent[0] <= received <= sent[0] + 1  # the frame being sent: cut, or finished
+    finally:
+        tx.close()
+        rx.close()
+
+
+def _progressing(counter: list[int]) -> bool:
+    """Whether the count still moves over 0.2 s (False: the sender is blocked)."""
+    before = counter[0]
+    time.sleep(0.2)
+    return counter[0] != before
+
+
+def test_threads_sharing_one_end_each_message_once(path: str) -> None:
+    """Four threads receive from one end, some through the fast path, some with a
+    timeout (the Connection's own method): every message arrives exactly once."""
+    a, b = hyperpipe.Pipe(transport="socket")
+    assert _uses(b, path)
+    count = 3000
+    results: list[list[bytes]] = [[] for _ in range(4)]
+
+    def receive(mine: list[bytes], with_timeout: bool) -> None:
+        while True:
+            item = b.recv_bytes(timeout=20) if with_timeout else b.recv_bytes()
+            if item == b"stop":
+                return
+            mine.append(item)
+
+    threads = [
+        threading.Thread(target=receive, args=(results[i], i % 2 == 1), daemon=True) for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(count):
+            a.send_bytes(b"%d" % i + b"." * (i % 300))
+        for _ in threads:
+            a.send_bytes(b"stop")
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)
+        got = sorted(int(item.split(b".")[0]) for mine in results for item in mine)
+        assert got == list(range(count))
+    finally:
+        a.close()
+        b.close()

@@ -9,6 +9,7 @@
 #include <structmember.h>
 
 #include "hp_endpoint.h"
+#include "hp_sockio.h"
 
 #include <errno.h>
 #include <string.h>
@@ -1378,6 +1379,376 @@ static PyObject *core_set_errors(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- the socket transport's hot methods, in C (SocketFast) ----------------------------
+ *
+ * SocketTransport.fast_path makes one for a plain socket without max_message_size. Its
+ * send_bytes(buf) of a small buffer and recv_bytes() with no other argument do what the
+ * Python path does, minus its three call layers: the Connection's lock, then the
+ * transport's gate for that direction, the same checks, the same system calls (hp_sockio.h:
+ * one sendmsg per frame; a blocking read of the header, GIL released, and one of the
+ * payload that never waits), the same release order (a close() that came meanwhile
+ * releases the descriptor as the last call leaves). The locks are taken as the Python path
+ * takes them with no timeout (waiting with the GIL released; a signal handler that raises
+ * ends the wait). If the transport is not in its plain state then (closed, a frame half
+ * read, a frame parked for the background flush, a broken stream), the call is handed
+ * unchanged to the Connection's own method. Once bytes of a frame have moved,
+ * whatever is not the common case (a short read or write, a signal, end of stream, an
+ * error, a big or special frame) is finished under the same locks by the transport's
+ * Python code (_rest_of_frame, _send_rest), given the bytes already moved: nothing is
+ * lost, read ahead or sent twice. The locks are looked up on every call (a fork replaces
+ * them); the Connection is held weakly (it must still die, and close, on its last
+ * reference). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *conn_ref;            /* weakref.ref to the Connection */
+    PyObject *transport;           /* its SocketTransport */
+    PyObject *slow[FAST_NMETHODS]; /* the Connection's own methods (functions) */
+    int fd;
+    Py_ssize_t send_limit; /* payloads up to this are sent here (header joined) */
+    Py_ssize_t recv_limit; /* and up to this received here */
+    char sending, receiving;       /* the Connection may still send / receive */
+} SocketFastObject;
+
+/* attribute and method names, interned once */
+enum {
+    N_SEND_LOCK, N_RECV_LOCK, N_TX_GATE, N_RX_GATE, N_CLOSED, N_PENDING, N_RX_BROKEN, N_READER, N_IN_FRAME,
+    N_ACQUIRE, N_RELEASE, N_RELEASE_IF_IDLE, N_REST_OF_FRAME, N_SEND_REST, N_FEED, N_COUNT
+};
+static const char *const sf_name_text[N_COUNT] = {
+    "_send_lock", "_recv_lock", "_tx_gate", "_rx_gate", "_closed", "_pending", "_rx_broken", "_reader",
+    "in_frame", "acquire", "release", "_release_if_idle", "_rest_of_frame", "_send_rest", "feed"};
+static PyObject *sf_names[N_COUNT];
+
+/* obj.name(*args) for a method of up to two arguments. */
+static PyObject *sf_call(PyObject *obj, int name, PyObject *arg1, PyObject *arg2) {
+    PyObject *stack[3] = {obj, arg1, arg2};
+    return PyObject_VectorcallMethod(sf_names[name], stack, 1 + (arg1 != NULL) + (arg2 != NULL), NULL);
+}
+
+/* The exception being raised, set aside while more Python code runs, then put back. */
+typedef struct {
+    PyObject *type, *value, *tb;
+} sf_error;
+
+static sf_error sf_save_error(void) {
+    sf_error e = {NULL, NULL, NULL};
+#if PY_VERSION_HEX >= 0x030C0000
+    e.value = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&e.type, &e.value, &e.tb);
+#endif
+    return e;
+}
+
+static void sf_restore_error(sf_error e) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(e.value);
+#else
+    PyErr_Restore(e.type, e.value, e.tb);
+#endif
+}
+
+/* lock.acquire(): 0, or -1 with the exception set (e.g. a signal handler's). */
+static int sf_lock(PyObject *lock) {
+    PyObject *r = sf_call(lock, N_ACQUIRE, NULL, NULL);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+/* A new reference to the Connection; NULL once it died (an exception set only on error). */
+static PyObject *sf_connection(SocketFastObject *self) {
+    PyObject *conn = NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyWeakref_GetRef(self->conn_ref, &conn) < 0) return NULL;
+#else
+    conn = PyWeakref_GetObject(self->conn_ref);
+    conn = conn == Py_None ? NULL : Py_NewRef(conn);
+#endif
+    return conn;
+}
+
+/* obj.<name> is `expected`: 1, 0 if not, -1 error. */
+static int sf_attr_is(PyObject *obj, int name, PyObject *expected) {
+    PyObject *v = PyObject_GetAttr(obj, sf_names[name]);
+    if (!v) return -1;
+    int same = v == expected;
+    Py_DECREF(v);
+    return same;
+}
+
+/* Take the Connection's lock, then the transport's gate, of one direction: 1 with both
+ * held (new references in *lock, *gate), 0 when the Connection is gone, -1 on an error
+ * (nothing held in either case). */
+static int sf_enter(SocketFastObject *self, int lock_name, int gate_name, PyObject **lock, PyObject **gate) {
+    PyObject *conn = sf_connection(self);
+    if (!conn) return PyErr_Occurred() ? -1 : 0;
+    *lock = PyObject_GetAttr(conn, sf_names[lock_name]);
+    Py_DECREF(conn);
+    if (!*lock || sf_lock(*lock) < 0) {
+        Py_XDECREF(*lock);
+        return -1;
+    }
+    *gate = PyObject_GetAttr(self->transport, sf_names[gate_name]);
+    if (*gate && sf_lock(*gate) == 0) return 1;
+    Py_XDECREF(*gate);
+    PyObject *r = sf_call(*lock, N_RELEASE, NULL, NULL);
+    Py_XDECREF(r); /* releasing a lock we hold does not fail; the error reported is the one above */
+    Py_DECREF(*lock);
+    return -1;
+}
+
+/* Leave as the Python path does: the gate, the descriptor's release if close() came
+ * meanwhile, the Connection's lock. An exception already set is kept; one from leaving
+ * itself (a bug: releasing a lock we hold cannot fail) is reported as unraisable. */
+static void sf_leave(SocketFastObject *self, PyObject *lock, PyObject *gate) {
+    sf_error raised = sf_save_error();
+    PyObject *r = sf_call(gate, N_RELEASE, NULL, NULL);
+    if (r) {
+        Py_DECREF(r);
+        int closed = sf_attr_is(self->transport, N_CLOSED, Py_True);
+        r = closed == 1 ? sf_call(self->transport, N_RELEASE_IF_IDLE, NULL, NULL) : closed ? NULL : Py_NewRef(Py_None);
+    }
+    if (!r) PyErr_WriteUnraisable(self->transport);
+    Py_XDECREF(r);
+    r = sf_call(lock, N_RELEASE, NULL, NULL);
+    if (!r) PyErr_WriteUnraisable(lock);
+    Py_XDECREF(r);
+    Py_DECREF(lock);
+    Py_DECREF(gate);
+    sf_restore_error(raised);
+}
+
+/* The Connection's own method, for every call the fast path does not do. */
+static PyObject *sf_slow_way(SocketFastObject *self, int which, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    PyObject *conn = sf_connection(self), *bound = NULL, *ret = NULL;
+    if (!conn && PyErr_Occurred()) return NULL;
+    if (!conn) /* a bound method that outlived its Connection */
+        return PyErr_Format(Err_Closed ? Err_Closed : PyExc_OSError, "handle is closed");
+    bound = PyMethod_New(self->slow[which], conn);
+    if (bound) ret = PyObject_Vectorcall(bound, args, nargsf, kwnames);
+    Py_XDECREF(bound);
+    Py_DECREF(conn);
+    return ret;
+}
+
+/* The transport's state in which a frame may start here. */
+static int sf_rx_plain(SocketFastObject *self) {
+    int rc = sf_attr_is(self->transport, N_CLOSED, Py_False);
+    if (rc == 1) rc = sf_attr_is(self->transport, N_RX_BROKEN, Py_None);
+    if (rc == 1) {
+        PyObject *reader = PyObject_GetAttr(self->transport, sf_names[N_READER]);
+        rc = reader ? sf_attr_is(reader, N_IN_FRAME, Py_False) : -1;
+        Py_XDECREF(reader);
+    }
+    return rc;
+}
+
+static int sf_tx_plain(SocketFastObject *self) {
+    int rc = sf_attr_is(self->transport, N_CLOSED, Py_False);
+    if (rc == 1) {
+        PyObject *pending = PyObject_GetAttr(self->transport, sf_names[N_PENDING]);
+        rc = pending ? PyList_CheckExact(pending) && PyList_GET_SIZE(pending) == 0 : -1;
+        Py_XDECREF(pending);
+    }
+    return rc;
+}
+
+/* bytes of head[:hlen] + body[:blen] */
+static PyObject *sf_join(const unsigned char *head, Py_ssize_t hlen, const char *body, Py_ssize_t blen) {
+    PyObject *b = PyBytes_FromStringAndSize(NULL, hlen + blen);
+    if (b) {
+        memcpy(PyBytes_AS_STRING(b), head, (size_t)hlen);
+        if (blen) memcpy(PyBytes_AS_STRING(b) + hlen, body, (size_t)blen);
+    }
+    return b;
+}
+
+/* The frame whose first bytes were read here, finished by the transport's general path
+ * (it waits, reports end of stream or errors, takes big and special frames). */
+static PyObject *sf_rest_of_frame(SocketFastObject *self, const unsigned char *head, Py_ssize_t hlen,
+                                  const char *body, Py_ssize_t blen) {
+    PyObject *moved = sf_join(head, hlen, body, blen);
+    if (!moved) return NULL;
+    PyObject *ret = sf_call(self->transport, N_REST_OF_FRAME, moved, NULL);
+    Py_DECREF(moved);
+    return ret;
+}
+
+static PyObject *sf_recv_frame(SocketFastObject *self) {
+    unsigned char head[4];
+    ssize_t n;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        n = hp_sock_read(self->fd, head, sizeof head);
+        Py_END_ALLOW_THREADS
+        if (n != -EINTR) break;
+        if (PyErr_CheckSignals() < 0) return NULL; /* nothing of a frame was read */
+    }
+    if (n != (ssize_t)sizeof head) /* short, end of stream or an error: read or raised again there */
+        return sf_rest_of_frame(self, head, n > 0 ? n : 0, NULL, 0);
+    int32_t size = hp_sock_frame_length(head);
+    if (size < 0 || size > self->recv_limit) return sf_rest_of_frame(self, head, sizeof head, NULL, 0);
+    PyObject *payload = PyBytes_FromStringAndSize(NULL, size);
+    if (!payload) { /* the header is kept for the next call, as the Python path does */
+        sf_error raised = sf_save_error();
+        PyObject *moved = sf_join(head, sizeof head, NULL, 0), *reader = NULL, *r = NULL;
+        if (moved) reader = PyObject_GetAttr(self->transport, sf_names[N_READER]);
+        if (reader) r = sf_call(reader, N_FEED, moved, NULL);
+        if (!r) PyErr_WriteUnraisable(self->transport);
+        Py_XDECREF(r);
+        Py_XDECREF(reader);
+        Py_XDECREF(moved);
+        sf_restore_error(raised);
+        return NULL;
+    }
+    /* Sent with its header in one write: it is almost always here already. */
+    n = size ? hp_sock_read_ready(self->fd, PyBytes_AS_STRING(payload), (size_t)size) : 0;
+    if (n == size) return payload;
+    PyObject *ret = sf_rest_of_frame(self, head, sizeof head, PyBytes_AS_STRING(payload), n > 0 ? n : 0);
+    Py_DECREF(payload);
+    return ret;
+}
+
+static PyObject *sf_send_frame(SocketFastObject *self, const Py_buffer *view) {
+    ssize_t n, total = 4 + view->len;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        n = hp_sock_send_frame(self->fd, view->buf, (uint32_t)view->len);
+        Py_END_ALLOW_THREADS
+        if (n != -EINTR) break;
+        if (PyErr_CheckSignals() < 0) return NULL; /* nothing of the frame was written */
+    }
+    if (n == total) Py_RETURN_NONE;
+    /* Cut short (a signal, a shutdown) or refused: the general path writes the rest, or
+     * reports the error, as it would have. */
+    unsigned char head[4] = {(unsigned char)(view->len >> 24), (unsigned char)(view->len >> 16),
+                             (unsigned char)(view->len >> 8), (unsigned char)view->len};
+    PyObject *frame = sf_join(head, sizeof head, view->buf, view->len);
+    PyObject *written = frame ? PyLong_FromSsize_t(n > 0 ? n : 0) : NULL;
+    PyObject *ret = written ? sf_call(self->transport, N_SEND_REST, frame, written) : NULL;
+    Py_XDECREF(written);
+    Py_XDECREF(frame);
+    return ret;
+}
+
+static PyObject *SocketFast_send_bytes(SocketFastObject *self, PyObject *const *args, size_t nargsf,
+                                       PyObject *kwnames) {
+    PyObject *buf = PyVectorcall_NARGS(nargsf) == 1 && !kwnames ? args[0] : NULL, *lock, *gate, *ret = NULL;
+    Py_buffer view;
+    int viewed = 0, rc = 0;
+    if (buf && self->sending &&
+        (PyBytes_CheckExact(buf) || PyByteArray_CheckExact(buf) || PyMemoryView_Check(buf))) {
+        viewed = PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) == 0;
+        if (!viewed) PyErr_Clear(); /* e.g. not contiguous: the Connection raises its own error */
+    }
+    if (viewed && view.len <= self->send_limit) rc = sf_enter(self, N_SEND_LOCK, N_TX_GATE, &lock, &gate);
+    if (rc == 1) {
+        rc = sf_tx_plain(self);
+        if (rc == 1) ret = sf_send_frame(self, &view);
+        sf_leave(self, lock, gate);
+    }
+    if (viewed) PyBuffer_Release(&view);
+    if (rc != 0) return ret;
+    return sf_slow_way(self, FAST_SEND, args, nargsf, kwnames);
+}
+
+static PyObject *SocketFast_recv_bytes(SocketFastObject *self, PyObject *const *args, size_t nargsf,
+                                       PyObject *kwnames) {
+    PyObject *lock, *gate, *ret = NULL;
+    int rc = 0;
+    if (PyVectorcall_NARGS(nargsf) == 0 && !kwnames && self->receiving)
+        rc = sf_enter(self, N_RECV_LOCK, N_RX_GATE, &lock, &gate);
+    if (rc == 1) {
+        rc = sf_rx_plain(self);
+        if (rc == 1) ret = sf_recv_frame(self);
+        sf_leave(self, lock, gate);
+    }
+    if (rc != 0) return ret;
+    return sf_slow_way(self, FAST_RECV, args, nargsf, kwnames);
+}
+
+static PyObject *SocketFast_send_bytes_many(SocketFastObject *self, PyObject *const *args, size_t nargsf,
+                                            PyObject *kwnames) {
+    return sf_slow_way(self, FAST_SEND_MANY, args, nargsf, kwnames);
+}
+
+static PyObject *SocketFast_recv_bytes_many(SocketFastObject *self, PyObject *const *args, size_t nargsf,
+                                            PyObject *kwnames) {
+    return sf_slow_way(self, FAST_RECV_MANY, args, nargsf, kwnames);
+}
+
+static void SocketFast_dealloc(SocketFastObject *self) {
+    Py_CLEAR(self->conn_ref);
+    Py_CLEAR(self->transport);
+    for (int i = 0; i < FAST_NMETHODS; i++) Py_CLEAR(self->slow[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef SocketFast_methods[] = {
+    {"send_bytes", (PyCFunction)(void (*)(void))SocketFast_send_bytes, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"recv_bytes", (PyCFunction)(void (*)(void))SocketFast_recv_bytes, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"send_bytes_many", (PyCFunction)(void (*)(void))SocketFast_send_bytes_many, METH_FASTCALL | METH_KEYWORDS,
+     NULL},
+    {"recv_bytes_many", (PyCFunction)(void (*)(void))SocketFast_recv_bytes_many, METH_FASTCALL | METH_KEYWORDS,
+     NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef SocketFast_members[] = {
+    {"sending", T_BOOL, offsetof(SocketFastObject, sending), 0, "send_bytes may send (False: the slow way)"},
+    {"receiving", T_BOOL, offsetof(SocketFastObject, receiving), 0,
+     "recv_bytes may receive (False: the slow way)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject SocketFastType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "hyperpipe._core.SocketFast",
+    .tp_basicsize = sizeof(SocketFastObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A socket Connection's send_bytes/recv_bytes for small frames (socket_fast_path).",
+    .tp_dealloc = (destructor)SocketFast_dealloc,
+    .tp_methods = SocketFast_methods,
+    .tp_members = SocketFast_members,
+};
+
+/* socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit) -> SocketFast */
+static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
+    PyObject *ref, *methods, *transport;
+    int fd;
+    Py_ssize_t send_limit, recv_limit;
+    if (!PyArg_ParseTuple(args, "O!O!Oinn", &_PyWeakref_RefType, &ref, &PyDict_Type, &methods, &transport, &fd,
+                          &send_limit, &recv_limit))
+        return NULL;
+    if (fd < 0 || send_limit < 0 || send_limit > INT32_MAX || recv_limit < 0 || recv_limit > INT32_MAX)
+        return PyErr_Format(PyExc_ValueError, "socket_fast_path(): bad descriptor or limits");
+    if (!(SocketFastType.tp_flags & Py_TPFLAGS_READY)) {
+        /* The same signatures and docstrings as the Endpoint's versions of these methods. */
+        for (PyMethodDef *m = SocketFast_methods; m->ml_name; m++)
+            for (PyMethodDef *e = Endpoint_methods; e->ml_name; e++)
+                if (!strcmp(m->ml_name, e->ml_name)) m->ml_doc = e->ml_doc;
+        if (PyType_Ready(&SocketFastType) < 0) return NULL;
+    }
+    for (int i = 0; i < N_COUNT; i++)
+        if (!sf_names[i] && !(sf_names[i] = PyUnicode_InternFromString(sf_name_text[i]))) return NULL;
+    PyObject *slow[FAST_NMETHODS];
+    for (int i = 0; i < FAST_NMETHODS; i++) {
+        slow[i] = PyDict_GetItemString(methods, fast_names[i]);
+        if (!slow[i]) return PyErr_Format(PyExc_KeyError, "socket_fast_path() needs the method %s", fast_names[i]);
+    }
+    SocketFastObject *self = PyObject_New(SocketFastObject, &SocketFastType);
+    if (!self) return NULL;
+    self->conn_ref = Py_NewRef(ref);
+    self->transport = Py_NewRef(transport);
+    for (int i = 0; i < FAST_NMETHODS; i++) self->slow[i] = Py_NewRef(slow[i]);
+    self->fd = fd;
+    self->send_limit = send_limit;
+    self->recv_limit = recv_limit;
+    self->sending = self->receiving = 1;
+    return (PyObject *)self;
+}
+
 static PyMethodDef core_methods[] = {
     {"segment_create", core_segment_create, METH_VARARGS,
      "segment_create(capacity, nrings, heap_size=0) -> memfd of a new, initialised segment"},
@@ -1387,6 +1758,8 @@ static PyMethodDef core_methods[] = {
      "check_memfd(fd, size): ProtocolError unless fd is a memfd sealed at >= size bytes"},
     {"_set_errors", core_set_errors, METH_VARARGS,
      "_set_errors(timeout, closed, peer_closed, broken_pipe, protocol, too_long, buffer_too_short)"},
+    {"socket_fast_path", core_socket_fast_path, METH_VARARGS,
+     "socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit) -> SocketFast"},
     {NULL, NULL, 0, NULL},
 };
 

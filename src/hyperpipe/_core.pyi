@@ -1,4 +1,5 @@
-"""Stub of hyperpipe._core, the C binding of the shared-memory transport (src/hyperpipe/_core.c)."""
+"""Stub of hyperpipe._core, the C binding of the shared-memory transport and of the socket
+transport's fast path (src/hyperpipe/_core.c)."""
 
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -123,3 +124,24 @@ class Endpoint:
         (ProtocolError, its descriptors closed): views of a block of the peer's heap, or of
         the memfd `mapper(fd, size, writable)` maps; bytearray copies of a shared block's
         buffers unless `readonly`."""
+
+class SocketFast:
+    """A socket Connection's send_bytes/recv_bytes for small frames (SocketTransport.fast_path).
+
+    Its four methods have the Connection's signatures (Connection.send_bytes and so on):
+    one small buffer sent, or a receive with no argument, in C; any other call (and both
+    batch methods) by the Connection's own method."""
+
+    sending: bool
+    receiving: bool
+    send_bytes: Callable[..., None]
+    recv_bytes: Callable[..., bytes]
+    send_bytes_many: Callable[..., None]
+    recv_bytes_many: Callable[..., list[bytes]]
+
+def socket_fast_path(
+    connection: Any, methods: dict[str, Any], transport: Any, fd: int, send_limit: int, recv_limit: int, /
+) -> SocketFast:
+    """C versions of the Connection's methods named in `methods` (its own, for every call they
+    do not handle) for `transport`, a plain-socket SocketTransport on `fd`: payloads up to
+    `send_limit` are sent, and up to `recv_limit` received, in C."""

@@ -53,6 +53,14 @@ from ._framing import HEADER as _HEADER
 from ._framing import Direct, FrameReader, OobFrame
 from ._transport import Capabilities, Deadline, Transport, poll_ms
 
+try:
+    from . import _core
+except ImportError:  # no compiler at install: the Python path does every call
+    _core = None  # type: ignore[assignment]
+
+#: False: no C fast path for new connections (tests of the pure-Python path).
+C_FAST_PATH = True
+
 #: Seconds ``close()`` lets a frame that is being sent finish before closing anyway.
 CLOSE_SEND_BOUND = 2.0
 # Largest single read/write call (keeps memoryview slices and syscalls bounded).
@@ -529,17 +537,23 @@ class SocketTransport(Transport):
                     raise errors.ConnectionClosedError(_CUT) from None
                 _raise_send_error(exc)
             if written < len(frame):
-                with self._pending_lock:
-                    self._write_views(
-                        [memoryview(frame)[written:]],
-                        deadline,
-                        may_park=deadline is not None,
-                        written=written,
-                    )
+                self._send_rest(frame, written, deadline)
         finally:
             gate.release()
             if self._closed:
                 self._release_if_idle()
+
+    def _send_rest(self, frame: bytes, written: int, deadline: Deadline = None) -> None:
+        """Write the rest of a small frame whose first ``written`` bytes one write took
+        (0: it was refused, and is tried again to report why). Under the send gate; also
+        the C fast path's way out (``_core.SocketFast``)."""
+        with self._pending_lock:
+            self._write_views(
+                [memoryview(frame)[written:]],
+                deadline,
+                may_park=deadline is not None,
+                written=written,
+            )
 
     def send_frames(self, frames: list[memoryview], deadline: Deadline) -> None:
         """Send several frames with one write sequence: all are accepted, or none."""
@@ -661,6 +675,15 @@ class SocketTransport(Transport):
             return data
         return self._receive(maxlength, deadline, head=head + data)
 
+    def _rest_of_frame(self, head: bytes) -> bytes:
+        """The C fast path (``_core.SocketFast``) read ``head``, the start of a frame (maybe
+        nothing) that it does not finish: the whole frame, as ``recv_bytes`` returns it.
+        Under the receive gate, with no deadline."""
+        frame = self._receive(None, None, head=head)
+        if type(frame) is OobFrame:
+            return frame.in_band()
+        return frame if type(frame) is bytes else bytes(frame)
+
     def recv_frame(
         self,
         maxlength: Optional[int],
@@ -740,6 +763,20 @@ class SocketTransport(Transport):
                     return False
         finally:
             self._leave_rx()
+
+    def fast_path(self, connection: Any, methods: dict) -> Any:
+        # Only where the Python path's common case is the whole story: a plain socket (not
+        # a pipe end, which waits in poll(); not TLS) and no max_message_size to check.
+        if (
+            _core is None
+            or not C_FAST_PATH
+            or self._plain is None
+            or self.max_message_size is not None
+        ):
+            return None
+        return _core.socket_fast_path(
+            connection, methods, self, self._fd, _JOIN_LIMIT, self._small_limit
+        )
 
     # -- pickling ---------------------------------------------------------------------
     def reduce(self) -> tuple:
