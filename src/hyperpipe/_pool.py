@@ -69,12 +69,8 @@ def _head(fns: tuple) -> Optional[tuple[tuple, tuple, bytes, dict]]:
     names = [_name(fn) for fn in fns]
     if None in names:
         return None
-    prefix = b"\x80\x05" + b"".join(_string_op(m) + _string_op(n) + _MEMOIZE_POP for m, n in cast(list, names))
+    prefix = b"\x80\x05" + b"".join(_string_op(m) + _string_op(n) + _queues.MEMOIZE_POP for m, n in cast(list, names))
     return fns, tuple(names), prefix, {id(fn): (index, fn) for index, fn in enumerate(fns)}
-
-
-#: STACK_GLOBAL, MEMOIZE, POP: a function named into the unpickler's memo, off its stack
-_MEMOIZE_POP = b"\x93\x940"
 
 
 class _TaskSender:
