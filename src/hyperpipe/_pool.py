@@ -5,7 +5,7 @@ handler); with tiny tasks it is the bottleneck, so what it spends per task is wh
 the rate. For a Pool whose queues are hyperpipe's (and only for it):
 
 - **Its task handler's put names a task's functions once.** A ``map`` task is
-  ``(job, i, mapstar, (f, chunk), {})``; pickling the two functions by name (module import
+  ``(job, i, mapstar, ((f, chunk),), {})``; pickling the two functions by name (module import
   and attribute checks) is most of what its pickle costs. ``_TaskSender`` starts the pickle
   with opcodes that put the functions in the unpickler's memo (made once from pickle's own
   output, ``_head``) and pickles the task with a reused pickler whose memo already holds
@@ -107,8 +107,10 @@ class _TaskSender:
         if type(task) is not tuple or len(task) != 5:
             return None
         func, args = task[2], task[3]
-        if (func is _mpp.mapstar or func is _mpp.starmapstar) and type(args) is tuple and len(args) == 2:
-            fns: tuple = (func, args[0])
+        # a map's args: ((f, chunk),)
+        if (func is _mpp.mapstar or func is _mpp.starmapstar) and type(args) is tuple and len(args) == 1 \
+                and type(args[0]) is tuple and len(args[0]) == 2:
+            fns: tuple = (func, args[0][0])
         else:
             fns = (func,)
         head = self._head
