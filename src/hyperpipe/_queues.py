@@ -465,6 +465,8 @@ def _learn_task_front(data: bytes) -> Optional[_TaskFront]:
     bind them now; None if it starts otherwise or a name does not lead to a function here
     yet (pickle imports the module)."""
     global _task_front
+    if not data.startswith(b"\x80\x05"):  # the stand-in's PROTO
+        return None
     names = []
     pos = 2
     try:

@@ -121,6 +121,17 @@ def fail_on(x: int) -> int:
     return x
 
 
+def rebinds_itself(x: int) -> tuple:
+    """Rebind this very name to ``_rebound`` in the process that runs it."""
+    global rebinds_itself
+    rebinds_itself = _rebound
+    return ("first", x)
+
+
+def _rebound(x: int) -> tuple:
+    return ("rebound", x)
+
+
 def die(x: int) -> int:
     os._exit(1)
 
