@@ -10,7 +10,8 @@ the rate. For a Pool whose queues are hyperpipe's (and only for it):
   with opcodes that put the functions in the unpickler's memo (made once from pickle's own
   output, ``_head``) and pickles the task with a reused pickler whose memo already holds
   them, so each becomes a two-byte memo reference. The worker unpickles the same task, by
-  the same names, with any unpickler. Per task it still makes pickle's check (the name
+  the same names, with any unpickler (a hyperpipe worker looks them up once per run of
+  tasks and then only checks them: ``_queues._loads_task``). Per task it still makes pickle's check (the name
   still leads to that function). Tasks whose functions are not pickled by name (partials,
   callables with state, nested names), tasks with buffers to send out of band, a closed
   or non-shared-memory pipe go through ``Connection.send`` as before.

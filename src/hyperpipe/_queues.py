@@ -12,7 +12,8 @@ changes, for a queue whose pipe is a hyperpipe one and only for it, is how items
   ``ForkingPickler``'s reducers), over other transports through ``Connection.send``;
 - ``get`` takes the item off the pipe under the read lock and, over shared memory,
   unpickles it once the lock is free, as the standard library does (out-of-band buffers
-  arrive without a copy into a bytes object);
+  arrive without a copy into a bytes object); a Pool task whose pickle names its
+  functions up front has them found by name once per run of tasks (``_loads_task``);
 - a contended queue lock is retried after a few ``sched_yield()`` before sleeping on it;
 - the feeder's flush at exit (unless ``cancel_join_thread()``) runs at ``exitpriority=11``,
   before anything closes a connection at exit (10 and lower), so nothing put is lost;
