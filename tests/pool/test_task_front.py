@@ -26,8 +26,12 @@ from pool_support import TIMEOUT
 
 def _task_pickle(task: tuple) -> bytes:
     """What ``_TaskSender`` sends for ``task`` (its functions named up front)."""
-    sender = _pool._TaskSender(hyperpipe.Pipe(duplex=False)[1])
-    data = sender._pickle(task)
+    reader, writer = hyperpipe.Pipe(duplex=False)
+    try:
+        data = _pool._TaskSender(writer)._pickle(task)
+    finally:
+        reader.close()
+        writer.close()
     assert data is not None and data[2:3] == b"\x8c"
     return data
 
