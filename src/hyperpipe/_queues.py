@@ -115,10 +115,13 @@ def _mode(queue: Any) -> int:
 
 
 def _pipe_mode(queue: Any) -> int:
-    """``NATIVE_SHM`` when both ends of a queue's hyperpipe pipe are shared-memory ones
-    without a codec (frames go straight to the transport), else ``NATIVE``."""
-    shm = all(isinstance(conn._transport, ShmTransport) and conn._codec is None
-              for conn in (queue._writer, queue._reader))
+    """``NATIVE_SHM`` when the ends of a queue's hyperpipe pipe still open in this process
+    are shared-memory ones without a codec (frames go straight to the transport), else
+    ``NATIVE``. A closed end does not count: a Pool worker closes the end of each queue it
+    does not use before its first ``get``/``put`` (under spawn and forkserver that is when
+    the mode is worked out)."""
+    ends = [conn for conn in (queue._writer, queue._reader) if conn._transport is not None]
+    shm = bool(ends) and all(isinstance(conn._transport, ShmTransport) and conn._codec is None for conn in ends)
     return NATIVE_SHM if shm else NATIVE
 
 

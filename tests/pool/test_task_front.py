@@ -184,3 +184,16 @@ def test_a_worker_sees_a_rebinding_between_tasks(flavor):
         results = pool.map(support.rebinds_itself, [1, 2, 3], chunksize=1)
         assert results == [("first", 1), ("rebound", 2), ("rebound", 3)]
     pool.join()
+
+
+def test_every_start_method_s_workers_take_the_shared_memory_path(flavor):
+    # a worker closes the queue ends it does not use: under spawn and forkserver before
+    # the mode is worked out, which must not make it fall back to Connection.send/recv
+    with flavor.ctx.Pool(1) as pool:
+        modes, names = pool.map(support.worker_task_path, range(3), chunksize=1)[-1]
+    pool.join()
+    if flavor.is_stdlib:
+        assert set(modes) <= {_queues.NOT_NATIVE} and names is None  # patched earlier or not
+    else:
+        assert modes == [_queues.NATIVE_SHM] * 2
+        assert names == ["mapstar", "worker_task_path"]
