@@ -491,7 +491,7 @@ def _learn_task_front(data: bytes) -> Optional[_TaskFront]:
             if function is None:
                 return None
             names.append((pair[0], pair[1], function))
-    except (IndexError, UnicodeDecodeError):
+    except Exception:  # noqa: BLE001 - out of bounds, not UTF-8, a module's __getattr__: pickle's own outcome
         return None
     if not names:
         return None
@@ -513,12 +513,15 @@ def _loads_task(data: bytes) -> Any:
         if front is None:
             return _unpickle(data)
     modules = _modules
-    for module, name, function in front.names:
-        if getattr(modules.get(module), name, None) is not function:  # rebound since
-            front = _learn_task_front(data)
-            if front is None:
-                return _unpickle(data)
-            break
+    try:
+        for module, name, function in front.names:
+            if getattr(modules.get(module), name, None) is not function:  # rebound since
+                front = _learn_task_front(data)
+                if front is None:
+                    return _unpickle(data)
+                break
+    except Exception:  # noqa: BLE001 - a module's __getattr__ raised: pickle's own outcome
+        return _unpickle(data)
     for module, name, _ in front.names:
         _audit("pickle.find_class", module, name)
     try:

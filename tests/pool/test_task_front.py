@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import types
 import weakref
 
 import pytest
@@ -83,6 +84,16 @@ def test_a_rebound_name_gives_the_new_function_as_pickle_does(loads_seen, monkey
     monkeypatch.delattr(support, "inc")
     assert _outcome(_queues._loads_task, data) == _outcome(pickle.loads, data)
     assert _outcome(pickle.loads, data)[0] is AttributeError
+
+
+def test_a_module_getattr_that_raises_raises_as_in_pickle(loads_seen, monkeypatch):
+    data = _task_pickle((3, 0, mpp.mapstar, ((support.inc, (1,)),), {}))
+    assert _queues._loads_task(data)[1] == 0  # the front is known
+    raising = types.ModuleType("pool_support")
+    raising.__getattr__ = lambda name: (_ for _ in ()).throw(RuntimeError(f"no {name} here"))
+    monkeypatch.setitem(sys.modules, "pool_support", raising)
+    assert _outcome(pickle.loads, data) == (RuntimeError, "no inc here")
+    assert _outcome(_queues._loads_task, data) == (RuntimeError, "no inc here")
 
 
 def test_a_module_not_imported_yet_is_imported_by_pickle(loads_seen, monkeypatch):
