@@ -526,9 +526,23 @@ def _loads_task(data: bytes) -> Any:
         _audit("pickle.find_class", module, name)
     try:
         return _unpickle(front.stand_in + data[front.length:], buffers=front.functions)
-    except pickle.UnpicklingError:
-        # e.g. the rest asks for a buffer of its own: the plain unpickler's error
-        return _unpickle(data)
+    except pickle.UnpicklingError as exc:
+        if exc.args == _OUT_OF_BUFFERS:  # the rest asks for a buffer of its own
+            raise pickle.UnpicklingError(*_NO_BUFFERS) from None  # as pickle.loads(data) does
+        raise
+
+
+def _pickle_error(**kwargs: Any) -> tuple:
+    """The arguments of pickle's error for a pickle asking for one buffer (NEXT_BUFFER)."""
+    try:
+        _unpickle(b"\x80\x05\x97.", **kwargs)
+    except pickle.UnpicklingError as exc:
+        return exc.args
+    return ()
+
+
+_NO_BUFFERS = _pickle_error()
+_OUT_OF_BUFFERS = _pickle_error(buffers=())
 
 
 def _loads(item: Any) -> Any:
