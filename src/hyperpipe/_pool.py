@@ -5,12 +5,13 @@ handler); with tiny tasks it is the bottleneck, so what it spends per task is wh
 the rate. For a Pool whose queues are hyperpipe's (and only for it):
 
 - **Its task handler's put names a task's functions once.** A ``map`` task is
-  ``(job, i, mapstar, (f, chunk), {})``; pickling the two functions by name (module import
+  ``(job, i, mapstar, ((f, chunk),), {})``; pickling the two functions by name (module import
   and attribute checks) is most of what its pickle costs. ``_TaskSender`` starts the pickle
   with opcodes that put the functions in the unpickler's memo (made once from pickle's own
   output, ``_head``) and pickles the task with a reused pickler whose memo already holds
   them, so each becomes a two-byte memo reference. The worker unpickles the same task, by
-  the same names, with any unpickler. Per task it still makes pickle's check (the name
+  the same names, with any unpickler (a hyperpipe worker looks them up once per run of
+  tasks and then only checks them: ``_queues._loads_task``). Per task it still makes pickle's check (the name
   still leads to that function). Tasks whose functions are not pickled by name (partials,
   callables with state, nested names), tasks with buffers to send out of band, a closed
   or non-shared-memory pipe go through ``Connection.send`` as before.
@@ -69,12 +70,8 @@ def _head(fns: tuple) -> Optional[tuple[tuple, tuple, bytes, dict]]:
     names = [_name(fn) for fn in fns]
     if None in names:
         return None
-    prefix = b"\x80\x05" + b"".join(_string_op(m) + _string_op(n) + _MEMOIZE_POP for m, n in cast(list, names))
+    prefix = b"\x80\x05" + b"".join(_string_op(m) + _string_op(n) + _queues.MEMOIZE_POP for m, n in cast(list, names))
     return fns, tuple(names), prefix, {id(fn): (index, fn) for index, fn in enumerate(fns)}
-
-
-#: STACK_GLOBAL, MEMOIZE, POP: a function named into the unpickler's memo, off its stack
-_MEMOIZE_POP = b"\x93\x940"
 
 
 class _TaskSender:
@@ -111,8 +108,10 @@ class _TaskSender:
         if type(task) is not tuple or len(task) != 5:
             return None
         func, args = task[2], task[3]
-        if (func is _mpp.mapstar or func is _mpp.starmapstar) and type(args) is tuple and len(args) == 2:
-            fns: tuple = (func, args[0])
+        # a map's args: ((f, chunk),)
+        if (func is _mpp.mapstar or func is _mpp.starmapstar) and type(args) is tuple and len(args) == 1 \
+                and type(args[0]) is tuple and len(args[0]) == 2:
+            fns: tuple = (func, args[0][0])
         else:
             fns = (func,)
         head = self._head

@@ -12,7 +12,8 @@ changes, for a queue whose pipe is a hyperpipe one and only for it, is how items
   ``ForkingPickler``'s reducers), over other transports through ``Connection.send``;
 - ``get`` takes the item off the pipe under the read lock and, over shared memory,
   unpickles it once the lock is free, as the standard library does (out-of-band buffers
-  arrive without a copy into a bytes object);
+  arrive without a copy into a bytes object); a Pool task whose pickle names its
+  functions up front has them found by name once per run of tasks (``_loads_task``);
 - a contended queue lock is retried after a few ``sched_yield()`` before sleeping on it;
 - the feeder's flush at exit (unless ``cancel_join_thread()``) runs at ``exitpriority=11``,
   before anything closes a connection at exit (10 and lower), so nothing put is lost;
@@ -32,6 +33,7 @@ import errno
 import itertools
 import os
 import pickle
+import sys
 import threading
 import time
 import weakref
@@ -113,10 +115,13 @@ def _mode(queue: Any) -> int:
 
 
 def _pipe_mode(queue: Any) -> int:
-    """``NATIVE_SHM`` when both ends of a queue's hyperpipe pipe are shared-memory ones
-    without a codec (frames go straight to the transport), else ``NATIVE``."""
-    shm = all(isinstance(conn._transport, ShmTransport) and conn._codec is None
-              for conn in (queue._writer, queue._reader))
+    """``NATIVE_SHM`` when the ends of a queue's hyperpipe pipe still open in this process
+    are shared-memory ones without a codec (frames go straight to the transport), else
+    ``NATIVE``. A closed end does not count: a Pool worker closes the end of each queue it
+    does not use before its first ``get``/``put`` (under spawn and forkserver that is when
+    the mode is worked out)."""
+    ends = [conn for conn in (queue._writer, queue._reader) if conn._transport is not None]
+    shm = bool(ends) and all(isinstance(conn._transport, ShmTransport) and conn._codec is None for conn in ends)
     return NATIVE_SHM if shm else NATIVE
 
 
@@ -431,6 +436,114 @@ def _receive(conn: Connection, mode: int, deadline: Deadline) -> Any:
 
 _unpickle = ForkingPickler.loads
 
+#: STACK_GLOBAL, MEMOIZE, POP: a function named into the unpickler's memo, off its stack
+#: (``_pool._TaskSender`` starts a Pool task's pickle with one such name per function)
+MEMOIZE_POP = b"\x93\x940"
+
+#: a task pickle longer than this is unpickled as it is (the fast path copies it once)
+TASK_FRONT_MAX = 2048
+
+
+class _TaskFront:
+    """The front of the last Pool task pickle a worker took (PROTO 5, then per function
+    its module and name as SHORT_BINUNICODE, MEMOIZE_POP) and the functions it names."""
+
+    __slots__ = ("front", "length", "names", "functions", "stand_in")
+
+    def __init__(self, front: bytes, names: tuple, functions: tuple) -> None:
+        self.front = front
+        self.length = len(front)
+        self.names = names  # (module, name, function) per function
+        self.functions = functions
+        # the same memo, filled from ``buffers=`` instead of by name: NEXT_BUFFER, MEMOIZE, POP
+        self.stand_in = b"\x80\x05" + b"\x97\x940" * len(functions)
+
+
+_task_front: Optional[_TaskFront] = None
+_modules = sys.modules
+_audit = sys.audit
+
+
+def _learn_task_front(data: bytes) -> Optional[_TaskFront]:
+    """The ``_TaskFront`` ``data`` starts with, its functions as this process's modules
+    bind them now; None if it starts otherwise or a name does not lead to a function here
+    yet (pickle imports the module)."""
+    global _task_front
+    if not data.startswith(b"\x80\x05"):  # the stand-in's PROTO
+        return None
+    names = []
+    pos = 2
+    try:
+        while data[pos] == 0x8C:
+            pair = []
+            for _ in range(2):  # its module, its name
+                if data[pos] != 0x8C:
+                    return None
+                end = pos + 2 + data[pos + 1]
+                if end > len(data):
+                    return None
+                pair.append(data[pos + 2:end].decode("utf-8", "surrogatepass"))  # as pickle does
+                pos = end
+            if data[pos:pos + 3] != MEMOIZE_POP or "." in pair[1]:
+                return None
+            pos += 3
+            function = getattr(sys.modules.get(pair[0]), pair[1], None)
+            if function is None:
+                return None
+            names.append((pair[0], pair[1], function))
+    except Exception:  # noqa: BLE001 - out of bounds, not UTF-8, a module's __getattr__: pickle's own outcome
+        return None
+    if not names:
+        return None
+    front = _task_front = _TaskFront(data[:pos], tuple(names), tuple(fn for _, _, fn in names))
+    return front
+
+
+def _loads_task(data: bytes) -> Any:
+    """``pickle.loads(data)`` for a bytes item whose pickle may start with a task front:
+    the functions it names are found by name once per front, then per task only checked
+    (pickle's lookup, ``getattr`` of the module in ``sys.modules``, must still give that
+    very function, and its audit event is raised), and the rest is unpickled with them
+    standing in the memo (``NEXT_BUFFER`` of ``buffers=``) instead of found by name."""
+    front = _task_front
+    if len(data) > TASK_FRONT_MAX:
+        return _unpickle(data)
+    if front is None or not data.startswith(front.front):
+        front = _learn_task_front(data)
+        if front is None:
+            return _unpickle(data)
+    modules = _modules
+    try:
+        for module, name, function in front.names:
+            if getattr(modules.get(module), name, None) is not function:  # rebound since
+                front = _learn_task_front(data)
+                if front is None:
+                    return _unpickle(data)
+                break
+    except Exception:  # noqa: BLE001 - a module's __getattr__ raised: pickle's own outcome
+        return _unpickle(data)
+    for module, name, _ in front.names:
+        _audit("pickle.find_class", module, name)
+    try:
+        return _unpickle(front.stand_in + data[front.length:], buffers=front.functions)
+    except pickle.UnpicklingError as exc:
+        if exc.args == _OUT_OF_BUFFERS:  # the rest asks for a buffer of its own
+            raise pickle.UnpicklingError(*_NO_BUFFERS) from None  # as pickle.loads(data) does
+        raise
+
+
+def _pickle_error(**kwargs: Any) -> tuple:
+    """The arguments of pickle's error for a pickle asking for one buffer (NEXT_BUFFER)."""
+    try:
+        _unpickle(b"\x80\x05\x97.", **kwargs)
+    except pickle.UnpicklingError as exc:
+        return exc.args
+    return ()
+
+
+_NO_BUFFERS = _pickle_error()
+_OUT_OF_BUFFERS = _pickle_error(buffers=())
+
 
 def _loads(item: Any) -> Any:
     """The object of a frame ``_receive`` took over shared memory."""
@@ -594,7 +707,12 @@ def _simple_get(self: Any) -> Any:
     finally:
         rlock.release()
     # unpickled once the lock is free, as the standard library does
-    return item if mode != NATIVE_SHM else _unpickle(item) if type(item) is bytes else _loads(item)
+    if mode != NATIVE_SHM:
+        return item
+    if type(item) is bytes:
+        # a Pool's task starts with PROTO 5 and a function's module name (no FRAME)
+        return _loads_task(item) if item[2:3] == b"\x8c" else _unpickle(item)
+    return _loads(item)
 
 
 _PATCHES: dict[tuple[type, str], Callable[..., Any]] = {

@@ -3,6 +3,7 @@ spawn and forkserver children can import it by name)."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import multiprocessing.queues
 import os
@@ -119,6 +120,26 @@ def fail_on(x: int) -> int:
     if x == 3:
         raise ValueError("three")
     return x
+
+
+def rebinds_itself(x: int) -> tuple:
+    """Rebind this very name to ``_rebound`` in the process that runs it."""
+    global rebinds_itself
+    rebinds_itself = _rebound
+    return ("first", x)
+
+
+def _rebound(x: int) -> tuple:
+    return ("rebound", x)
+
+
+def worker_task_path(_: Any) -> tuple:
+    """How this process moves its SimpleQueues' items (their modes, sorted) and the
+    functions of the last task front it unpickled (``_queues._loads_task``)."""
+    modes = sorted(q._hp_mode for q in gc.get_objects() if isinstance(q, multiprocessing.queues.SimpleQueue)
+                   and hasattr(q, "_hp_mode"))
+    front = _queues._task_front
+    return modes, None if front is None else [name for _, name, _ in front.names]
 
 
 def die(x: int) -> int:

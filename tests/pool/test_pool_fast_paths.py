@@ -34,11 +34,11 @@ def _received(reader) -> bytes:
 
 
 MAP_TASKS = [
-    (3, 0, mpp.mapstar, (support.inc, (1, 2, 3)), {}),
-    (4, 7, mpp.starmapstar, (divmod, ((7, 2), (9, 4))), {}),
+    (3, 0, mpp.mapstar, ((support.inc, (1, 2, 3)),), {}),
+    (4, 7, mpp.starmapstar, ((divmod, ((7, 2), (9, 4))),), {}),
     (5, 0, support.inc, (41,), {}),  # apply_async
     (6, 0, support.inc, (), {"x": 1}),  # keywords
-    (2**31 - 1, 2**40, mpp.mapstar, (len, ("ab", b"\x00" * 70_000)), {}),  # big ints, a 2-frame chunk
+    (2**31 - 1, 2**40, mpp.mapstar, ((len, ("ab", b"\x00" * 70_000)),), {}),  # big ints, a 2-frame chunk
 ]
 
 
@@ -60,18 +60,28 @@ def test_the_functions_are_named_once_per_run_of_tasks(sender, monkeypatch):
     built = []
     monkeypatch.setattr(_pool, "_head", lambda fns, build=_pool._head: built.append(fns) or build(fns))
     for i in range(5):
-        task_sender.put((9, i, mpp.mapstar, (support.inc, (i,)), {}))
-    task_sender.put((9, 5, mpp.starmapstar, (divmod, ((i, 1),)), {}))
+        task_sender.put((9, i, mpp.mapstar, ((support.inc, (i,)),), {}))
+    task_sender.put((9, 5, mpp.starmapstar, ((divmod, ((i, 1),)),), {}))
     assert built == [(mpp.mapstar, support.inc), (mpp.starmapstar, divmod)]
-    assert [pickle.loads(_received(reader)) for _ in range(6)][4] == (9, 4, mpp.mapstar, (support.inc, (4,)), {})
+    assert [pickle.loads(_received(reader)) for _ in range(6)][4] == (9, 4, mpp.mapstar, ((support.inc, (4,)),), {})
+
+
+def test_a_pool_s_map_tasks_name_both_functions(monkeypatch):
+    named = []
+    monkeypatch.setattr(_pool, "_head", lambda fns, build=_pool._head: named.append(fns) or build(fns))
+    with hyperpipe.get_context("fork").Pool(1) as pool:
+        assert pool.map(support.inc, range(5), chunksize=2) == [1, 2, 3, 4, 5]
+        assert pool.starmap(divmod, [(7, 2)]) == [(3, 1)]
+    pool.join()
+    assert named == [(mpp.mapstar, support.inc), (mpp.starmapstar, divmod)]
 
 
 OTHER_TASKS = [
     None,  # the sentinel that stops a worker
-    (1, 0, mpp.mapstar, (functools.partial(divmod, 7), (1,)), {}),  # a partial: pickled each time
-    (1, 0, mpp.mapstar, (support.inc, (pickle.PickleBuffer(bytearray(1 << 17)),)), {}),  # out of band
+    (1, 0, mpp.mapstar, ((functools.partial(divmod, 7), (1,)),), {}),  # a partial: pickled each time
+    (1, 0, mpp.mapstar, ((support.inc, (pickle.PickleBuffer(bytearray(1 << 17)),)),), {}),  # out of band
     (1, 0, operator.attrgetter("real"), (1,), {}),  # a callable with state
-    (1, 0, mpp.mapstar, (support.OwnFeederQueue._feed, (1,)), {}),  # a nested name
+    (1, 0, mpp.mapstar, ((support.OwnFeederQueue._feed, (1,)),), {}),  # a nested name
 ]
 
 
@@ -86,7 +96,7 @@ def test_other_tasks_go_through_connection_send(sender, task, monkeypatch):
     assert sent == [task]
     arrived = reader.recv()
     if task is OTHER_TASKS[2]:
-        assert bytes(arrived[3][1][0]) == bytes(task[3][1][0])
+        assert bytes(arrived[3][0][1][0]) == bytes(task[3][0][1][0])
     else:
         assert repr(arrived) == repr(task)  # (a partial's pickle is not the same after a trip)
 
@@ -94,22 +104,22 @@ def test_other_tasks_go_through_connection_send(sender, task, monkeypatch):
 def test_a_rebound_function_is_refused_as_pickle_does(sender):
     task_sender, reader = sender
     original = support.inc
-    task_sender.put((1, 0, mpp.mapstar, (original, (1,)), {}))
+    task_sender.put((1, 0, mpp.mapstar, ((original, (1,)),), {}))
     support.inc = support.fail_on
     try:
         with pytest.raises(pickle.PicklingError, match="not the same object"):
-            task_sender.put((1, 1, mpp.mapstar, (original, (2,)), {}))
+            task_sender.put((1, 1, mpp.mapstar, ((original, (2,)),), {}))
     finally:
         support.inc = original
-    task_sender.put((1, 2, mpp.mapstar, (original, (3,)), {}))
+    task_sender.put((1, 2, mpp.mapstar, ((original, (3,)),), {}))
     assert [pickle.loads(_received(reader))[1] for _ in range(2)] == [0, 2]
 
 
 def test_an_unpicklable_chunk_raises_with_nothing_sent(sender):
     task_sender, reader = sender
     with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
-        task_sender.put((1, 0, mpp.mapstar, (support.inc, (lambda: 0,)), {}))
-    task_sender.put((1, 1, mpp.mapstar, (support.inc, (1,)), {}))  # the pickler is reusable
+        task_sender.put((1, 0, mpp.mapstar, ((support.inc, (lambda: 0,)),), {}))
+    task_sender.put((1, 1, mpp.mapstar, ((support.inc, (1,)),), {}))  # the pickler is reusable
     assert pickle.loads(_received(reader))[1] == 1
     assert not reader.poll(0)
 
@@ -118,7 +128,7 @@ def test_a_closed_task_queue_raises_as_connection_send(sender):
     task_sender, _ = sender
     task_sender._conn.close()
     with pytest.raises(OSError):
-        task_sender.put((1, 0, mpp.mapstar, (support.inc, (1,)), {}))
+        task_sender.put((1, 0, mpp.mapstar, ((support.inc, (1,)),), {}))
 
 
 def test_which_pools_get_the_fast_paths(flavor):
@@ -176,6 +186,6 @@ class _RaisesOnEquality:
 
 def test_functions_are_compared_by_identity(sender):
     task_sender, reader = sender
-    task_sender.put((1, 0, mpp.mapstar, (support.inc, (1,)), {}))
-    task_sender.put((1, 1, mpp.mapstar, (_RaisesOnEquality(), (1,)), {}))  # pickled by Connection.send
+    task_sender.put((1, 0, mpp.mapstar, ((support.inc, (1,)),), {}))
+    task_sender.put((1, 1, mpp.mapstar, ((_RaisesOnEquality(), (1,)),), {}))  # pickled by Connection.send
     assert [pickle.loads(_received(reader))[1] for _ in range(2)] == [0, 1]
