@@ -58,16 +58,21 @@ def _receive(conn: Any, call: str, timeout: float) -> Any:
     return getattr(conn, call)(timeout=timeout)
 
 
-@pytest.mark.parametrize("kind", ["socketpair", "pipe"])
-@pytest.mark.parametrize("call", ["recv_bytes", "recv", "recv_bytes_into"])
-@pytest.mark.parametrize("shape", ["small", "empty", "long_header", "past_small_frame"])
-def test_a_frame_cut_at_every_byte_still_arrives_whole(kind: str, call: str, shape: str) -> None:
-    payload = {
+def _payload(shape: str) -> bytes:
+    """A payload of each size class the receive paths tell apart."""
+    return {
         "small": helpers.pattern(23),
         "empty": b"",
         "long_header": helpers.pattern(9),
         "past_small_frame": helpers.pattern(_socket_transport._SMALL_FRAME + 7),
     }[shape]
+
+
+@pytest.mark.parametrize("kind", ["socketpair", "pipe"])
+@pytest.mark.parametrize("call", ["recv_bytes", "recv", "recv_bytes_into"])
+@pytest.mark.parametrize("shape", ["small", "empty", "long_header", "past_small_frame"])
+def test_a_frame_cut_at_every_byte_still_arrives_whole(kind: str, call: str, shape: str) -> None:
+    payload = _payload(shape)
     if call == "recv":
         payload = pickle.dumps(payload)
     frame = _frame(payload, long=shape == "long_header")
@@ -482,12 +487,7 @@ def test_a_blocking_receive_of_a_frame_cut_anywhere(path: str, shape: str) -> No
         frame = b"".join(bytes(v) for v in _socket_transport._framing.oob_views(stream, buffers))
         expected = pickle.dumps(value, 5)
     else:
-        payload = {
-            "small": helpers.pattern(23),
-            "empty": b"",
-            "long_header": helpers.pattern(9),
-            "past_small_frame": helpers.pattern(_socket_transport._SMALL_FRAME + 7),
-        }[shape]
+        payload = _payload(shape)
         frame, expected = _frame(payload, long=shape == "long_header"), payload
     cuts = list(range(1, min(len(frame), 40))) + [len(frame) // 2, len(frame) - 1]
     raw = a.fileno()
