@@ -6,6 +6,7 @@ them fall short at every byte and check that nothing is lost, duplicated or read
 
 from __future__ import annotations
 
+import gc
 import inspect
 import multiprocessing
 import multiprocessing.connection
@@ -17,6 +18,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -749,3 +751,22 @@ def test_threads_sharing_one_end_each_message_once(path: str) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_connection_cut_inside_a_big_frame_is_freed(path: str) -> None:
+    # The transport keeps the error (a frame cut by its end stays broken), whose traceback
+    # holds the Connection's frames: a reference cycle through the C methods the
+    # Connection carries, which the garbage collector must be able to see and free, with
+    # the buffer reserved for the frame.
+    a, b = hyperpipe.Pipe(transport="socket")
+    assert _uses(b, path)
+    _write_all(a.fileno(), _frame(bytes(100_000))[:50_000])
+    a.close()
+    with pytest.raises(hyperpipe.TruncatedMessageError):
+        b.recv_bytes(timeout=5)
+    b.close()
+    gone = weakref.ref(b)
+    del b
+    gc.collect()
+    assert gone() is None
+

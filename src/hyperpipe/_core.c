@@ -1459,6 +1459,7 @@ static int sf_lock(PyObject *lock) {
 /* A new reference to the Connection; NULL once it died (an exception set only on error). */
 static PyObject *sf_connection(SocketFastObject *self) {
     PyObject *conn = NULL;
+    if (!self->conn_ref) return NULL; /* cleared by the garbage collector */
 #if PY_VERSION_HEX >= 0x030D0000
     if (PyWeakref_GetRef(self->conn_ref, &conn) < 0) return NULL;
 #else
@@ -1526,6 +1527,10 @@ static PyObject *sf_slow_way(SocketFastObject *self, int which, PyObject *const 
     if (!conn && PyErr_Occurred()) return NULL;
     if (!conn) /* a bound method that outlived its Connection */
         return PyErr_Format(Err_Closed ? Err_Closed : PyExc_OSError, "handle is closed");
+    if (!self->slow[which]) { /* cleared by the garbage collector */
+        Py_DECREF(conn);
+        return PyErr_Format(Err_Closed ? Err_Closed : PyExc_OSError, "handle is closed");
+    }
     bound = PyMethod_New(self->slow[which], conn);
     if (bound) ret = PyObject_Vectorcall(bound, args, nargsf, kwnames);
     Py_XDECREF(bound);
@@ -1679,10 +1684,29 @@ static PyObject *SocketFast_recv_bytes_many(SocketFastObject *self, PyObject *co
     return sf_slow_way(self, FAST_RECV_MANY, args, nargsf, kwnames);
 }
 
-static void SocketFast_dealloc(SocketFastObject *self) {
+/* The garbage collector sees what a SocketFast holds: the Connection's bound methods
+ * hold it, and it holds the transport, so a Connection in a reference cycle (e.g. through
+ * an exception kept on the transport, whose traceback holds the Connection's frames)
+ * would otherwise never be freed, nor its buffers. */
+static int SocketFast_traverse(SocketFastObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->conn_ref);
+    Py_VISIT(self->transport);
+    for (int i = 0; i < FAST_NMETHODS; i++) Py_VISIT(self->slow[i]);
+    return 0;
+}
+
+/* After this every call goes the slow way, which raises "handle is closed". */
+static int SocketFast_clear(SocketFastObject *self) {
+    self->sending = self->receiving = 0;
     Py_CLEAR(self->conn_ref);
     Py_CLEAR(self->transport);
     for (int i = 0; i < FAST_NMETHODS; i++) Py_CLEAR(self->slow[i]);
+    return 0;
+}
+
+static void SocketFast_dealloc(SocketFastObject *self) {
+    PyObject_GC_UnTrack(self);
+    SocketFast_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1706,7 +1730,9 @@ static PyMemberDef SocketFast_members[] = {
 static PyTypeObject SocketFastType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "hyperpipe._core.SocketFast",
     .tp_basicsize = sizeof(SocketFastObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)SocketFast_traverse,
+    .tp_clear = (inquiry)SocketFast_clear,
     .tp_doc = "A socket Connection's send_bytes/recv_bytes for small frames (socket_fast_path).",
     .tp_dealloc = (destructor)SocketFast_dealloc,
     .tp_methods = SocketFast_methods,
@@ -1737,7 +1763,7 @@ static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
         slow[i] = PyDict_GetItemString(methods, fast_names[i]);
         if (!slow[i]) return PyErr_Format(PyExc_KeyError, "socket_fast_path() needs the method %s", fast_names[i]);
     }
-    SocketFastObject *self = PyObject_New(SocketFastObject, &SocketFastType);
+    SocketFastObject *self = PyObject_GC_New(SocketFastObject, &SocketFastType);
     if (!self) return NULL;
     self->conn_ref = Py_NewRef(ref);
     self->transport = Py_NewRef(transport);
@@ -1746,6 +1772,7 @@ static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
     self->send_limit = send_limit;
     self->recv_limit = recv_limit;
     self->sending = self->receiving = 1;
+    PyObject_GC_Track(self);
     return (PyObject *)self;
 }
 

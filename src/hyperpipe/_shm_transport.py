@@ -25,6 +25,7 @@ against the cap on bytes in flight.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import io
@@ -94,6 +95,10 @@ if _core is not None:
 _available: Optional[bool] = None
 
 
+#: errors of a probe that say nothing about the kernel: out of descriptors or memory for now
+_PASSING_SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
 def available() -> bool:
     """True when the C core is built and the kernel has what it needs (Linux, memfd)."""
     global _available
@@ -102,7 +107,10 @@ def available() -> bool:
         if ok:
             try:
                 os.close(_core.segment_create(4096, 1))
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _PASSING_SHORTAGES:
+                    # not an answer: asked again next time, and Pipe() reports the shortage
+                    return True
                 ok = False
         _available = ok
     return _available

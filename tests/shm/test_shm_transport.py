@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -423,3 +424,22 @@ def test_a_send_with_no_time_left_does_not_spin_on_a_full_ring() -> None:
     finally:
         reader.close()
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "error, answer, kept",
+    [(errno.EMFILE, True, None), (errno.ENFILE, True, None), (errno.ENOSYS, False, False)],
+    ids=["out-of-descriptors", "system-out-of-files", "no-memfd"],
+)
+def test_the_availability_probe_tells_a_shortage_from_a_missing_feature(
+    monkeypatch: Any, error: int, answer: bool, kept: Any
+) -> None:
+    # A process that is out of descriptors when it first asks must not lose the shm
+    # transport for good: that answer is not kept, and Pipe() reports the shortage itself.
+    def failing_probe(*args: Any) -> int:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(_shm_transport, "_available", None)
+    monkeypatch.setattr(_shm_transport._core, "segment_create", failing_probe)
+    assert _shm_transport.available() is answer
+    assert _shm_transport._available is kept
