@@ -1798,6 +1798,8 @@ static struct PyModuleDef core_module = {
     .m_methods = core_methods,
 };
 
+static int queue_fast_add(PyObject *m); /* the queue's section, at the end */
+
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&EndpointType) < 0 || PyType_Ready(&HeapMapType) < 0 ||
         PyType_Ready(&HeapBlockType) < 0)
@@ -1809,9 +1811,361 @@ PyMODINIT_FUNC PyInit__core(void) {
         PyModule_AddIntConstant(m, "HEAP_GRANULE", (long)HP_HEAP_GRANULE) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_BLOCK_HEADER", (long)HP_HEAP_BLOCK_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "VERSION", HP_VERSION) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_FDS", HP_MAX_FDS) < 0) {
+        PyModule_AddIntConstant(m, "MAX_FDS", HP_MAX_FDS) < 0 || queue_fast_add(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
     return m;
+}
+
+/* -- a queue's item in one call (_queues.py) ---------------------------------------------
+ *
+ * QueueFast does the common case of a hyperpipe multiprocessing.Queue's put and get over
+ * shared memory in one C call: the queue's semaphore and locks (the stdlib's SemLocks,
+ * called through their C methods), the reused C pickler, the ring. Anything else (no room
+ * in time, a big or out-of-band pickle, an error) hands back to _queues.py's Python path
+ * with what it took said by the return code, so the guarantees stay in one place there.
+ * One QueueFast per queue and process: a fork makes every one stale (its locks and the
+ * connection's lock are replaced in the child), and _queues.py builds a new one. */
+
+#include <sched.h>
+#include <pthread.h>
+#include <time.h>
+
+/* put's return codes (besides None: sent) */
+enum { QF_NOT_TAKEN = 0, QF_TO_FEEDER = 1, QF_SLOW_PUT = 2 };
+
+static uint64_t qf_forks; /* process-local: bumped in the child of every fork */
+static void qf_after_fork_child(void) { qf_forks++; }
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t forks;  /* qf_forks when built; UINT64_MAX: its pickler failed, build anew */
+    PyObject *sem_acquire, *sem_release, *wlock_acquire, *wlock_release, *rlock_acquire, *rlock_release;
+    EndpointObject *writer, *reader; /* NULL: that end is not open here (the Python path) */
+    PyObject *recv_lock_acquire, *recv_lock_release; /* the reader Connection's thread lock */
+    PyObject *dump, *clear_memo, *chunks;            /* a pickler writing into chunks */
+    PyObject *loads, *loads_special, *special; /* bytes -> object, special item -> object, frame -> item */
+    PyObject *not_consumed;                    /* exceptions of a receive that took nothing */
+    PyObject *stale;                           /* get's "not done here" */
+    uint64_t inline_max;
+    int lock_yields;
+    int64_t direct_wait_ns;
+} QueueFastObject;
+
+static int64_t qf_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic's clock, as the endpoint's deadlines */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Call a lock method with no argument or one; its truth, or -1 with an exception. */
+static int qf_call_truth(PyObject *method, PyObject *arg) {
+    PyObject *r = arg ? PyObject_CallOneArg(method, arg) : PyObject_CallNoArgs(method);
+    if (!r) return -1;
+    int t = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return t;
+}
+
+/* Call a release method keeping the exception being raised, if any. */
+static int qf_release(PyObject *release) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallNoArgs(release);
+    if (!r) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+    return 0;
+}
+
+/* _queues._acquire_contended in C: a queue lock is held for about a microsecond per item,
+ * so yielding the CPU a few times usually finds it free (no sleep in the kernel, no
+ * wake-up call at release). `deadline` -1: no limit. 1 taken, 0 not by the deadline, -1. */
+static int qf_acquire(QueueFastObject *self, PyObject *acquire, int64_t deadline) {
+    int got = qf_call_truth(acquire, Py_False);
+    for (int i = 0; got == 0 && i < self->lock_yields; i++) {
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+        got = qf_call_truth(acquire, Py_False);
+        if (got == 0 && deadline >= 0 && qf_now_ns() >= deadline) return 0;
+    }
+    if (got != 0) return got;
+    PyObject *r;
+    if (deadline < 0) {
+        r = PyObject_CallOneArg(acquire, Py_True);
+    } else {
+        int64_t left = deadline - qf_now_ns();
+        PyObject *timeout = PyFloat_FromDouble(left > 0 ? (double)left / 1e9 : 0.0);
+        if (!timeout) return -1;
+        PyObject *args[2] = {Py_True, timeout};
+        r = PyObject_Vectorcall(acquire, args, 2, NULL);
+        Py_DECREF(timeout);
+    }
+    if (!r) return -1;
+    got = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return got;
+}
+
+/* The pickle of `obj` when it is one bytes object that fits the ring; NULL otherwise, with
+ * an exception (BaseException that is not an Exception) or *slow set (anything else for the
+ * Python path: an Exception while pickling, out-of-band buffers, too big). */
+static PyObject *qf_pickle(QueueFastObject *self, PyObject *obj, int *slow) {
+    PyObject *r = PyObject_CallOneArg(self->dump, obj);
+    PyObject *data = NULL;
+    if (r) {
+        Py_DECREF(r);
+        /* out-of-band buffers leave a marker after the pickle's chunk (_queues._FastPickler) */
+        if (PyList_GET_SIZE(self->chunks) == 1) {
+            data = PyList_GET_ITEM(self->chunks, 0);
+            if (PyBytes_CheckExact(data) && (uint64_t)PyBytes_GET_SIZE(data) <= self->inline_max) Py_INCREF(data);
+            else data = NULL;
+        }
+        if (!data) *slow = 1;
+    } else {
+        self->forks = UINT64_MAX; /* a half-written pickler is not reused: build anew */
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear(); /* the Python path pickles it again and reports it as it does */
+            *slow = 1;
+        }
+    }
+    /* keep nothing of the caller's alive; an exception being raised stays */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int cleared = PyList_SetSlice(self->chunks, 0, PY_SSIZE_T_MAX, NULL) == 0;
+    PyErr_Restore(type, value, tb);
+    if (!cleared || qf_release(self->clear_memo) < 0) {
+        Py_XDECREF(data); /* out of memory: nothing sent */
+        *slow = 0;
+        return NULL;
+    }
+    return data;
+}
+
+/* Send a pickle of this queue within DIRECT_WAIT: HP_OK, HP_TIMEOUT (no room in time), -1
+ * (an exception) or another hp status. */
+static int qf_send(QueueFastObject *self, PyObject *data) {
+    EndpointObject *ep = self->writer;
+    if (!check_dir(ep, 'w')) return -1;
+    const void *parts[1] = {PyBytes_AS_STRING(data)};
+    uint64_t lens[1] = {(uint64_t)PyBytes_GET_SIZE(data)};
+    int rc = hp_try_send(&ep->ep, KIND_DATA, 0, parts, lens, 1);
+    if (rc == HP_TIMEOUT)
+        rc = send_blocking(ep, KIND_DATA, 0, parts, lens, 1, NULL, 0, 0, qf_now_ns() + self->direct_wait_ns);
+    leave(ep);
+    return rc;
+}
+
+/* put(obj): None (sent), QF_NOT_TAKEN (nothing done: the Python path), QF_TO_FEEDER (its
+ * place in the queue is taken; the write lock or room did not come within DIRECT_WAIT:
+ * queue it for the feeder) or QF_SLOW_PUT (its place is taken; send it the Python way).
+ * The caller checked that the queue is open and nothing of this process waits to go. */
+static PyObject *QueueFast_put(QueueFastObject *self, PyObject *obj) {
+    if (self->forks != qf_forks || !self->writer) return PyLong_FromLong(QF_NOT_TAKEN);
+    int got = qf_call_truth(self->sem_acquire, Py_False);
+    if (got <= 0) return got < 0 ? NULL : PyLong_FromLong(QF_NOT_TAKEN); /* full: put blocks the Python way */
+    got = qf_acquire(self, self->wlock_acquire, qf_now_ns() + self->direct_wait_ns);
+    if (got <= 0) return got < 0 ? NULL : PyLong_FromLong(QF_TO_FEEDER);
+    int slow = 0, code = -1;
+    PyObject *data = qf_pickle(self, obj, &slow);
+    if (data) {
+        int rc = qf_send(self, data);
+        Py_DECREF(data);
+        if (rc == HP_OK) code = -2;
+        else if (rc == HP_TIMEOUT) code = QF_TO_FEEDER;
+        else if (rc != -1 || PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear(); /* nothing sent: the Python path sends it again and reports the error */
+            code = QF_SLOW_PUT;
+        }
+    } else if (slow) {
+        code = QF_SLOW_PUT;
+    }
+    if (qf_release(self->wlock_release) < 0) return NULL;
+    if (code == -1) return NULL;
+    if (code == -2) Py_RETURN_NONE;
+    return PyLong_FromLong(code);
+}
+
+/* One frame of the reader as get's item: bytes, or special(frame) for an out-of-band one.
+ * Called with the queue's read lock and the Connection's receive lock held. */
+static PyObject *qf_receive(QueueFastObject *self) {
+    EndpointObject *ep = self->reader;
+    if (!check_dir(ep, 'r')) return NULL;
+    hp_frame frame;
+    PyObject *item = NULL;
+    int rc = wait_frame(ep, -1, &frame);
+    if (rc != HP_OK) {
+        if (rc != -1) raise_status(ep, rc);
+    } else if (frame.kind == KIND_DATA) {
+        item = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+        if (item) hp_recv_finish(&ep->ep, &frame, 0);
+        else hp_reader_exit(&ep->ep);
+    } else {
+        PyObject *r = special_frame(ep, &frame);
+        if (r) {
+            item = PyObject_CallOneArg(self->special, r); /* its buffers mapped under the lock */
+            Py_DECREF(r);
+        }
+    }
+    leave(ep);
+    return item;
+}
+
+/* get(): the next item (a blocking get with no timeout), or `stale` when the Python path
+ * must do it (nothing taken). The item is unpickled once the locks are free. */
+static PyObject *QueueFast_get(QueueFastObject *self, PyObject *unused) {
+    if (self->forks != qf_forks || !self->reader) return Py_NewRef(self->stale);
+    if (qf_acquire(self, self->rlock_acquire, -1) < 0) return NULL;
+    PyObject *item = NULL;
+    if (qf_call_truth(self->recv_lock_acquire, NULL) >= 0) {
+        item = qf_receive(self);
+        if (qf_release(self->recv_lock_release) < 0) Py_CLEAR(item);
+    }
+    if (qf_release(self->rlock_release) < 0) Py_CLEAR(item);
+    if (!item) {
+        /* taken off the ring, then found corrupt or unmappable: it is gone, so is its place */
+        if (PyErr_ExceptionMatches(PyExc_Exception) && !PyErr_ExceptionMatches(self->not_consumed))
+            qf_release(self->sem_release);
+        return NULL;
+    }
+    if (qf_release(self->sem_release) < 0) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    PyObject *obj = PyObject_CallOneArg(PyBytes_CheckExact(item) ? self->loads : self->loads_special, item);
+    Py_DECREF(item);
+    return obj;
+}
+
+#define QF_OBJECTS(X)                                                                              \
+    X(sem_acquire) X(sem_release) X(wlock_acquire) X(wlock_release) X(rlock_acquire) X(rlock_release) \
+    X(recv_lock_acquire) X(recv_lock_release) X(dump) X(clear_memo) X(chunks) X(loads)           \
+    X(loads_special) X(special) X(not_consumed) X(stale)
+
+static int QueueFast_traverse(QueueFastObject *self, visitproc visit, void *arg) {
+#define QF_VISIT(name) Py_VISIT(self->name);
+    QF_OBJECTS(QF_VISIT)
+    Py_VISIT(self->writer);
+    Py_VISIT(self->reader);
+    return 0;
+}
+
+static int QueueFast_clear(QueueFastObject *self) {
+#define QF_CLEAR(name) Py_CLEAR(self->name);
+    QF_OBJECTS(QF_CLEAR)
+    Py_CLEAR(self->writer);
+    Py_CLEAR(self->reader);
+    return 0;
+}
+
+static void QueueFast_dealloc(QueueFastObject *self) {
+    PyObject_GC_UnTrack(self);
+    QueueFast_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject QueueFastType;
+
+/* QueueFast(sem, wlock, rlock, writer, reader, recv_lock, pickler, chunks, loads,
+ *           loads_special, special, not_consumed, stale, inline_max, lock_yields, direct_wait)
+ * writer/reader: an Endpoint, or None when that end is not open in this process. */
+static PyObject *QueueFast_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *sem, *wlock, *rlock, *writer, *reader, *recv_lock, *pickler;
+    unsigned long long inline_max;
+    int lock_yields;
+    double direct_wait;
+    QueueFastObject *self = (QueueFastObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO!OOOOOKid:QueueFast", &sem, &wlock, &rlock, &writer, &reader,
+                          &recv_lock, &pickler, &PyList_Type, &self->chunks, &self->loads,
+                          &self->loads_special, &self->special, &self->not_consumed, &self->stale,
+                          &inline_max, &lock_yields, &direct_wait)) {
+        self->chunks = self->loads = self->loads_special = self->special = self->not_consumed =
+            self->stale = NULL;
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_INCREF(self->chunks);
+    Py_INCREF(self->loads);
+    Py_INCREF(self->loads_special);
+    Py_INCREF(self->special);
+    Py_INCREF(self->not_consumed);
+    Py_INCREF(self->stale);
+    self->forks = qf_forks;
+    self->inline_max = inline_max;
+    self->lock_yields = lock_yields;
+    self->direct_wait_ns = (int64_t)(direct_wait * 1e9);
+    EndpointObject **ends[2] = {&self->writer, &self->reader};
+    PyObject *given[2] = {writer, reader};
+    for (int i = 0; i < 2; i++) {
+        if (given[i] == Py_None) continue;
+        if (!PyObject_TypeCheck(given[i], &EndpointType)) {
+            PyErr_SetString(PyExc_TypeError, "QueueFast: an end is an Endpoint or None");
+            Py_DECREF(self);
+            return NULL;
+        }
+        *ends[i] = (EndpointObject *)Py_NewRef(given[i]);
+    }
+    if (!(self->sem_acquire = PyObject_GetAttrString(sem, "acquire")) ||
+        !(self->sem_release = PyObject_GetAttrString(sem, "release")) ||
+        !(self->wlock_acquire = PyObject_GetAttrString(wlock, "acquire")) ||
+        !(self->wlock_release = PyObject_GetAttrString(wlock, "release")) ||
+        !(self->rlock_acquire = PyObject_GetAttrString(rlock, "acquire")) ||
+        !(self->rlock_release = PyObject_GetAttrString(rlock, "release")) ||
+        !(self->recv_lock_acquire = PyObject_GetAttrString(recv_lock, "acquire")) ||
+        !(self->recv_lock_release = PyObject_GetAttrString(recv_lock, "release")) ||
+        !(self->dump = PyObject_GetAttrString(pickler, "dump")) ||
+        !(self->clear_memo = PyObject_GetAttrString(pickler, "clear_memo"))) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyMethodDef QueueFast_methods[] = {
+    {"put", (PyCFunction)QueueFast_put, METH_O, NULL},
+    {"get", (PyCFunction)QueueFast_get, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *QueueFast_get_stale(QueueFastObject *self, void *unused) {
+    return PyBool_FromLong(self->forks != qf_forks);
+}
+
+static PyGetSetDef QueueFast_getset[] = {
+    {"stale", (getter)QueueFast_get_stale, NULL, "forked since, or its pickler failed: build anew", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject QueueFastType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "hyperpipe._core.QueueFast",
+    .tp_basicsize = sizeof(QueueFastObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = QueueFast_new,
+    .tp_dealloc = (destructor)QueueFast_dealloc,
+    .tp_traverse = (traverseproc)QueueFast_traverse,
+    .tp_clear = (inquiry)QueueFast_clear,
+    .tp_methods = QueueFast_methods,
+    .tp_getset = QueueFast_getset,
+};
+
+static int queue_fast_add(PyObject *m) {
+    if (PyType_Ready(&QueueFastType) < 0) return -1;
+    int err = pthread_atfork(NULL, NULL, qf_after_fork_child);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(m, "QF_TO_FEEDER", QF_TO_FEEDER) < 0 ||
+        PyModule_AddIntConstant(m, "QF_SLOW_PUT", QF_SLOW_PUT) < 0)
+        return -1;
+    return PyModule_AddObjectRef(m, "QueueFast", (PyObject *)&QueueFastType);
 }
