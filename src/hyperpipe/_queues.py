@@ -321,7 +321,7 @@ def _fast(queue: Any) -> Any:
             None if writer is None else writer._ep, None if reader is None else reader._ep,
             queue._reader._recv_lock, _new_pickler(chunks, chunks.buffer_callback), chunks,
             _unpickle, _loads, None if reader is None else functools.partial(_oob_item, reader),
-            _NOT_CONSUMED, _STALE, 0 if writer is None else writer._inline, LOCK_YIELDS, DIRECT_WAIT,
+            _NOT_CONSUMED, _STALE, Empty, 0 if writer is None else writer._inline, LOCK_YIELDS, DIRECT_WAIT,
         )
     queue._hp_fast = fast
     return fast
@@ -459,8 +459,8 @@ def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -
         fast = self._hp_fast
     except AttributeError:
         fast = _fast(self)
-    if fast is not None and block and timeout is None and not self._closed:
-        item = fast.get()  # the read lock, the ring, the place freed, unpickled: one C call
+    if fast is not None and not self._closed:
+        item = fast.get(block, timeout)  # the read lock, the ring, the place freed, unpickled: one C call
         if item is not _STALE:
             return item
         if fast.stale:
