@@ -2027,25 +2027,12 @@ static PyObject *qf_decode(const unsigned char *p, size_t n, int *other) {
         case 'N': v = Py_NewRef(Py_None); break;
         case 0x88: v = Py_NewRef(Py_True); break;
         case 0x89: v = Py_NewRef(Py_False); break;
-        case 'K':
-            QF_NEED(1);
-            v = PyLong_FromLong(p[pos]);
-            pos += 1;
-            break;
-        case 'M': {
-            uint16_t v16;
-            QF_NEED(2);
-            memcpy(&v16, p + pos, 2);
-            pos += 2;
-            v = PyLong_FromLong(v16);
-            break;
-        }
-        case 'J': {
-            int32_t v32;
-            QF_NEED(4);
-            memcpy(&v32, p + pos, 4);
-            pos += 4;
-            v = PyLong_FromLong(v32);
+        case 'K': case 'M': case 'J': { /* BININT1, BININT2 (unsigned), BININT (signed), little-endian */
+            uint32_t k = op == 'K' ? 1 : op == 'M' ? 2 : 4, u = 0;
+            QF_NEED(k);
+            for (uint32_t i = 0; i < k; i++) u |= (uint32_t)p[pos + i] << (8 * i);
+            pos += k;
+            v = PyLong_FromLong(op == 'J' ? (long)(int32_t)u : (long)u);
             break;
         }
         case 0x8a: { /* LONG1 of at most 8 bytes, little-endian two's complement */
