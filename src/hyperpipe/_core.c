@@ -1841,7 +1841,7 @@ PyMODINIT_FUNC PyInit__core(void) {
  * optional): strings and containers are memoized as pickle does, so one met twice comes
  * out as one object (BINGET); a tuple met again inside itself (through a list) goes to the
  * pickler, whose dance for it this does not copy. qf_decode reads exactly those opcodes
- * back; anything else, or anything out of place, goes to pickle.loads, whose result or
+ * back, and the pickler's FRAME, APPEND and SETITEM (items the feeder thread sent); anything else, or anything out of place, goes to pickle.loads, whose result or
  * error is then the answer: the decoder never decides a pickle is bad. */
 
 enum { QF_BUF = 4096, QF_DEPTH = 16, QF_SEEN = 64, QF_STACK = 256, QF_MARKS = 64 };
@@ -2100,6 +2100,27 @@ static PyObject *qf_decode(const unsigned char *p, size_t n, int *other) {
             if (!mp) goto out;
             v = qf_pop_tuple(st, &sp, marks[--mp]);
             break;
+        case 0x95: { /* FRAME (the pickler's): only its length is checked, as pickle does */
+            uint64_t frame_len;
+            QF_NEED(8);
+            memcpy(&frame_len, p + pos, 8);
+            pos += 8;
+            QF_NEED(frame_len);
+            continue;
+        }
+        case 'a': case 's': { /* APPEND, SETITEM (the pickler's for one item) */
+            int k = op == 'a' ? 1 : 2;
+            if (sp - k - 1 < QF_FLOOR) goto out;
+            PyObject *into = st[sp - k - 1];
+            int ok;
+            if (op == 'a' && PyList_CheckExact(into)) ok = PyList_Append(into, st[sp - 1]) == 0;
+            else if (op == 's' && PyDict_CheckExact(into)) ok = PyDict_SetItem(into, st[sp - 2], st[sp - 1]) == 0;
+            else goto out;
+            for (int i = sp - k; i < sp; i++) Py_DECREF(st[i]);
+            sp -= k;
+            if (!ok) goto out;
+            continue;
+        }
         case 'e': case 'u': { /* APPENDS, SETITEMS: into the list or dict below the mark */
             if (!mp) goto out;
             int base = marks[--mp];

@@ -52,6 +52,7 @@ from ._transport import PASSED, Deadline
 
 try:
     from ._core import QF_SLOW_PUT, QF_TO_FEEDER, QueueFast
+    from ._core import _queue_encode as _encode_plain
 except ImportError:  # no C core: no shared memory either, so no queue takes that path
     QueueFast = None
 
@@ -251,7 +252,9 @@ class _ItemSender:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._conn.send(obj, timeout=timeout)
             return
-        data = self.dump(obj)
+        data = _encode_plain(obj)  # a plain item, pickled in C (else None)
+        if data is None:
+            data = self.dump(obj)
         if data is None:
             transport.send_object(obj, deadline)
         elif len(data) <= transport._inline:

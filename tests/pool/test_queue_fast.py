@@ -103,11 +103,20 @@ def test_other_items_are_left_to_the_pickler(item):
     assert _core._queue_encode(item) is None
 
 
+@pytest.mark.parametrize("item", PLAIN, ids=range(len(PLAIN)))
+def test_the_pickler_s_pickle_of_a_plain_item_is_read_in_c_too(item):
+    # what the feeder thread sends: FRAME, and APPEND / SETITEM for one item
+    data = pickle.dumps(item, 5)
+    decoded, read = _core._queue_decode(data)
+    assert read
+    assert _shape(decoded) == _shape(pickle.loads(data))
+
+
 def test_the_decoder_reads_only_what_pickle_reads_the_same():
     """Every truncation and random corruption of plain pickles: either the decoder reads it
     and pickle.loads gives the same, or it leaves it to pickle.loads (whatever that does)."""
     rng = random.Random(5)
-    samples = [_core._queue_encode(item) for item in PLAIN]
+    samples = [_core._queue_encode(item) for item in PLAIN] + [pickle.dumps(item, 5) for item in PLAIN]
     cases = [data[:n] for data in samples for n in range(len(data))]
     for _ in range(3000):
         data = bytearray(rng.choice(samples))
@@ -116,7 +125,7 @@ def test_the_decoder_reads_only_what_pickle_reads_the_same():
             if rng.random() < 0.5:
                 data[at] = rng.randrange(256)
             else:
-                data.insert(at, rng.choice(b"NKMJG\x8a\x8cCXB)]}\x85\x86\x87(teu.\x94h\x88"))
+                data.insert(at, rng.choice(b"NKMJG\x8a\x8cCXB)]}\x85\x86\x87(teuas.\x94\x95h\x88"))
         cases.append(bytes(data))
     read = 0
     for data in cases:
