@@ -54,7 +54,7 @@ try:
     from ._core import QF_SLOW_PUT, QF_TO_FEEDER, QueueFast
     from ._core import _queue_encode as _encode_plain
 except ImportError:  # no C core: no shared memory either, so no queue takes that path
-    QueueFast = None
+    QueueFast = None  # type: ignore[assignment,misc]
 
 # The standard library's private hooks (_feed, _sentinel, _finalize_*) are not in typeshed.
 _Queue: Any = mpq.Queue
