@@ -2324,16 +2324,16 @@ static PyObject *qf_pickle(QueueFastObject *self, PyObject *obj, int *slow) {
     return data;
 }
 
-/* Send a pickle of this queue within DIRECT_WAIT: HP_OK, HP_TIMEOUT (no room in time), -1
- * (an exception) or another hp status. */
-static int qf_send(QueueFastObject *self, const void *data, size_t len) {
+/* Send a pickle of this queue, waiting up to `wait_ns` for room (-1: no limit): HP_OK,
+ * HP_TIMEOUT (no room in time), -1 (an exception) or another hp status. */
+static int qf_send(QueueFastObject *self, const void *data, size_t len, int64_t wait_ns) {
     EndpointObject *ep = self->writer;
     if (!check_dir(ep, 'w')) return -1;
     const void *parts[1] = {data};
     uint64_t lens[1] = {(uint64_t)len};
     int rc = hp_try_send(&ep->ep, KIND_DATA, 0, parts, lens, 1);
     if (rc == HP_TIMEOUT)
-        rc = send_blocking(ep, KIND_DATA, 0, parts, lens, 1, NULL, 0, 0, qf_now_ns() + self->direct_wait_ns);
+        rc = send_blocking(ep, KIND_DATA, 0, parts, lens, 1, NULL, 0, 0, wait_ns < 0 ? -1 : qf_now_ns() + wait_ns);
     leave(ep);
     return rc;
 }
@@ -2353,8 +2353,9 @@ static PyObject *QueueFast_put(QueueFastObject *self, PyObject *obj) {
     int slow = 0, code = -1;
     PyObject *data = plain_len ? NULL : qf_pickle(self, obj, &slow);
     if (plain_len || data) {
-        int rc = plain_len ? qf_send(self, plain, plain_len)
-                           : qf_send(self, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data));
+        int rc = plain_len ? qf_send(self, plain, plain_len, self->direct_wait_ns)
+                           : qf_send(self, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data),
+                                     self->direct_wait_ns);
         Py_XDECREF(data);
         if (rc == HP_OK) code = -2;
         else if (rc == HP_TIMEOUT) code = QF_TO_FEEDER;
@@ -2369,6 +2370,32 @@ static PyObject *QueueFast_put(QueueFastObject *self, PyObject *obj) {
     if (code == -1) return NULL;
     if (code == -2) Py_RETURN_NONE;
     return PyLong_FromLong(code);
+}
+
+/* feed(batch, start, sentinel): the feeder thread's sends, its write lock held: from
+ * batch[start] on, each plain item, waiting for room as long as it takes. Returns the index
+ * of the first item not sent here (the sentinel, another item, or a send that failed: the
+ * Python path sends it and reports its error). */
+static PyObject *QueueFast_feed(QueueFastObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "feed(batch: list, start, sentinel)");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    if (self->forks != qf_forks || !self->writer || i < 0) return PyLong_FromSsize_t(i);
+    unsigned char buf[QF_BUF];
+    for (; i < PyList_GET_SIZE(args[0]); i++) { /* only the feeder holds its batch */
+        PyObject *obj = PyList_GET_ITEM(args[0], i);
+        size_t len = obj == args[2] ? 0 : qf_encode_item(obj, buf);
+        if (!len) break;
+        int rc = qf_send(self, buf, len, -1);
+        if (rc == HP_OK) continue;
+        if (rc == -1 && !PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+        PyErr_Clear();
+        break;
+    }
+    return PyLong_FromSsize_t(i);
 }
 
 /* Take one frame of the reader: a DATA frame of at most QF_BUF bytes is copied into buf
@@ -2546,6 +2573,7 @@ static PyObject *QueueFast_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 static PyMethodDef QueueFast_methods[] = {
     {"put", (PyCFunction)QueueFast_put, METH_O, NULL},
     {"get", (PyCFunction)(void (*)(void))QueueFast_get, METH_FASTCALL, NULL},
+    {"feed", (PyCFunction)(void (*)(void))QueueFast_feed, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

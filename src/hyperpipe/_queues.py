@@ -664,11 +664,12 @@ def _queue_close(self: Any) -> None:
 def _start_feeder(queue: Any) -> None:
     """The standard library's ``_start_thread`` with our feeder and an earlier flush at exit."""
     debug("Queue._start_thread() (hyperpipe)")
+    fast = _fast(queue)  # this process's (a feeder starts in the process that puts)
     queue._thread = threading.Thread(
         target=_feed,
         args=(queue._buffer, queue._notempty, _sender(queue, _mode(queue)).send, queue._wlock,
               queue._reader.close, queue._writer.close, queue._ignore_epipe,
-              queue._on_queue_feeder_error, queue._sem),
+              queue._on_queue_feeder_error, queue._sem, None if fast is None else fast.feed),
         name="QueueFeederThread",
         daemon=True,
     )
@@ -714,10 +715,11 @@ def _finalize_flush(buffer: Any, notempty: Any, thread_ref: Any) -> None:
 
 
 def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, writer_close: Any,
-          ignore_epipe: bool, onerror: Any, sem: Any) -> None:
+          ignore_epipe: bool, onerror: Any, sem: Any, feed: Optional[Callable[[list, int, Any], int]]) -> None:
     """Send the buffered items in order, up to ``FEED_BATCH`` under one take of the write
-    lock. An item leaves the buffer only once it is sent, so ``put`` sends directly only
-    when nothing is waiting here (order per producer)."""
+    lock: plain items by ``feed`` (``QueueFast.feed``, when the queue has one), the others by
+    ``send``. An item leaves the buffer only once it is sent, so ``put`` sends directly
+    only when nothing is waiting here (order per producer)."""
     debug("starting thread to feed data to pipe")
     sentinel = _sentinel
     while True:
@@ -735,10 +737,14 @@ def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, 
             if not wlock.acquire(False):
                 _acquire_contended(wlock, None)
             try:
-                for obj in batch:
-                    if obj is sentinel:
+                while sent < len(batch):
+                    if feed is not None:
+                        sent = feed(batch, sent, sentinel)  # the plain items, in C
+                        if sent == len(batch):
+                            break
+                    if batch[sent] is sentinel:
                         break
-                    send(obj, None)
+                    send(batch[sent], None)
                     sent += 1
             finally:
                 wlock.release()

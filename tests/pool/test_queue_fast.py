@@ -211,6 +211,30 @@ def test_a_full_ring_hands_the_items_to_the_feeder_in_order():
     assert got == list(range(count))
 
 
+def test_the_feeder_sends_plain_items_in_c_and_the_others_the_python_way(monkeypatch, capsys):
+    q = _fast_queue()
+    python_sends = []
+    send = _queues._ItemSender.send
+    monkeypatch.setattr(_queues._ItemSender, "send", lambda self, obj, deadline: (
+        python_sends.append(obj), send(self, obj, deadline))[1])
+    fill = [(i, b"f" * 2048) for i in range(200)]  # more than the ring: the rest to the feeder
+    others = [Point(1, 2), support.unpicklable(), b"b" * 70_000, "é"]
+    items = fill + others + [("plain", i) for i in range(100)]
+    try:
+        for item in items:
+            q.put(item)
+        assert q._thread is not None
+        got = [q.get(timeout=TIMEOUT) for _ in range(len(items) - 1)]
+    finally:
+        q.close()
+        q.join_thread()
+    assert got == [item for item in items if item is not others[1]]
+    assert "Traceback" in capsys.readouterr().err  # the unpicklable one, reported
+    # the feeder's Python sends from the first of them on: only them (every plain item
+    # after them went out in C)
+    assert python_sends[python_sends.index(others[0]):] == others
+
+
 def test_a_bounded_queue_blocks_and_raises_full():
     q = _fast_queue(maxsize=2)
     try:
