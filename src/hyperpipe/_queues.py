@@ -419,7 +419,12 @@ def _queue_put(self: Any, obj: Any, block: bool = True, timeout: Optional[float]
         fast = self._hp_fast
     except AttributeError:
         fast = _fast(self)
-    if fast is not None and not self._closed and not self._buffer:
+    if fast is not None and not self._closed:
+        if self._buffer:  # items of this process wait for the feeder: this one goes after them
+            if not self._sem.acquire(block, timeout):
+                raise Full
+            _to_feeder(self, obj)
+            return
         # The common case in one C call: the item's place, the write lock, pickle, ring.
         done = fast.put(obj)
         if done is None:

@@ -252,6 +252,23 @@ def test_a_bounded_queue_blocks_and_raises_full():
         q.join_thread()
 
 
+def test_a_bounded_queue_with_items_waiting_for_the_feeder_raises_full():
+    q = _fast_queue(maxsize=300)
+    try:
+        for i in range(300):  # 300 x 2 KiB: the ring fills, the rest waits for the feeder
+            q.put((i, b"f" * 2048))
+        assert q._buffer  # what put() sees next: items of this process still waiting
+        with pytest.raises(support.Full):
+            q.put("one more", timeout=0.05)
+        assert q.get(timeout=TIMEOUT)[0] == 0
+        q.put("one more", timeout=TIMEOUT)  # its place freed: it goes after the waiting ones
+        got = [q.get(timeout=TIMEOUT) for _ in range(300)]
+    finally:
+        q.close()
+        q.join_thread()
+    assert [item[0] for item in got[:-1]] == list(range(1, 300)) and got[-1] == "one more"
+
+
 def _after_fork(q, results):
     inherited = q._hp_fast
     results.put(("stale", inherited.stale))
