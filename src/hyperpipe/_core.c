@@ -2297,7 +2297,7 @@ static PyObject *qf_pickle(QueueFastObject *self, PyObject *obj, int *slow) {
     PyObject *data = NULL;
     if (r) {
         Py_DECREF(r);
-        /* out-of-band buffers leave a marker after the pickle's chunk (_queues._FastPickler) */
+        /* out-of-band buffers leave a marker after the pickle's chunk (_queues._Chunks) */
         if (PyList_GET_SIZE(self->chunks) == 1) {
             data = PyList_GET_ITEM(self->chunks, 0);
             if (PyBytes_CheckExact(data) && (uint64_t)PyBytes_GET_SIZE(data) <= self->inline_max) Py_INCREF(data);
