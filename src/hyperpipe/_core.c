@@ -1798,6 +1798,8 @@ static struct PyModuleDef core_module = {
     .m_methods = core_methods,
 };
 
+static int queue_fast_add(PyObject *m); /* the queue's section, at the end */
+
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&EndpointType) < 0 || PyType_Ready(&HeapMapType) < 0 ||
         PyType_Ready(&HeapBlockType) < 0)
@@ -1809,9 +1811,804 @@ PyMODINIT_FUNC PyInit__core(void) {
         PyModule_AddIntConstant(m, "HEAP_GRANULE", (long)HP_HEAP_GRANULE) < 0 ||
         PyModule_AddIntConstant(m, "HEAP_BLOCK_HEADER", (long)HP_HEAP_BLOCK_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "VERSION", HP_VERSION) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_FDS", HP_MAX_FDS) < 0) {
+        PyModule_AddIntConstant(m, "MAX_FDS", HP_MAX_FDS) < 0 || queue_fast_add(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
     return m;
+}
+
+/* -- a queue's item in one call (_queues.py) ---------------------------------------------
+ *
+ * QueueFast does the common case of a hyperpipe multiprocessing.Queue's put and get over
+ * shared memory in one C call: the queue's semaphore and locks (the stdlib's SemLocks,
+ * called through their C methods), the reused C pickler, the ring. Anything else (no room
+ * in time, a big or out-of-band pickle, an error) hands back to _queues.py's Python path
+ * with what it took said by the return code, so the guarantees stay in one place there.
+ * One QueueFast per queue and process: a fork makes every one stale (its locks and the
+ * connection's lock are replaced in the child), and _queues.py builds a new one. */
+
+#include <sched.h>
+#include <pthread.h>
+#include <time.h>
+
+/* -- plain items without the pickler: the common case of both ends ------------------
+ *
+ * An item made only of None, bools, ints of 64 bits, floats, ASCII str, bytes, tuples,
+ * lists and dicts of these (exact types; the pickler never consults reducers for them), at
+ * most QF_DEPTH deep, with at most QF_SEEN strings and containers and QF_BUF bytes in all,
+ * is written here as the protocol 5 pickle the pickler would write (without FRAME, which is
+ * optional): strings and containers are memoized as pickle does, so one met twice comes
+ * out as one object (BINGET); a tuple met again inside itself (through a list) goes to the
+ * pickler, whose dance for it this does not copy. qf_decode reads exactly those opcodes
+ * back, and the pickler's FRAME, APPEND and SETITEM (items the feeder thread sent); anything else, or anything out of place, goes to pickle.loads, whose result or
+ * error is then the answer: the decoder never decides a pickle is bad. */
+
+enum { QF_BUF = 4096, QF_DEPTH = 16, QF_SEEN = 64, QF_STACK = 256, QF_MARKS = 64 };
+
+typedef struct {
+    unsigned char *p, *end;
+    PyObject *seen[QF_SEEN]; /* strings and containers met, in order */
+    int memo[QF_SEEN];       /* each one's memo index, -1 while a tuple is being written */
+    int nseen, nmemo;
+} qf_enc;
+
+static int qf_emit(qf_enc *e, const void *src, size_t n) {
+    if ((size_t)(e->end - e->p) < n) return 0;
+    memcpy(e->p, src, n);
+    e->p += n;
+    return 1;
+}
+
+static int qf_emit_op(qf_enc *e, unsigned char op) { return qf_emit(e, &op, 1); }
+
+/* An opcode with a little-endian length of 1 byte (short) or 4 bytes, then the data. */
+static int qf_emit_sized(qf_enc *e, unsigned char short_op, unsigned char long_op, const void *data, size_t n) {
+    unsigned char h[5];
+    size_t hn;
+    if (n < 256) {
+        h[0] = short_op;
+        h[1] = (unsigned char)n;
+        hn = 2;
+    } else {
+        uint32_t n32 = (uint32_t)n; /* n <= QF_BUF */
+        h[0] = long_op;
+        memcpy(h + 1, &n32, 4);
+        hn = 5;
+    }
+    return qf_emit(e, h, hn) && qf_emit(e, data, n);
+}
+
+/* A string or container: 1 met first (its place in seen is *slot), 0 written already
+ * (BINGET written), -1 not writable here (a tuple inside itself, too many). */
+static int qf_first_time(qf_enc *e, PyObject *o, int *slot) {
+    for (int i = 0; i < e->nseen; i++) {
+        if (e->seen[i] != o) continue;
+        unsigned char h[2] = {'h', (unsigned char)e->memo[i]}; /* BINGET: QF_SEEN < 256 */
+        return e->memo[i] >= 0 && qf_emit(e, h, 2) ? 0 : -1;
+    }
+    if (e->nseen == QF_SEEN) return -1;
+    *slot = e->nseen++;
+    e->seen[*slot] = o;
+    e->memo[*slot] = -1;
+    return 1;
+}
+
+/* MEMOIZE the object just written (the next memo index, as the unpickler counts). */
+static int qf_memoize(qf_enc *e, int slot) {
+    e->memo[slot] = e->nmemo++;
+    return qf_emit_op(e, 0x94);
+}
+
+/* 1: `o` written; 0: not a plain item (nothing raised; the pickler takes it). */
+static int qf_encode(qf_enc *e, PyObject *o, int depth) {
+    PyTypeObject *t = Py_TYPE(o);
+    unsigned char h[10];
+    if (o == Py_None) return qf_emit_op(e, 'N');
+    if (o == Py_True || o == Py_False) return qf_emit_op(e, o == Py_True ? 0x88 : 0x89); /* NEWTRUE/NEWFALSE */
+    if (t == &PyLong_Type) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (overflow) return 0;
+        if (v >= 0 && v < 256) { /* BININT1 */
+            h[0] = 'K';
+            h[1] = (unsigned char)v;
+            return qf_emit(e, h, 2);
+        }
+        if (v >= 0 && v < 65536) { /* BININT2 */
+            uint16_t v16 = (uint16_t)v;
+            h[0] = 'M';
+            memcpy(h + 1, &v16, 2);
+            return qf_emit(e, h, 3);
+        }
+        if (v >= INT32_MIN && v <= INT32_MAX) { /* BININT */
+            int32_t v32 = (int32_t)v;
+            h[0] = 'J';
+            memcpy(h + 1, &v32, 4);
+            return qf_emit(e, h, 5);
+        }
+        h[0] = 0x8a; /* LONG1: 8 bytes of two's complement */
+        h[1] = 8;
+        memcpy(h + 2, &v, 8);
+        return qf_emit(e, h, 10);
+    }
+    if (t == &PyFloat_Type) { /* BINFLOAT, big-endian */
+        double d = PyFloat_AS_DOUBLE(o);
+        uint64_t u;
+        memcpy(&u, &d, 8);
+        u = __builtin_bswap64(u);
+        h[0] = 'G';
+        memcpy(h + 1, &u, 8);
+        return qf_emit(e, h, 9);
+    }
+    if (t == &PyUnicode_Type) {
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_READY(o) < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+#endif
+        if (!PyUnicode_IS_ASCII(o)) return 0;
+    } else if (t == &PyTuple_Type && PyTuple_GET_SIZE(o) == 0) {
+        return qf_emit_op(e, ')'); /* not memoized */
+    } else if (t != &PyBytes_Type && t != &PyTuple_Type && t != &PyList_Type && t != &PyDict_Type) {
+        return 0;
+    }
+    int slot, first = qf_first_time(e, o, &slot);
+    if (first <= 0) return first == 0;
+    if (t == &PyUnicode_Type) /* SHORT_BINUNICODE / BINUNICODE; ASCII is its own UTF-8 */
+        return qf_emit_sized(e, 0x8c, 'X', PyUnicode_DATA(o), (size_t)PyUnicode_GET_LENGTH(o)) && qf_memoize(e, slot);
+    if (t == &PyBytes_Type) /* SHORT_BINBYTES / BINBYTES */
+        return qf_emit_sized(e, 'C', 'B', PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o)) && qf_memoize(e, slot);
+    if (depth == QF_DEPTH) return 0;
+    if (t == &PyTuple_Type) { /* memoized once built; met inside itself meanwhile: refused */
+        Py_ssize_t n = PyTuple_GET_SIZE(o);
+        if (n > 3 && !qf_emit_op(e, '(')) return 0;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (!qf_encode(e, PyTuple_GET_ITEM(o, i), depth + 1)) return 0;
+        return qf_emit_op(e, n > 3 ? 't' : (unsigned char)(0x85 + n - 1)) && qf_memoize(e, slot); /* TUPLE, TUPLE1-3 */
+    }
+    if (t == &PyList_Type) { /* EMPTY_LIST, MEMOIZE, MARK, items, APPENDS */
+        Py_ssize_t n = PyList_GET_SIZE(o);
+        if (!qf_emit_op(e, ']') || !qf_memoize(e, slot)) return 0;
+        if (n == 0) return 1;
+        if (!qf_emit_op(e, '(')) return 0;
+        for (Py_ssize_t i = 0; i < n; i++) /* no Python code runs here: the list cannot change */
+            if (!qf_encode(e, PyList_GET_ITEM(o, i), depth + 1)) return 0;
+        return qf_emit_op(e, 'e');
+    }
+    /* EMPTY_DICT, MEMOIZE, MARK, keys and values, SETITEMS */
+    if (!qf_emit_op(e, '}') || !qf_memoize(e, slot)) return 0;
+    if (PyDict_GET_SIZE(o) == 0) return 1;
+    if (!qf_emit_op(e, '(')) return 0;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(o, &pos, &k, &v))
+        if (!qf_encode(e, k, depth + 1) || !qf_encode(e, v, depth + 1)) return 0;
+    return qf_emit_op(e, 'u');
+}
+
+/* The pickle of a plain item into buf (QF_BUF bytes): its length, or 0 when it is not one. */
+static size_t qf_encode_item(PyObject *o, unsigned char *buf) {
+    qf_enc e = {.p = buf, .end = buf + QF_BUF, .nseen = 0, .nmemo = 0};
+    static const unsigned char proto[2] = {0x80, 5};
+    if (!qf_emit(&e, proto, 2) || !qf_encode(&e, o, 0) || !qf_emit_op(&e, '.')) return 0;
+    return (size_t)(e.p - buf);
+}
+
+/* Pop the values above `base` into a new tuple. */
+static PyObject *qf_pop_tuple(PyObject **st, int *sp, int base) {
+    PyObject *t = PyTuple_New(*sp - base);
+    if (!t) return NULL;
+    for (int i = base; i < *sp; i++) PyTuple_SET_ITEM(t, i - base, st[i]); /* steals */
+    *sp = base;
+    return t;
+}
+
+/* The object of `n` bytes of pickle (a private copy, not shared memory) when it uses only the
+ * opcodes qf_encode writes, in a well-formed way; else NULL with *other set (nothing raised:
+ * pickle.loads decides). NULL without *other: an exception (out of memory). */
+static PyObject *qf_decode(const unsigned char *p, size_t n, int *other) {
+    PyObject *st[QF_STACK], *memo[QF_SEEN];
+    int marks[QF_MARKS];
+    int sp = 0, mp = 0, nmemo = 0;
+    size_t pos = 2;
+    PyObject *v = NULL;
+    *other = 1;
+    if (n < 4 || p[0] != 0x80 || p[1] != 5) return NULL;
+#define QF_NEED(k) if (n - pos < (size_t)(k)) goto out
+#define QF_FLOOR (mp ? marks[mp - 1] : 0)
+    for (;;) {
+        QF_NEED(1);
+        unsigned char op = p[pos++];
+        uint32_t len;
+        v = NULL;
+        switch (op) {
+        case 'N': v = Py_NewRef(Py_None); break;
+        case 0x88: v = Py_NewRef(Py_True); break;
+        case 0x89: v = Py_NewRef(Py_False); break;
+        case 'K': case 'M': case 'J': { /* BININT1, BININT2 (unsigned), BININT (signed), little-endian */
+            uint32_t k = op == 'K' ? 1 : op == 'M' ? 2 : 4, u = 0;
+            QF_NEED(k);
+            for (uint32_t i = 0; i < k; i++) u |= (uint32_t)p[pos + i] << (8 * i);
+            pos += k;
+            v = PyLong_FromLong(op == 'J' ? (long)(int32_t)u : (long)u);
+            break;
+        }
+        case 0x8a: { /* LONG1 of at most 8 bytes, little-endian two's complement */
+            QF_NEED(1);
+            len = p[pos++];
+            if (len > 8) goto out;
+            QF_NEED(len);
+            uint64_t u = 0;
+            for (uint32_t i = 0; i < len; i++) u |= (uint64_t)p[pos + i] << (8 * i);
+            if (len && len < 8 && (p[pos + len - 1] & 0x80)) u |= ~(uint64_t)0 << (8 * len); /* sign */
+            pos += len;
+            int64_t s;
+            memcpy(&s, &u, 8);
+            v = PyLong_FromLongLong(s);
+            break;
+        }
+        case 'G': {
+            uint64_t u;
+            double d;
+            QF_NEED(8);
+            memcpy(&u, p + pos, 8);
+            pos += 8;
+            u = __builtin_bswap64(u);
+            memcpy(&d, &u, 8);
+            v = PyFloat_FromDouble(d);
+            break;
+        }
+        case 0x8c: case 'C': case 'X': case 'B':
+            if (op == 0x8c || op == 'C') {
+                QF_NEED(1);
+                len = p[pos++];
+            } else {
+                QF_NEED(4);
+                memcpy(&len, p + pos, 4);
+                pos += 4;
+            }
+            QF_NEED(len);
+            v = op == 0x8c || op == 'X' ? PyUnicode_DecodeUTF8((const char *)p + pos, len, "surrogatepass")
+                                        : PyBytes_FromStringAndSize((const char *)p + pos, len);
+            pos += len;
+            break;
+        case ')': v = PyTuple_New(0); break;
+        case ']': v = PyList_New(0); break;
+        case '}': v = PyDict_New(); break;
+        case 0x85: case 0x86: case 0x87: { /* TUPLE1-3 */
+            int k = op - 0x85 + 1;
+            if (sp - k < QF_FLOOR) goto out;
+            v = qf_pop_tuple(st, &sp, sp - k);
+            break;
+        }
+        case 0x94: /* MEMOIZE: the top of the stack, at the next index */
+            if (sp == QF_FLOOR || nmemo == QF_SEEN) goto out;
+            memo[nmemo++] = Py_NewRef(st[sp - 1]);
+            continue;
+        case 'h': /* BINGET */
+            QF_NEED(1);
+            if (p[pos] >= nmemo) goto out;
+            v = Py_NewRef(memo[p[pos++]]);
+            break;
+        case '(':
+            if (mp == QF_MARKS) goto out;
+            marks[mp++] = sp;
+            continue;
+        case 't':
+            if (!mp) goto out;
+            v = qf_pop_tuple(st, &sp, marks[--mp]);
+            break;
+        case 0x95: { /* FRAME (the pickler's): only its length is checked, as pickle does */
+            uint64_t frame_len;
+            QF_NEED(8);
+            memcpy(&frame_len, p + pos, 8);
+            pos += 8;
+            QF_NEED(frame_len);
+            continue;
+        }
+        case 'a': case 's': { /* APPEND, SETITEM (the pickler's for one item) */
+            int k = op == 'a' ? 1 : 2;
+            if (sp - k - 1 < QF_FLOOR) goto out;
+            PyObject *into = st[sp - k - 1];
+            int ok;
+            if (op == 'a' && PyList_CheckExact(into)) ok = PyList_Append(into, st[sp - 1]) == 0;
+            else if (op == 's' && PyDict_CheckExact(into)) ok = PyDict_SetItem(into, st[sp - 2], st[sp - 1]) == 0;
+            else goto out;
+            for (int i = sp - k; i < sp; i++) Py_DECREF(st[i]);
+            sp -= k;
+            if (!ok) goto out;
+            continue;
+        }
+        case 'e': case 'u': { /* APPENDS, SETITEMS: into the list or dict below the mark */
+            if (!mp) goto out;
+            int base = marks[--mp];
+            if (base <= QF_FLOOR) goto out; /* no list or dict of this level below the mark */
+            PyObject *into = st[base - 1];
+            int ok = 1;
+            if (op == 'e' && PyList_CheckExact(into)) {
+                for (int i = base; i < sp && ok; i++) ok = PyList_Append(into, st[i]) == 0;
+            } else if (op == 'u' && PyDict_CheckExact(into) && (sp - base) % 2 == 0) {
+                for (int i = base; i < sp && ok; i += 2) ok = PyDict_SetItem(into, st[i], st[i + 1]) == 0;
+            } else {
+                goto out;
+            }
+            for (int i = base; i < sp; i++) Py_DECREF(st[i]);
+            sp = base;
+            if (!ok) goto out; /* e.g. an unhashable key: pickle.loads raises its own error */
+            continue;
+        }
+        case '.':
+            if (pos != n || sp != 1 || mp) goto out;
+            *other = 0;
+            for (int i = 0; i < nmemo; i++) Py_DECREF(memo[i]);
+            return st[0];
+        default:
+            goto out;
+        }
+        if (!v) {
+            if (!PyErr_ExceptionMatches(PyExc_MemoryError)) PyErr_Clear(); /* pickle.loads decides */
+            else *other = 0;
+            goto out;
+        }
+        if (sp == QF_STACK) {
+            Py_DECREF(v);
+            goto out;
+        }
+        st[sp++] = v;
+    }
+out:
+    if (*other) PyErr_Clear();
+    for (int i = 0; i < sp; i++) Py_DECREF(st[i]);
+    for (int i = 0; i < nmemo; i++) Py_DECREF(memo[i]);
+    return NULL;
+#undef QF_NEED
+#undef QF_FLOOR
+}
+
+/* qf_decode, else pickle.loads (`loads`) of those bytes. */
+static PyObject *qf_loads(PyObject *loads, const unsigned char *p, size_t n) {
+    int other;
+    PyObject *obj = qf_decode(p, n, &other);
+    if (obj || !other) return obj;
+    PyObject *data = PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n);
+    if (!data) return NULL;
+    obj = PyObject_CallOneArg(loads, data);
+    Py_DECREF(data);
+    return obj;
+}
+
+/* Test hooks: qf_encode's pickle of obj, or None when the pickler takes it ... */
+static PyObject *core_queue_encode(PyObject *mod, PyObject *obj) {
+    unsigned char buf[QF_BUF];
+    size_t len = qf_encode_item(obj, buf);
+    if (!len) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)len);
+}
+
+/* ... and (object, True) when qf_decode reads `data`, (None, False) when pickle.loads would. */
+static PyObject *core_queue_decode(PyObject *mod, PyObject *data) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
+    int other;
+    PyObject *r = qf_decode(view.buf, (size_t)view.len, &other);
+    PyBuffer_Release(&view);
+    if (!r && !other) return NULL;
+    return Py_BuildValue("(NO)", r ? r : Py_NewRef(Py_None), r ? Py_True : Py_False);
+}
+
+static PyMethodDef queue_codec_functions[] = {
+    {"_queue_encode", core_queue_encode, METH_O, NULL},
+    {"_queue_decode", core_queue_decode, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+/* put's return codes (besides None: sent) */
+enum { QF_NOT_TAKEN = 0, QF_TO_FEEDER = 1, QF_SLOW_PUT = 2 };
+
+static uint64_t qf_forks; /* process-local: bumped in the child of every fork */
+static void qf_after_fork_child(void) { qf_forks++; }
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t forks;  /* qf_forks when built; UINT64_MAX: its pickler failed, build anew */
+    PyObject *sem_acquire, *sem_release, *wlock_acquire, *wlock_release, *rlock_acquire, *rlock_release;
+    EndpointObject *writer, *reader; /* NULL: that end is not open here (the Python path) */
+    PyObject *recv_lock_acquire, *recv_lock_release; /* the reader Connection's thread lock */
+    PyObject *dump, *clear_memo, *chunks;            /* a pickler writing into chunks */
+    PyObject *loads, *loads_special, *special; /* bytes -> object, special item -> object, frame -> item */
+    PyObject *not_consumed;                    /* exceptions of a receive that took nothing */
+    PyObject *stale;                           /* get's "not done here" */
+    PyObject *empty;                           /* queue.Empty */
+    uint64_t inline_max;
+    int lock_yields;
+    int64_t direct_wait_ns;
+} QueueFastObject;
+
+static int64_t qf_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic's clock, as the endpoint's deadlines */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Call a lock method with no argument or one; its truth, or -1 with an exception. */
+static int qf_call_truth(PyObject *method, PyObject *arg) {
+    PyObject *r = arg ? PyObject_CallOneArg(method, arg) : PyObject_CallNoArgs(method);
+    if (!r) return -1;
+    int t = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return t;
+}
+
+/* Call a release method keeping the exception being raised, if any. */
+static int qf_release(PyObject *release) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallNoArgs(release);
+    if (!r) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+    return 0;
+}
+
+/* _queues._acquire_contended in C: a queue lock is held for about a microsecond per item,
+ * so yielding the CPU a few times usually finds it free (no sleep in the kernel, no
+ * wake-up call at release). `wait_ns` -1: no limit. 1 taken, 0 not in time, -1. */
+static int qf_acquire(QueueFastObject *self, PyObject *acquire, int64_t wait_ns) {
+    int got = qf_call_truth(acquire, Py_False);
+    if (got != 0) return got;
+    int64_t deadline = wait_ns < 0 ? -1 : qf_now_ns() + wait_ns; /* the clock read only when contended */
+    for (int i = 0; got == 0 && i < self->lock_yields; i++) {
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+        got = qf_call_truth(acquire, Py_False);
+        if (got == 0 && deadline >= 0 && qf_now_ns() >= deadline) return 0;
+    }
+    if (got != 0) return got;
+    PyObject *r;
+    if (deadline < 0) {
+        r = PyObject_CallOneArg(acquire, Py_True);
+    } else {
+        int64_t left = deadline - qf_now_ns();
+        PyObject *timeout = PyFloat_FromDouble(left > 0 ? (double)left / 1e9 : 0.0);
+        if (!timeout) return -1;
+        PyObject *args[2] = {Py_True, timeout};
+        r = PyObject_Vectorcall(acquire, args, 2, NULL);
+        Py_DECREF(timeout);
+    }
+    if (!r) return -1;
+    got = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return got;
+}
+
+/* The pickle of `obj` when it is one bytes object that fits the ring; NULL otherwise, with
+ * an exception (BaseException that is not an Exception) or *slow set (anything else for the
+ * Python path: an Exception while pickling, out-of-band buffers, too big). */
+static PyObject *qf_pickle(QueueFastObject *self, PyObject *obj, int *slow) {
+    PyObject *r = PyObject_CallOneArg(self->dump, obj);
+    PyObject *data = NULL;
+    if (r) {
+        Py_DECREF(r);
+        /* out-of-band buffers leave a marker after the pickle's chunk (_queues._Chunks) */
+        if (PyList_GET_SIZE(self->chunks) == 1) {
+            data = PyList_GET_ITEM(self->chunks, 0);
+            if (PyBytes_CheckExact(data) && (uint64_t)PyBytes_GET_SIZE(data) <= self->inline_max) Py_INCREF(data);
+            else data = NULL;
+        }
+        if (!data) *slow = 1;
+    } else {
+        self->forks = UINT64_MAX; /* a half-written pickler is not reused: build anew */
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear(); /* the Python path pickles it again and reports it as it does */
+            *slow = 1;
+        }
+    }
+    /* keep nothing of the caller's alive; an exception being raised stays */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int cleared = PyList_SetSlice(self->chunks, 0, PY_SSIZE_T_MAX, NULL) == 0;
+    PyErr_Restore(type, value, tb);
+    if (!cleared || qf_release(self->clear_memo) < 0) {
+        Py_XDECREF(data); /* out of memory: nothing sent */
+        *slow = 0;
+        return NULL;
+    }
+    return data;
+}
+
+/* Send a pickle of this queue, waiting up to `wait_ns` for room (-1: no limit): HP_OK,
+ * HP_TIMEOUT (no room in time), -1 (an exception) or another hp status. */
+static int qf_send(QueueFastObject *self, const void *data, size_t len, int64_t wait_ns) {
+    EndpointObject *ep = self->writer;
+    if (!check_dir(ep, 'w')) return -1;
+    const void *parts[1] = {data};
+    uint64_t lens[1] = {(uint64_t)len};
+    int rc = hp_try_send(&ep->ep, KIND_DATA, 0, parts, lens, 1);
+    if (rc == HP_TIMEOUT)
+        rc = send_blocking(ep, KIND_DATA, 0, parts, lens, 1, NULL, 0, 0, wait_ns < 0 ? -1 : qf_now_ns() + wait_ns);
+    leave(ep);
+    return rc;
+}
+
+/* put(obj): None (sent), QF_NOT_TAKEN (nothing done: the Python path), QF_TO_FEEDER (its
+ * place in the queue is taken; the write lock or room did not come within DIRECT_WAIT:
+ * queue it for the feeder) or QF_SLOW_PUT (its place is taken; send it the Python way).
+ * The caller checked that the queue is open and nothing of this process waits to go. */
+static PyObject *QueueFast_put(QueueFastObject *self, PyObject *obj) {
+    if (self->forks != qf_forks || !self->writer) return PyLong_FromLong(QF_NOT_TAKEN);
+    unsigned char plain[QF_BUF];
+    size_t plain_len = qf_encode_item(obj, plain); /* before the locks: it needs none */
+    int got = qf_call_truth(self->sem_acquire, Py_False);
+    if (got <= 0) return got < 0 ? NULL : PyLong_FromLong(QF_NOT_TAKEN); /* full: put blocks the Python way */
+    got = qf_acquire(self, self->wlock_acquire, self->direct_wait_ns);
+    if (got <= 0) return got < 0 ? NULL : PyLong_FromLong(QF_TO_FEEDER);
+    int slow = 0, code = -1;
+    PyObject *data = plain_len ? NULL : qf_pickle(self, obj, &slow);
+    if (plain_len || data) {
+        int rc = plain_len ? qf_send(self, plain, plain_len, self->direct_wait_ns)
+                           : qf_send(self, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data),
+                                     self->direct_wait_ns);
+        Py_XDECREF(data);
+        if (rc == HP_OK) code = -2;
+        else if (rc == HP_TIMEOUT) code = QF_TO_FEEDER;
+        else if (rc != -1 || PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear(); /* nothing sent: the Python path sends it again and reports the error */
+            code = QF_SLOW_PUT;
+        }
+    } else if (slow) {
+        code = QF_SLOW_PUT;
+    }
+    if (qf_release(self->wlock_release) < 0) return NULL;
+    if (code == -1) return NULL;
+    if (code == -2) Py_RETURN_NONE;
+    return PyLong_FromLong(code);
+}
+
+/* feed(batch, start, sentinel): the feeder thread's sends, its write lock held: from
+ * batch[start] on, each plain item, waiting for room as long as it takes. Returns the index
+ * of the first item not sent here (the sentinel, another item, or a send that failed: the
+ * Python path sends it and reports its error). */
+static PyObject *QueueFast_feed(QueueFastObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "feed(batch: list, start, sentinel)");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    if (self->forks != qf_forks || !self->writer || i < 0) return PyLong_FromSsize_t(i);
+    unsigned char buf[QF_BUF];
+    for (; i < PyList_GET_SIZE(args[0]); i++) { /* only the feeder holds its batch */
+        PyObject *obj = PyList_GET_ITEM(args[0], i);
+        size_t len = obj == args[2] ? 0 : qf_encode_item(obj, buf);
+        if (!len) break;
+        int rc = qf_send(self, buf, len, -1);
+        if (rc == HP_OK) continue;
+        if (rc == -1 && !PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+        PyErr_Clear();
+        break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
+/* Take one frame of the reader: a DATA frame of at most QF_BUF bytes is copied into buf
+ * (*len set, returns Py_None: unpickled from this private copy once the locks are free);
+ * a bigger one comes back as bytes, an out-of-band one as special(frame). Called with the
+ * queue's read lock and the Connection's receive lock held. */
+static PyObject *qf_receive(QueueFastObject *self, int64_t deadline, unsigned char *buf, size_t *len) {
+    EndpointObject *ep = self->reader;
+    if (!check_dir(ep, 'r')) return NULL;
+    hp_frame frame;
+    PyObject *item = NULL;
+    int rc = wait_frame(ep, deadline, &frame);
+    if (rc == HP_TIMEOUT) {
+        PyErr_SetNone(self->empty); /* nothing taken */
+    } else if (rc != HP_OK) {
+        if (rc != -1) raise_status(ep, rc);
+    } else if (frame.kind == KIND_DATA && frame.len <= QF_BUF) {
+        memcpy(buf, frame.payload, frame.len); /* read once: the peer may rewrite the ring */
+        *len = frame.len;
+        hp_recv_finish(&ep->ep, &frame, 0);
+        item = Py_NewRef(Py_None);
+    } else if (frame.kind == KIND_DATA) {
+        item = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+        if (item) hp_recv_finish(&ep->ep, &frame, 0);
+        else hp_reader_exit(&ep->ep);
+    } else {
+        PyObject *r = special_frame(ep, &frame);
+        if (r) {
+            item = PyObject_CallOneArg(self->special, r); /* its buffers mapped under the lock */
+            Py_DECREF(r);
+        }
+    }
+    leave(ep);
+    return item;
+}
+
+/* get(block, timeout): the next item, queue.Empty as Queue.get raises it, or `stale` when
+ * the Python path must do it (nothing taken). The item is unpickled once the locks are free. */
+static PyObject *QueueFast_get(QueueFastObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get(block, timeout)");
+        return NULL;
+    }
+    if (self->forks != qf_forks || !self->reader) return Py_NewRef(self->stale);
+    int block = PyObject_IsTrue(args[0]);
+    if (block < 0) return NULL;
+    int64_t wait_ns = -1, deadline = -1; /* no limit */
+    if (!block) {
+        wait_ns = 0;
+        deadline = 1; /* passed: take what is there */
+    } else if (args[1] != Py_None) {
+        double timeout = PyFloat_AsDouble(args[1]);
+        if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+        wait_ns = timeout > 0 ? (int64_t)(timeout > 9.0e9 ? 9.0e18 : timeout * 1e9) : 0;
+        deadline = qf_now_ns() + wait_ns;
+    }
+    int got = block ? qf_acquire(self, self->rlock_acquire, wait_ns) : qf_call_truth(self->rlock_acquire, Py_False);
+    if (got <= 0) {
+        if (got == 0) PyErr_SetNone(self->empty);
+        return NULL;
+    }
+    unsigned char buf[QF_BUF];
+    size_t len = 0;
+    PyObject *item = NULL;
+    if (qf_call_truth(self->recv_lock_acquire, NULL) >= 0) {
+        item = qf_receive(self, deadline, buf, &len);
+        if (qf_release(self->recv_lock_release) < 0) Py_CLEAR(item);
+    }
+    if (qf_release(self->rlock_release) < 0) Py_CLEAR(item);
+    if (!item) {
+        /* taken off the ring, then found corrupt or unmappable: it is gone, so is its place */
+        if (PyErr_ExceptionMatches(PyExc_Exception) && !PyErr_ExceptionMatches(self->not_consumed) &&
+            !PyErr_ExceptionMatches(self->empty))
+            qf_release(self->sem_release);
+        return NULL;
+    }
+    if (qf_release(self->sem_release) < 0) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    PyObject *obj;
+    if (item == Py_None) obj = qf_loads(self->loads, buf, len);
+    else obj = PyObject_CallOneArg(PyBytes_CheckExact(item) ? self->loads : self->loads_special, item);
+    Py_DECREF(item);
+    return obj;
+}
+
+#define QF_OBJECTS(X)                                                                              \
+    X(sem_acquire) X(sem_release) X(wlock_acquire) X(wlock_release) X(rlock_acquire) X(rlock_release) \
+    X(recv_lock_acquire) X(recv_lock_release) X(dump) X(clear_memo) X(chunks) X(loads)           \
+    X(loads_special) X(special) X(not_consumed) X(stale) X(empty)
+
+static int QueueFast_traverse(QueueFastObject *self, visitproc visit, void *arg) {
+#define QF_VISIT(name) Py_VISIT(self->name);
+    QF_OBJECTS(QF_VISIT)
+    Py_VISIT(self->writer);
+    Py_VISIT(self->reader);
+    return 0;
+}
+
+static int QueueFast_clear(QueueFastObject *self) {
+#define QF_CLEAR(name) Py_CLEAR(self->name);
+    QF_OBJECTS(QF_CLEAR)
+    Py_CLEAR(self->writer);
+    Py_CLEAR(self->reader);
+    return 0;
+}
+
+static void QueueFast_dealloc(QueueFastObject *self) {
+    PyObject_GC_UnTrack(self);
+    QueueFast_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject QueueFastType;
+
+/* QueueFast(sem, wlock, rlock, writer, reader, recv_lock, pickler, chunks, loads,
+ *           loads_special, special, not_consumed, stale, empty, inline_max, lock_yields,
+ *           direct_wait)
+ * writer/reader: an Endpoint, or None when that end is not open in this process. */
+static PyObject *QueueFast_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *sem, *wlock, *rlock, *writer, *reader, *recv_lock, *pickler;
+    unsigned long long inline_max;
+    int lock_yields;
+    double direct_wait;
+    QueueFastObject *self = (QueueFastObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO!OOOOOOKid:QueueFast", &sem, &wlock, &rlock, &writer, &reader,
+                          &recv_lock, &pickler, &PyList_Type, &self->chunks, &self->loads,
+                          &self->loads_special, &self->special, &self->not_consumed, &self->stale,
+                          &self->empty, &inline_max, &lock_yields, &direct_wait)) {
+        self->chunks = self->loads = self->loads_special = self->special = self->not_consumed =
+            self->stale = self->empty = NULL;
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_INCREF(self->chunks);
+    Py_INCREF(self->loads);
+    Py_INCREF(self->loads_special);
+    Py_INCREF(self->special);
+    Py_INCREF(self->not_consumed);
+    Py_INCREF(self->stale);
+    Py_INCREF(self->empty);
+    self->forks = qf_forks;
+    self->inline_max = inline_max;
+    self->lock_yields = lock_yields;
+    self->direct_wait_ns = (int64_t)(direct_wait * 1e9);
+    EndpointObject **ends[2] = {&self->writer, &self->reader};
+    PyObject *given[2] = {writer, reader};
+    for (int i = 0; i < 2; i++) {
+        if (given[i] == Py_None) continue;
+        if (!PyObject_TypeCheck(given[i], &EndpointType)) {
+            PyErr_SetString(PyExc_TypeError, "QueueFast: an end is an Endpoint or None");
+            Py_DECREF(self);
+            return NULL;
+        }
+        *ends[i] = (EndpointObject *)Py_NewRef(given[i]);
+    }
+    if (!(self->sem_acquire = PyObject_GetAttrString(sem, "acquire")) ||
+        !(self->sem_release = PyObject_GetAttrString(sem, "release")) ||
+        !(self->wlock_acquire = PyObject_GetAttrString(wlock, "acquire")) ||
+        !(self->wlock_release = PyObject_GetAttrString(wlock, "release")) ||
+        !(self->rlock_acquire = PyObject_GetAttrString(rlock, "acquire")) ||
+        !(self->rlock_release = PyObject_GetAttrString(rlock, "release")) ||
+        !(self->recv_lock_acquire = PyObject_GetAttrString(recv_lock, "acquire")) ||
+        !(self->recv_lock_release = PyObject_GetAttrString(recv_lock, "release")) ||
+        !(self->dump = PyObject_GetAttrString(pickler, "dump")) ||
+        !(self->clear_memo = PyObject_GetAttrString(pickler, "clear_memo"))) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyMethodDef QueueFast_methods[] = {
+    {"put", (PyCFunction)QueueFast_put, METH_O, NULL},
+    {"get", (PyCFunction)(void (*)(void))QueueFast_get, METH_FASTCALL, NULL},
+    {"feed", (PyCFunction)(void (*)(void))QueueFast_feed, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *QueueFast_get_stale(QueueFastObject *self, void *unused) {
+    return PyBool_FromLong(self->forks != qf_forks);
+}
+
+static PyGetSetDef QueueFast_getset[] = {
+    {"stale", (getter)QueueFast_get_stale, NULL, "forked since, or its pickler failed: build anew", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject QueueFastType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "hyperpipe._core.QueueFast",
+    .tp_basicsize = sizeof(QueueFastObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = QueueFast_new,
+    .tp_dealloc = (destructor)QueueFast_dealloc,
+    .tp_traverse = (traverseproc)QueueFast_traverse,
+    .tp_clear = (inquiry)QueueFast_clear,
+    .tp_methods = QueueFast_methods,
+    .tp_getset = QueueFast_getset,
+};
+
+static int queue_fast_add(PyObject *m) {
+    if (PyType_Ready(&QueueFastType) < 0) return -1;
+    int err = pthread_atfork(NULL, NULL, qf_after_fork_child);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (PyModule_AddFunctions(m, queue_codec_functions) < 0 ||
+        PyModule_AddIntConstant(m, "QF_TO_FEEDER", QF_TO_FEEDER) < 0 ||
+        PyModule_AddIntConstant(m, "QF_SLOW_PUT", QF_SLOW_PUT) < 0)
+        return -1;
+    return PyModule_AddObjectRef(m, "QueueFast", (PyObject *)&QueueFastType);
 }

@@ -145,3 +145,33 @@ def socket_fast_path(
     """C versions of the Connection's methods named in `methods` (its own, for every call they
     do not handle) for `transport`, a plain-socket SocketTransport on `fd`: payloads up to
     `send_limit` are sent, and up to `recv_limit` received, in C."""
+
+# -- a queue's item in one call (_queues.py) -------------------------------------------------
+
+QF_TO_FEEDER: int  # QueueFast.put: its place taken; no lock or room in time: queue it for the feeder
+QF_SLOW_PUT: int  # QueueFast.put: its place taken; send it the Python way (big, out of band, an error)
+
+class QueueFast:
+    """A hyperpipe Queue's common put and get over shared memory, one C call each; one per
+    queue and process (``stale`` once forked, or once its pickler failed)."""
+
+    stale: bool
+
+    def __init__(
+        self, sem: Any, wlock: Any, rlock: Any, writer: Optional[Endpoint], reader: Optional[Endpoint],
+        recv_lock: Any, pickler: Any, chunks: list, loads: Callable[[bytes], Any],
+        loads_special: Callable[[Any], Any], special: Optional[Callable[[SpecialFrame], Any]],
+        not_consumed: tuple[type[BaseException], ...], stale: object, empty: type[BaseException],
+        inline_max: int, lock_yields: int, direct_wait: float, /,
+    ) -> None: ...
+    def put(self, obj: Any, /) -> Optional[int]:
+        """None: sent; 0: nothing taken (the Python path puts it); QF_TO_FEEDER or QF_SLOW_PUT."""
+    def get(self, block: bool, timeout: Optional[float], /) -> Any:
+        """The next item, queue.Empty, or ``stale`` (the sentinel given) when the Python path
+        must get it (nothing taken)."""
+
+def _queue_encode(obj: Any, /) -> Optional[bytes]:
+    """The C pickle of a plain item (None when the pickler takes it)."""
+
+def _queue_decode(data: Buffer, /) -> tuple[Any, bool]:
+    """(object, True) when the C decoder reads ``data``; (None, False) when pickle.loads must."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import copyreg
 import errno
+import functools
 import itertools
 import os
 import pickle
@@ -48,6 +49,12 @@ from ._connection import Connection
 from ._pipe import Pipe
 from ._shm_transport import ShmTransport
 from ._transport import PASSED, Deadline
+
+try:
+    from ._core import QF_SLOW_PUT, QF_TO_FEEDER, QueueFast
+    from ._core import _queue_encode as _encode_plain
+except ImportError:  # no C core: no shared memory either, so no queue takes that path
+    QueueFast = None  # type: ignore[assignment,misc]
 
 # The standard library's private hooks (_feed, _sentinel, _finalize_*) are not in typeshed.
 _Queue: Any = mpq.Queue
@@ -191,6 +198,17 @@ def _simple_getstate(self: Any) -> tuple:
 # -- Queue / JoinableQueue ------------------------------------------------------------------
 
 
+def _new_pickler(file: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool]) -> pickle.Pickler:
+    """The C pickler (protocol 5) with ``ForkingPickler``'s reducers, as the standard
+    library's feeder pickles: as fast as ``pickle.dumps``, where a ``ForkingPickler`` (a
+    Python subclass) costs twice as much per item."""
+    pickler = pickle.Pickler(file, 5, buffer_callback=buffer_callback)
+    dispatch = copyreg.dispatch_table.copy()
+    dispatch.update(getattr(ForkingPickler, "_extra_reducers"))
+    pickler.dispatch_table = dispatch
+    return pickler
+
+
 class _ItemSender:
     """Sends one queue's items over its writer, for ``put`` and the feeder alike, always
     under the queue's write lock (which serializes every sender of that end). One per queue
@@ -216,10 +234,7 @@ class _ItemSender:
         self._reset()
 
     def _reset(self) -> None:
-        self._pickler = pickle.Pickler(self, 5, buffer_callback=self._buffer_callback)
-        dispatch = copyreg.dispatch_table.copy()
-        dispatch.update(getattr(ForkingPickler, "_extra_reducers"))
-        self._pickler.dispatch_table = dispatch
+        self._pickler = _new_pickler(self, self._buffer_callback)
         self._needs_oob = False
 
     def _buffer_callback(self, buf: pickle.PickleBuffer) -> bool:
@@ -237,7 +252,9 @@ class _ItemSender:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._conn.send(obj, timeout=timeout)
             return
-        data = self.dump(obj)
+        data = _encode_plain(obj)  # a plain item, pickled in C (else None)
+        if data is None:
+            data = self.dump(obj)
         if data is None:
             transport.send_object(obj, deadline)
         elif len(data) <= transport._inline:
@@ -269,6 +286,48 @@ class _ItemSender:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         return data
+
+
+_STALE = object()  # QueueFast.get's "not done here"
+
+
+class _Chunks(list):
+    """A pickler's output for ``QueueFast``: the pickle's chunks, and a marker after them
+    when a buffer is to go out of band (more than one entry: the Python path sends it)."""
+
+    __slots__ = ("write", "_oob_threshold")
+
+    def __init__(self, oob_threshold: int) -> None:
+        super().__init__()
+        self.write = self.append
+        self._oob_threshold = oob_threshold
+
+    def buffer_callback(self, buf: pickle.PickleBuffer) -> bool:
+        with buf.raw() as raw:
+            if raw.nbytes < self._oob_threshold:
+                return True  # in band
+        self.append(None)
+        return False
+
+
+def _fast(queue: Any) -> Any:
+    """The queue's ``QueueFast`` for this process (put and get in one C call each), or None
+    when its items do not go over shared memory here (they take the Python path)."""
+    fast = None
+    if QueueFast is not None and _mode(queue) == NATIVE_SHM:
+        sender = _sender(queue, NATIVE_SHM)  # the Python path's, for what QueueFast hands back
+        writer: Any = queue._writer._transport  # ShmTransports, or None when closed here
+        reader: Any = queue._reader._transport
+        chunks = _Chunks(sender._oob_threshold)
+        fast = QueueFast(
+            queue._sem, queue._wlock, queue._rlock,
+            None if writer is None else writer._ep, None if reader is None else reader._ep,
+            queue._reader._recv_lock, _new_pickler(chunks, chunks.buffer_callback), chunks,
+            _unpickle, _loads, None if reader is None else functools.partial(_oob_item, reader),
+            _NOT_CONSUMED, _STALE, Empty, 0 if writer is None else writer._inline, LOCK_YIELDS, DIRECT_WAIT,
+        )
+    queue._hp_fast = fast
+    return fast
 
 
 def _sender(queue: Any, mode: int) -> _ItemSender:
@@ -321,6 +380,11 @@ def _put_item(queue: Any, obj: Any, mode: int) -> None:
                 return
             finally:
                 wlock.release()
+    _to_feeder(queue, obj)
+
+
+def _to_feeder(queue: Any, obj: Any) -> None:
+    """Queue ``obj`` (its place taken) for the feeder thread, starting it if needed."""
     notempty = queue._notempty
     notempty.acquire()  # the lock's C method: ``with`` costs two Python frames per item
     try:
@@ -352,6 +416,28 @@ def _reserve(queue: Any, block: bool, timeout: Optional[float]) -> None:
 
 def _queue_put(self: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
     try:
+        fast = self._hp_fast
+    except AttributeError:
+        fast = _fast(self)
+    if fast is not None and not self._closed:
+        if self._buffer:  # items of this process wait for the feeder: this one goes after them
+            if not self._sem.acquire(block, timeout):
+                raise Full
+            _to_feeder(self, obj)
+            return
+        # The common case in one C call: the item's place, the write lock, pickle, ring.
+        done = fast.put(obj)
+        if done is None:
+            return
+        if done == QF_TO_FEEDER:
+            _to_feeder(self, obj)
+            return
+        if done == QF_SLOW_PUT:
+            _put_item(self, obj, NATIVE_SHM)
+            return
+        if fast.stale:
+            del self._hp_fast  # forked since, or its pickler failed: built anew next time
+    try:
         mode = self._hp_mode
     except AttributeError:
         mode = _mode(self)
@@ -377,6 +463,16 @@ def _joinable_put(self: Any, obj: Any, block: bool = True, timeout: Optional[flo
 
 
 def _queue_get(self: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
+    try:
+        fast = self._hp_fast
+    except AttributeError:
+        fast = _fast(self)
+    if fast is not None and not self._closed:
+        item = fast.get(block, timeout)  # the read lock, the ring, the place freed, unpickled: one C call
+        if item is not _STALE:
+            return item
+        if fast.stale:
+            del self._hp_fast  # forked since: built anew next time
     try:
         mode = self._hp_mode
     except AttributeError:
@@ -427,11 +523,16 @@ def _receive(conn: Connection, mode: int, deadline: Deadline) -> Any:
         lock.acquire()
         try:
             frame = transport._recv(None, deadline)
-            # out-of-band buffers: checked and mapped as the item's own, under the lock
-            return frame if type(frame) is bytes else (frame[1], *transport._open_oob(frame, readonly=False))
+            return frame if type(frame) is bytes else _oob_item(transport, frame)
         finally:
             lock.release()
     return conn.recv(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _oob_item(transport: Any, frame: tuple) -> tuple:
+    """The item of an out-of-band frame, for ``_loads``: its buffers checked and mapped as
+    the item's own (called under the reader's lock)."""
+    return (frame[1], *transport._open_oob(frame, readonly=False))
 
 
 _unpickle = ForkingPickler.loads
@@ -568,11 +669,12 @@ def _queue_close(self: Any) -> None:
 def _start_feeder(queue: Any) -> None:
     """The standard library's ``_start_thread`` with our feeder and an earlier flush at exit."""
     debug("Queue._start_thread() (hyperpipe)")
+    fast = _fast(queue)  # this process's (a feeder starts in the process that puts)
     queue._thread = threading.Thread(
         target=_feed,
         args=(queue._buffer, queue._notempty, _sender(queue, _mode(queue)).send, queue._wlock,
               queue._reader.close, queue._writer.close, queue._ignore_epipe,
-              queue._on_queue_feeder_error, queue._sem),
+              queue._on_queue_feeder_error, queue._sem, None if fast is None else fast.feed),
         name="QueueFeederThread",
         daemon=True,
     )
@@ -618,10 +720,11 @@ def _finalize_flush(buffer: Any, notempty: Any, thread_ref: Any) -> None:
 
 
 def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, writer_close: Any,
-          ignore_epipe: bool, onerror: Any, sem: Any) -> None:
+          ignore_epipe: bool, onerror: Any, sem: Any, feed: Optional[Callable[[list, int, Any], int]]) -> None:
     """Send the buffered items in order, up to ``FEED_BATCH`` under one take of the write
-    lock. An item leaves the buffer only once it is sent, so ``put`` sends directly only
-    when nothing is waiting here (order per producer)."""
+    lock: plain items by ``feed`` (``QueueFast.feed``, when the queue has one), the others by
+    ``send``. An item leaves the buffer only once it is sent, so ``put`` sends directly
+    only when nothing is waiting here (order per producer)."""
     debug("starting thread to feed data to pipe")
     sentinel = _sentinel
     while True:
@@ -639,10 +742,14 @@ def _feed(buffer: Any, notempty: Any, send: Any, wlock: Any, reader_close: Any, 
             if not wlock.acquire(False):
                 _acquire_contended(wlock, None)
             try:
-                for obj in batch:
-                    if obj is sentinel:
+                while sent < len(batch):
+                    if feed is not None:
+                        sent = feed(batch, sent, sentinel)  # the plain items, in C
+                        if sent == len(batch):
+                            break
+                    if batch[sent] is sentinel:
                         break
-                    send(obj, None)
+                    send(batch[sent], None)
                     sent += 1
             finally:
                 wlock.release()
