@@ -1385,8 +1385,9 @@ static PyObject *core_set_errors(PyObject *mod, PyObject *args) {
  * send_bytes(buf) of a small buffer and recv_bytes() with no other argument do what the
  * Python path does, minus its three call layers: the Connection's lock, then the
  * transport's gate for that direction, the same checks, the same system calls (hp_sockio.h:
- * one sendmsg per frame; a blocking read of the header, GIL released, and one of the
- * payload that never waits), the same release order (a close() that came meanwhile
+ * one send per frame, which waits, GIL released, only if the socket's buffer is full; a
+ * blocking read of the header, GIL released, and one of the payload that never waits),
+ * the same release order (a close() that came meanwhile
  * releases the descriptor as the last call leaves). The locks are taken as the Python path
  * takes them with no timeout (waiting with the GIL released; a signal handler that raises
  * ends the wait). If the transport is not in its plain state then (closed, a frame half
@@ -1634,13 +1635,17 @@ static PyObject *sf_recv_frame(SocketFastObject *self, int as_sent) {
 }
 
 static PyObject *sf_send_frame(SocketFastObject *self, const Py_buffer *view) {
-    ssize_t n, total = 4 + view->len;
-    for (;;) {
+    ssize_t total = 4 + view->len;
+    /* First without waiting, the GIL kept: a small frame nearly always fits the socket's
+     * buffer, and giving the GIL up and taking it back costs more than such a send. */
+    ssize_t n = hp_sock_send_frame(self->fd, view->buf, (uint32_t)view->len, 0);
+    while (n == -EAGAIN) { /* no room: wait in the send, GIL released, as the stdlib does */
         Py_BEGIN_ALLOW_THREADS
-        n = hp_sock_send_frame(self->fd, view->buf, (uint32_t)view->len);
+        n = hp_sock_send_frame(self->fd, view->buf, (uint32_t)view->len, 1);
         Py_END_ALLOW_THREADS
-        if (n != -EINTR) break;
+        if (n != -EINTR) break; /* (-EAGAIN again: the fd was made non-blocking; below) */
         if (PyErr_CheckSignals() < 0) return NULL; /* nothing of the frame was written */
+        n = -EAGAIN;
     }
     if (n == total) Py_RETURN_NONE;
     /* Cut short (a signal, a shutdown) or refused: the general path writes the rest, or
