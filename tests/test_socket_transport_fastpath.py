@@ -885,3 +885,32 @@ def test_a_connection_with_a_codec_keeps_its_own_send_and_recv() -> None:
     finally:
         a.close()
         b.close()
+
+
+_RECEIVING: list[Any] = []
+
+
+def _receive_while_unpickled() -> Any:
+    return ("inner", _RECEIVING[0].recv())
+
+
+class _ReceivesWhenUnpickled:
+    def __reduce__(self) -> tuple:
+        return _receive_while_unpickled, ()
+
+
+def test_recv_unpickles_with_no_lock_held() -> None:
+    """In C, recv() unpickles after letting go of the Connection's lock and the gate, so
+    unpickling never holds up the next receive: here it is itself a receive."""
+    if _socket_transport._core is None:
+        pytest.skip("the C core is not built")
+    a, b = hyperpipe.Pipe(transport="socket")
+    _RECEIVING[:] = [b]
+    try:
+        a.send(_ReceivesWhenUnpickled())
+        a.send((1, "next"))
+        assert b.recv() == ("inner", (1, "next"))
+    finally:
+        _RECEIVING.clear()
+        a.close()
+        b.close()
