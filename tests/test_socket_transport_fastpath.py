@@ -198,6 +198,13 @@ def test_two_processes_share_one_end_under_a_lock(start_method: str) -> None:
     assert sorted(got) == sorted(sent)
 
 
+def _small_send_buffer_pair() -> tuple[Any, Any]:
+    """A socket Pipe whose first end's send buffer takes only a few KiB."""
+    a, b = hyperpipe.Pipe(transport="socket")
+    a._transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return a, b
+
+
 class _ShortWrites:
     """Stands in for the transport's socket: the first ``send`` writes only ``first`` bytes
     (0: would block), later ones behave normally."""
@@ -240,8 +247,7 @@ def test_a_small_frame_written_in_part_is_finished_never_cut(timeout: Any) -> No
 
 def test_a_small_frame_cut_by_a_full_socket_is_parked_whole() -> None:
     """A real partial write: a small send buffer takes part of a 16,000-byte frame."""
-    a, b = hyperpipe.Pipe(transport="socket")
-    a._transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a, b = _small_send_buffer_pair()
     payloads = [helpers.pattern(16_000, seed=i) for i in range(6)]
     sent = []
     try:
@@ -407,9 +413,10 @@ def path(request: Any, monkeypatch: Any) -> str:
 
 
 def _uses(conn: Any, path: str) -> bool:
-    """Whether conn's send_bytes and recv_bytes are those of ``path``."""
+    """Whether conn's send_bytes, recv_bytes, send and recv are those of ``path``."""
     in_c = type(conn.recv_bytes).__name__ == "builtin_function_or_method"
-    return in_c == (path == "c") and type(conn.send_bytes) is type(conn.recv_bytes)
+    kind = type(conn.recv_bytes)
+    return in_c == (path == "c") and all(type(m) is kind for m in (conn.send_bytes, conn.send, conn.recv))
 
 
 def _tcp_pair() -> tuple[Any, Any]:
@@ -476,8 +483,9 @@ def test_without_the_core_the_python_path_serves(monkeypatch: Any) -> None:
         b.close()
 
 
+@pytest.mark.parametrize("call", ["recv_bytes", "recv"])
 @pytest.mark.parametrize("shape", ["small", "empty", "long_header", "past_small_frame", "oob"])
-def test_a_blocking_receive_of_a_frame_cut_anywhere(path: str, shape: str) -> None:
+def test_a_blocking_receive_of_a_frame_cut_anywhere(path: str, shape: str, call: str) -> None:
     """No timeout: the header read waits; whatever arrives short (part of the header,
     part of the payload), a big or special header: the frame comes whole, then the next."""
     a, b = hyperpipe.Pipe(transport="socket")
@@ -490,6 +498,8 @@ def test_a_blocking_receive_of_a_frame_cut_anywhere(path: str, shape: str) -> No
         expected = pickle.dumps(value, 5)
     else:
         payload = _payload(shape)
+        if call == "recv":  # the payload pickled: recv() gives the bytes back
+            payload = pickle.dumps(payload)
         frame, expected = _frame(payload, long=shape == "long_header"), payload
     cuts = list(range(1, min(len(frame), 40))) + [len(frame) // 2, len(frame) - 1]
     raw = a.fileno()
@@ -503,11 +513,12 @@ def test_a_blocking_receive_of_a_frame_cut_anywhere(path: str, shape: str) -> No
 
             writer = threading.Thread(target=rest)
             writer.start()
-            got = b.recv_bytes()
+            got = b.recv_bytes() if call == "recv_bytes" else b.recv()
             if shape == "oob":
-                assert pickle.loads(got).tolist() == value.tolist(), f"cut at byte {cut}"
+                got = got if call == "recv" else pickle.loads(got)
+                assert got.tolist() == value.tolist(), f"cut at byte {cut}"
             else:
-                assert got == expected, f"cut at byte {cut}"
+                assert got == (expected if call == "recv_bytes" else pickle.loads(expected)), f"cut at byte {cut}"
             assert b.recv_bytes() == b"next"
             writer.join(10)
     finally:
@@ -551,20 +562,27 @@ def test_a_broken_stream_stays_broken(path: str, written: bytes, then_close: boo
         b.close()
 
 
+def _bound_methods(sender: Any, receiver: Any) -> list:
+    """A call of each fast method, kept without its Connection: bytes, a flat and a
+    non-flat object (pickled in C, and by the Connection)."""
+    send_bytes, send, recv_bytes, recv = sender.send_bytes, sender.send, receiver.recv_bytes, receiver.recv
+    return [lambda: send_bytes(b"x"), lambda: send((1, "x")), lambda: send({1: 2}), recv_bytes, recv]
+
+
 def test_a_bound_method_kept_after_close_or_death_raises_closed(path: str) -> None:
     a, b = hyperpipe.Pipe(transport="socket")
-    send, recv = a.send_bytes, b.recv_bytes
+    calls = _bound_methods(a, b)
     a.close()
     b.close()
-    for call in (lambda: send(b"x"), recv):
+    for call in calls:
         with pytest.raises(hyperpipe.ConnectionClosedError):
             call()
     if path == "python":
         return  # a bound method of the Connection keeps it alive
     c, d = hyperpipe.Pipe(transport="socket")
-    send, recv = c.send_bytes, d.recv_bytes
+    calls = _bound_methods(c, d)
     del c, d  # the Connections die (and close) though the C methods live on
-    for call in (lambda: send(b"x"), recv):
+    for call in calls:
         with pytest.raises(hyperpipe.ConnectionClosedError):
             call()
 
@@ -604,25 +622,30 @@ def sigusr1() -> Any:
 
 @pytest.mark.parametrize("raises", [True, False])
 @pytest.mark.parametrize("before", [b"", b"\x00\x00"])  # nothing of the frame, or part of it
-def test_a_signal_during_a_blocked_receive(path: str, sigusr1: Any, raises: bool, before: bytes) -> None:
+@pytest.mark.parametrize("call", ["recv_bytes", "recv"])
+def test_a_signal_during_a_blocked_receive(
+    path: str, sigusr1: Any, raises: bool, before: bytes, call: str
+) -> None:
     """A handler that raises ends the receive (what came of the frame is kept); one that
     does not lets it go on waiting. Either way the next receive gets the frame whole."""
     poke, raising = sigusr1
     a, b = hyperpipe.Pipe(transport="socket")
     assert _uses(b, path)
-    frame = _frame(b"after the signal")
+    receive = getattr(b, call)
+    message = b"after the signal"
+    frame = _frame(message if call == "recv_bytes" else pickle.dumps(message))
     try:
         _write_all(a.fileno(), before)
         raising[0] = raises
         poke(0.2)
         if raises:
             with pytest.raises(_Interrupted):
-                b.recv_bytes()
+                receive()
             _write_all(a.fileno(), frame[len(before) :])
         else:
             writer = threading.Timer(0.5, _write_all, (a.fileno(), frame[len(before) :]))
             writer.start()
-        assert b.recv_bytes() == b"after the signal"
+        assert receive() == message
         a.send_bytes(b"and the next")
         assert b.recv_bytes() == b"and the next"
     finally:
@@ -634,9 +657,8 @@ def test_a_send_cut_by_a_signal_is_finished(path: str, sigusr1: Any) -> None:
     """A small frame larger than the socket's buffer, the peer not reading yet: a signal
     interrupts the blocked write part way; the rest follows, never a cut frame."""
     poke, _ = sigusr1
-    a, b = hyperpipe.Pipe(transport="socket")
+    a, b = _small_send_buffer_pair()
     assert _uses(a, path)
-    a._transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     payloads = [helpers.pattern(16_000, seed=i) for i in range(4)]
     got: list[bytes] = []
     reader = threading.Timer(1.0, lambda: got.extend(b.recv_bytes(timeout=10) for _ in payloads))
@@ -653,7 +675,8 @@ def test_a_send_cut_by_a_signal_is_finished(path: str, sigusr1: Any) -> None:
         b.close()
 
 
-def test_close_wakes_a_blocked_c_receive(path: str, run_in_thread: Any) -> None:
+@pytest.mark.parametrize("call", ["recv_bytes", "recv"])
+def test_close_wakes_a_blocked_c_receive(path: str, run_in_thread: Any, call: str) -> None:
     rx, tx = hyperpipe.Pipe(transport="socket")
     assert _uses(rx, path)
     fd = rx.fileno()
@@ -662,7 +685,7 @@ def test_close_wakes_a_blocked_c_receive(path: str, run_in_thread: Any) -> None:
 
         def blocked() -> None:
             started.set()
-            rx.recv_bytes()
+            getattr(rx, call)()
 
         waiter = run_in_thread(blocked)
         assert started.wait(10)
@@ -770,3 +793,124 @@ def test_a_connection_cut_inside_a_big_frame_is_freed(path: str) -> None:
     gc.collect()
     assert gone() is None
 
+
+
+class _Int(int):
+    """Not flat: a subclass, pickled by the Connection (a reducer may take part)."""
+
+
+# Objects of each kind send(obj)/recv() tell apart: pickled in C (a scalar of an exact type,
+# a tuple or list of up to 16 of them) or by the Connection (anything else); pickles past
+# the 16 KiB send limit and past the 64 KiB receive limit, which the general path finishes.
+_OBJECTS = [
+    0, -(1 << 70), 3.25, True, None, "ünïcode", b"raw", (), [], (42, "hello", 3.14),
+    list(range(16)), list(range(17)), ((1, 2), 3), {"a": 1}, bytearray(b"abc"), _Int(5),
+    "s" * 20_000, ("t" * 70_000, 1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["socketpair", "tcp"])
+def test_objects_of_every_kind_arrive_equal_and_in_order(path: str, kind: str) -> None:
+    a, b = hyperpipe.Pipe(transport="socket") if kind == "socketpair" else _tcp_pair()
+    assert _uses(a, path) and _uses(b, path)
+    try:
+        sender = threading.Thread(target=lambda: [a.send(obj) for obj in _OBJECTS])
+        sender.start()
+        got = [b.recv() for _ in _OBJECTS]
+        sender.join(10)
+        assert got == _OBJECTS and [type(o) for o in got] == [type(o) for o in _OBJECTS]
+        for obj in _OBJECTS:  # interleaved with the other calls, one at a time
+            b.send(obj)
+            b.send_bytes(b"between")
+            assert a.recv() == obj and a.recv_bytes() == b"between"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_objects_go_out_as_the_stdlib_pickles_them(path: str) -> None:
+    """To a stdlib peer, each frame is ForkingPickler.dumps(obj) byte for byte; what it
+    sends comes back equal."""
+    ours, theirs = socket.socketpair()
+    conn = hyperpipe.Connection(_socket_transport.SocketTransport(sock=ours))
+    peer = multiprocessing.connection.Connection(theirs.detach())
+    assert _uses(conn, path)
+    try:
+        for obj in _OBJECTS:
+            conn.send(obj)
+            assert peer.recv_bytes() == bytes(multiprocessing.reduction.ForkingPickler.dumps(obj))
+            peer.send(obj)
+            assert conn.recv() == obj
+    finally:
+        conn.close()
+        peer.close()
+
+
+def test_an_object_waits_behind_a_parked_frame() -> None:
+    """A flat object sent while a frame is parked goes out after it, whole."""
+    a, b = _small_send_buffer_pair()
+    big = helpers.pattern(300_000)
+    got: list[Any] = []
+    reader = threading.Timer(0.5, lambda: got.extend((b.recv_bytes(timeout=10), b.recv(timeout=10))))
+    try:
+        a.send_bytes(big, timeout=0.0)  # more than the socket takes: the rest is parked
+        assert a.send_backlog() > 0
+        reader.start()  # drains the parked frame only now: send() is behind it
+        a.send(("after", 1))
+        reader.join(20)
+        assert got == [big, ("after", 1)]
+    finally:
+        reader.cancel()
+        a.close()
+        b.close()
+
+
+def test_a_connection_with_a_codec_keeps_its_own_send_and_recv() -> None:
+    if _socket_transport._core is None:
+        pytest.skip("the C core is not built")
+    from hyperpipe._codecs import get_codec
+
+    s1, s2 = socket.socketpair()
+    codec = get_codec("json")
+    a = hyperpipe.Connection(_socket_transport.SocketTransport(sock=s1), codec=codec)
+    b = hyperpipe.Connection(_socket_transport.SocketTransport(sock=s2), codec=codec)
+    try:
+        for conn in (a, b):  # bytes in C; objects through the codec
+            assert type(conn.send_bytes).__name__ == "builtin_function_or_method"
+            assert type(conn.send).__name__ == type(conn.recv).__name__ == "method"
+        a.send([1, "two"])
+        assert b.recv_bytes() == codec.dumps([1, "two"])
+        b.send((3, "four"))
+        assert a.recv() == [3, "four"]
+    finally:
+        a.close()
+        b.close()
+
+
+_RECEIVING: list[Any] = []
+
+
+def _receive_while_unpickled() -> Any:
+    return ("inner", _RECEIVING[0].recv())
+
+
+class _ReceivesWhenUnpickled:
+    def __reduce__(self) -> tuple:
+        return _receive_while_unpickled, ()
+
+
+def test_recv_unpickles_with_no_lock_held() -> None:
+    """In C, recv() unpickles after letting go of the Connection's lock and the gate, so
+    unpickling never holds up the next receive: here it is itself a receive."""
+    if _socket_transport._core is None:
+        pytest.skip("the C core is not built")
+    a, b = hyperpipe.Pipe(transport="socket")
+    _RECEIVING[:] = [b]
+    try:
+        a.send(_ReceivesWhenUnpickled())
+        a.send((1, "next"))
+        assert b.recv() == ("inner", (1, "next"))
+    finally:
+        _RECEIVING.clear()
+        a.close()
+        b.close()

@@ -121,8 +121,10 @@ class Connection(Generic[_SendT, _RecvT]):
         # (see Transport.fast_path); every other call still comes here.
         self._fast = transport.fast_path(weakref.ref(self), _FAST_METHODS)
         if self._fast is not None:
+            offered = getattr(self._fast, "connection_methods", _FAST_BYTES)
             for name in (_FAST_SENDING if writable else ()) + (_FAST_RECEIVING if readable else ()):
-                setattr(self, name, getattr(self._fast, name))
+                if name in offered:
+                    setattr(self, name, getattr(self._fast, name))
 
     # -- state ----------------------------------------------------------------------
     def __del__(self) -> None:
@@ -476,10 +478,12 @@ class Connection(Generic[_SendT, _RecvT]):
         )
 
 
-# The methods a transport's fast_path may take over, and the Connection's own ones it
-# hands every other call to.
-_FAST_SENDING = ("send_bytes", "send_bytes_many")
-_FAST_RECEIVING = ("recv_bytes", "recv_bytes_many")
+# The methods a transport's fast_path may take over (those its object lists in
+# `connection_methods`; without it, the four bytes methods), and the Connection's own ones
+# it hands every other call to.
+_FAST_SENDING = ("send_bytes", "send_bytes_many", "send")
+_FAST_RECEIVING = ("recv_bytes", "recv_bytes_many", "recv")
+_FAST_BYTES = ("send_bytes", "send_bytes_many", "recv_bytes", "recv_bytes_many")
 _FAST_METHODS = {name: getattr(Connection, name) for name in _FAST_SENDING + _FAST_RECEIVING}
 
 

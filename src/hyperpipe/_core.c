@@ -1385,8 +1385,9 @@ static PyObject *core_set_errors(PyObject *mod, PyObject *args) {
  * send_bytes(buf) of a small buffer and recv_bytes() with no other argument do what the
  * Python path does, minus its three call layers: the Connection's lock, then the
  * transport's gate for that direction, the same checks, the same system calls (hp_sockio.h:
- * one sendmsg per frame; a blocking read of the header, GIL released, and one of the
- * payload that never waits), the same release order (a close() that came meanwhile
+ * one send per frame, which waits, GIL released, only if the socket's buffer is full; a
+ * blocking read of the header, GIL released, and one of the payload that never waits),
+ * the same release order (a close() that came meanwhile
  * releases the descriptor as the last call leaves). The locks are taken as the Python path
  * takes them with no timeout (waiting with the GIL released; a signal handler that raises
  * ends the wait). If the transport is not in its plain state then (closed, a frame half
@@ -1397,13 +1398,29 @@ static PyObject *core_set_errors(PyObject *mod, PyObject *args) {
  * Python code (_rest_of_frame, _send_rest), given the bytes already moved: nothing is
  * lost, read ahead or sent twice. The locks are looked up on every call (a fork replaces
  * them); the Connection is held weakly (it must still die, and close, on its last
- * reference). */
+ * reference).
+ *
+ * send(obj) and recv() with no other argument do the same for objects, when the Connection
+ * has no codec: an object _framing.dumps pickles without a ForkingPickler (a scalar, or a
+ * short tuple or list of them: no reducer can run) is pickled here with pickle.dumps and
+ * the protocol the transport would use, and goes out as send_bytes(pickled) would; any other
+ * object goes to Connection.send. A received frame is unpickled with pickle.loads after
+ * both locks are released (an out-of-band frame, from the Python path, by its own loads());
+ * a big or special frame is finished by the Python path as above, as the frame was sent. */
+
+/* The Connection methods a SocketFast does in C (send and recv last: see connection_methods). */
+enum { SF_SEND_BYTES, SF_RECV_BYTES, SF_SEND_BYTES_MANY, SF_RECV_BYTES_MANY, SF_SEND, SF_RECV, SF_NMETHODS };
+static const char *const sf_method_names[SF_NMETHODS] = {"send_bytes", "recv_bytes", "send_bytes_many",
+                                                         "recv_bytes_many", "send", "recv"};
 
 typedef struct {
     PyObject_HEAD
-    PyObject *conn_ref;            /* weakref.ref to the Connection */
-    PyObject *transport;           /* its SocketTransport */
-    PyObject *slow[FAST_NMETHODS]; /* the Connection's own methods (functions) */
+    PyObject *conn_ref;          /* weakref.ref to the Connection */
+    PyObject *transport;         /* its SocketTransport */
+    PyObject *slow[SF_NMETHODS]; /* the Connection's own methods (functions) */
+    PyObject *dumps, *loads;     /* pickle's; NULL: send/recv always the Connection's (a codec) */
+    PyObject *protocol;          /* the pickle protocol of sent objects */
+    Py_ssize_t flat_max;         /* the longest tuple or list pickled here */
     int fd;
     Py_ssize_t send_limit; /* payloads up to this are sent here (header joined) */
     Py_ssize_t recv_limit; /* and up to this received here */
@@ -1413,11 +1430,11 @@ typedef struct {
 /* attribute and method names, interned once */
 enum {
     N_SEND_LOCK, N_RECV_LOCK, N_TX_GATE, N_RX_GATE, N_CLOSED, N_PENDING, N_RX_BROKEN, N_READER, N_IN_FRAME,
-    N_ACQUIRE, N_RELEASE, N_RELEASE_IF_IDLE, N_REST_OF_FRAME, N_SEND_REST, N_FEED, N_COUNT
+    N_ACQUIRE, N_RELEASE, N_RELEASE_IF_IDLE, N_REST_OF_FRAME, N_SEND_REST, N_FEED, N_LOADS, N_COUNT
 };
 static const char *const sf_name_text[N_COUNT] = {
     "_send_lock", "_recv_lock", "_tx_gate", "_rx_gate", "_closed", "_pending", "_rx_broken", "_reader",
-    "in_frame", "acquire", "release", "_release_if_idle", "_rest_of_frame", "_send_rest", "feed"};
+    "in_frame", "acquire", "release", "_release_if_idle", "_rest_of_frame", "_send_rest", "feed", "loads"};
 static PyObject *sf_names[N_COUNT];
 
 /* obj.name(*args) for a method of up to two arguments. */
@@ -1571,17 +1588,18 @@ static PyObject *sf_join(const unsigned char *head, Py_ssize_t hlen, const char 
 }
 
 /* The frame whose first bytes were read here, finished by the transport's general path
- * (it waits, reports end of stream or errors, takes big and special frames). */
-static PyObject *sf_rest_of_frame(SocketFastObject *self, const unsigned char *head, Py_ssize_t hlen,
+ * (it waits, reports end of stream or errors, takes big and special frames): as bytes,
+ * or (`as_sent`, for recv) as the transport received it, an out-of-band frame included. */
+static PyObject *sf_rest_of_frame(SocketFastObject *self, int as_sent, const unsigned char *head, Py_ssize_t hlen,
                                   const char *body, Py_ssize_t blen) {
     PyObject *moved = sf_join(head, hlen, body, blen);
     if (!moved) return NULL;
-    PyObject *ret = sf_call(self->transport, N_REST_OF_FRAME, moved, NULL);
+    PyObject *ret = sf_call(self->transport, N_REST_OF_FRAME, moved, as_sent ? Py_True : NULL);
     Py_DECREF(moved);
     return ret;
 }
 
-static PyObject *sf_recv_frame(SocketFastObject *self) {
+static PyObject *sf_recv_frame(SocketFastObject *self, int as_sent) {
     unsigned char head[4];
     ssize_t n;
     for (;;) {
@@ -1592,9 +1610,9 @@ static PyObject *sf_recv_frame(SocketFastObject *self) {
         if (PyErr_CheckSignals() < 0) return NULL; /* nothing of a frame was read */
     }
     if (n != (ssize_t)sizeof head) /* short, end of stream or an error: read or raised again there */
-        return sf_rest_of_frame(self, head, n > 0 ? n : 0, NULL, 0);
+        return sf_rest_of_frame(self, as_sent, head, n > 0 ? n : 0, NULL, 0);
     int32_t size = hp_sock_frame_length(head);
-    if (size < 0 || size > self->recv_limit) return sf_rest_of_frame(self, head, sizeof head, NULL, 0);
+    if (size < 0 || size > self->recv_limit) return sf_rest_of_frame(self, as_sent, head, sizeof head, NULL, 0);
     PyObject *payload = PyBytes_FromStringAndSize(NULL, size);
     if (!payload) { /* the header is kept for the next call, as the Python path does */
         sf_error raised = sf_save_error();
@@ -1611,19 +1629,23 @@ static PyObject *sf_recv_frame(SocketFastObject *self) {
     /* Sent with its header in one write: it is almost always here already. */
     n = size ? hp_sock_read_ready(self->fd, PyBytes_AS_STRING(payload), (size_t)size) : 0;
     if (n == size) return payload;
-    PyObject *ret = sf_rest_of_frame(self, head, sizeof head, PyBytes_AS_STRING(payload), n > 0 ? n : 0);
+    PyObject *ret = sf_rest_of_frame(self, as_sent, head, sizeof head, PyBytes_AS_STRING(payload), n > 0 ? n : 0);
     Py_DECREF(payload);
     return ret;
 }
 
 static PyObject *sf_send_frame(SocketFastObject *self, const Py_buffer *view) {
-    ssize_t n, total = 4 + view->len;
-    for (;;) {
+    ssize_t total = 4 + view->len;
+    /* First without waiting, the GIL kept: a small frame nearly always fits the socket's
+     * buffer, and giving the GIL up and taking it back costs more than such a send. */
+    ssize_t n = hp_sock_send_frame(self->fd, view->buf, (uint32_t)view->len, 0);
+    while (n == -EAGAIN) { /* no room: wait in the send, GIL released, as the stdlib does */
         Py_BEGIN_ALLOW_THREADS
-        n = hp_sock_send_frame(self->fd, view->buf, (uint32_t)view->len);
+        n = hp_sock_send_frame(self->fd, view->buf, (uint32_t)view->len, 1);
         Py_END_ALLOW_THREADS
-        if (n != -EINTR) break;
+        if (n != -EINTR) break; /* (-EAGAIN again: the fd was made non-blocking; below) */
         if (PyErr_CheckSignals() < 0) return NULL; /* nothing of the frame was written */
+        n = -EAGAIN;
     }
     if (n == total) Py_RETURN_NONE;
     /* Cut short (a signal, a shutdown) or refused: the general path writes the rest, or
@@ -1656,7 +1678,7 @@ static PyObject *SocketFast_send_bytes(SocketFastObject *self, PyObject *const *
     }
     if (viewed) PyBuffer_Release(&view);
     if (rc != 0) return ret;
-    return sf_slow_way(self, FAST_SEND, args, nargsf, kwnames);
+    return sf_slow_way(self, SF_SEND_BYTES, args, nargsf, kwnames);
 }
 
 static PyObject *SocketFast_recv_bytes(SocketFastObject *self, PyObject *const *args, size_t nargsf,
@@ -1667,21 +1689,74 @@ static PyObject *SocketFast_recv_bytes(SocketFastObject *self, PyObject *const *
         rc = sf_enter(self, N_RECV_LOCK, N_RX_GATE, &lock, &gate);
     if (rc == 1) {
         rc = sf_rx_plain(self);
-        if (rc == 1) ret = sf_recv_frame(self);
+        if (rc == 1) ret = sf_recv_frame(self, 0);
         sf_leave(self, lock, gate);
     }
     if (rc != 0) return ret;
-    return sf_slow_way(self, FAST_RECV, args, nargsf, kwnames);
+    return sf_slow_way(self, SF_RECV_BYTES, args, nargsf, kwnames);
+}
+
+/* An object _framing.dumps pickles with pickle.dumps (_framing._is_flat): of an exact type
+ * whose pickling runs no Python code. */
+static int sf_scalar(PyObject *o) {
+    return PyBytes_CheckExact(o) || PyUnicode_CheckExact(o) || PyLong_CheckExact(o) || PyFloat_CheckExact(o) ||
+           PyBool_Check(o) || o == Py_None;
+}
+
+static int sf_flat(SocketFastObject *self, PyObject *o) {
+    if (sf_scalar(o)) return 1;
+    if (!PyTuple_CheckExact(o) && !PyList_CheckExact(o)) return 0;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    if (n > self->flat_max) return 0;
+    PyObject **items = PySequence_Fast_ITEMS(o);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!sf_scalar(items[i])) return 0;
+    return 1;
+}
+
+static PyObject *SocketFast_send(SocketFastObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *obj = PyVectorcall_NARGS(nargsf) == 1 && !kwnames ? args[0] : NULL;
+    if (!obj || !self->sending || !self->dumps || !sf_flat(self, obj))
+        return sf_slow_way(self, SF_SEND, args, nargsf, kwnames);
+    /* Pickled completely before anything is written, as Connection.send does. */
+    PyObject *stack[2] = {obj, self->protocol};
+    PyObject *pickled = PyObject_Vectorcall(self->dumps, stack, 2, NULL);
+    if (!pickled) return NULL;
+    /* What Connection.send does with it too: a closed end, a parked frame, a big pickle
+     * go to Connection.send_bytes, which raises, waits and writes as send would. */
+    PyObject *ret = SocketFast_send_bytes(self, &pickled, 1, NULL);
+    Py_DECREF(pickled);
+    return ret;
+}
+
+static PyObject *SocketFast_recv(SocketFastObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *lock, *gate, *frame = NULL;
+    int rc = 0;
+    if (PyVectorcall_NARGS(nargsf) == 0 && !kwnames && self->receiving && self->loads)
+        rc = sf_enter(self, N_RECV_LOCK, N_RX_GATE, &lock, &gate);
+    if (rc == 1) {
+        rc = sf_rx_plain(self);
+        if (rc == 1) frame = sf_recv_frame(self, 1);
+        sf_leave(self, lock, gate);
+    }
+    if (rc == 0) return sf_slow_way(self, SF_RECV, args, nargsf, kwnames);
+    if (!frame) return NULL;
+    /* Unpickled with no lock held: the next message need not wait for it. */
+    PyObject *ret = PyBytes_CheckExact(frame) || PyByteArray_CheckExact(frame) || PyMemoryView_Check(frame)
+                        ? PyObject_CallOneArg(self->loads, frame)
+                        : sf_call(frame, N_LOADS, NULL, NULL); /* an out-of-band frame */
+    Py_DECREF(frame);
+    return ret;
 }
 
 static PyObject *SocketFast_send_bytes_many(SocketFastObject *self, PyObject *const *args, size_t nargsf,
                                             PyObject *kwnames) {
-    return sf_slow_way(self, FAST_SEND_MANY, args, nargsf, kwnames);
+    return sf_slow_way(self, SF_SEND_BYTES_MANY, args, nargsf, kwnames);
 }
 
 static PyObject *SocketFast_recv_bytes_many(SocketFastObject *self, PyObject *const *args, size_t nargsf,
                                             PyObject *kwnames) {
-    return sf_slow_way(self, FAST_RECV_MANY, args, nargsf, kwnames);
+    return sf_slow_way(self, SF_RECV_BYTES_MANY, args, nargsf, kwnames);
 }
 
 /* The garbage collector sees what a SocketFast holds: the Connection's bound methods
@@ -1691,7 +1766,10 @@ static PyObject *SocketFast_recv_bytes_many(SocketFastObject *self, PyObject *co
 static int SocketFast_traverse(SocketFastObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->conn_ref);
     Py_VISIT(self->transport);
-    for (int i = 0; i < FAST_NMETHODS; i++) Py_VISIT(self->slow[i]);
+    for (int i = 0; i < SF_NMETHODS; i++) Py_VISIT(self->slow[i]);
+    Py_VISIT(self->dumps);
+    Py_VISIT(self->loads);
+    Py_VISIT(self->protocol);
     return 0;
 }
 
@@ -1700,7 +1778,10 @@ static int SocketFast_clear(SocketFastObject *self) {
     self->sending = self->receiving = 0;
     Py_CLEAR(self->conn_ref);
     Py_CLEAR(self->transport);
-    for (int i = 0; i < FAST_NMETHODS; i++) Py_CLEAR(self->slow[i]);
+    for (int i = 0; i < SF_NMETHODS; i++) Py_CLEAR(self->slow[i]);
+    Py_CLEAR(self->dumps);
+    Py_CLEAR(self->loads);
+    Py_CLEAR(self->protocol);
     return 0;
 }
 
@@ -1717,14 +1798,41 @@ static PyMethodDef SocketFast_methods[] = {
      NULL},
     {"recv_bytes_many", (PyCFunction)(void (*)(void))SocketFast_recv_bytes_many, METH_FASTCALL | METH_KEYWORDS,
      NULL},
+    {"send", (PyCFunction)(void (*)(void))SocketFast_send, METH_FASTCALL | METH_KEYWORDS,
+     "send($self, obj, *, timeout=None)\n--\n\n"
+     "Send a picklable object (or one the connection's codec can encode)."},
+    {"recv", (PyCFunction)(void (*)(void))SocketFast_recv, METH_FASTCALL | METH_KEYWORDS,
+     "recv($self, *, timeout=None, copy=True)\n--\n\nReceive one object."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyMemberDef SocketFast_members[] = {
-    {"sending", T_BOOL, offsetof(SocketFastObject, sending), 0, "send_bytes may send (False: the slow way)"},
+    {"sending", T_BOOL, offsetof(SocketFastObject, sending), 0, "send_bytes/send may send (False: the slow way)"},
     {"receiving", T_BOOL, offsetof(SocketFastObject, receiving), 0,
-     "recv_bytes may receive (False: the slow way)"},
+     "recv_bytes/recv may receive (False: the slow way)"},
     {NULL, 0, 0, 0, NULL},
+};
+
+/* The Connection methods this object takes over (Connection.__init__ installs them):
+ * send and recv only without a codec. */
+static PyObject *SocketFast_get_connection_methods(SocketFastObject *self, void *unused) {
+    int n = self->dumps ? SF_NMETHODS : SF_SEND;
+    PyObject *names = PyTuple_New(n);
+    for (int i = 0; names && i < n; i++) {
+        PyObject *name = PyUnicode_FromString(sf_method_names[i]);
+        if (!name) {
+            Py_CLEAR(names);
+            break;
+        }
+        PyTuple_SET_ITEM(names, i, name);
+    }
+    return names;
+}
+
+static PyGetSetDef SocketFast_getset[] = {
+    {"connection_methods", (getter)SocketFast_get_connection_methods, NULL,
+     "the Connection methods this object does (the Connection's own for what it hands on)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject SocketFastType = {
@@ -1733,22 +1841,29 @@ static PyTypeObject SocketFastType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_traverse = (traverseproc)SocketFast_traverse,
     .tp_clear = (inquiry)SocketFast_clear,
-    .tp_doc = "A socket Connection's send_bytes/recv_bytes for small frames (socket_fast_path).",
+    .tp_doc = "A socket Connection's send_bytes/recv_bytes/send/recv for small frames (socket_fast_path).",
     .tp_dealloc = (destructor)SocketFast_dealloc,
     .tp_methods = SocketFast_methods,
     .tp_members = SocketFast_members,
+    .tp_getset = SocketFast_getset,
 };
 
-/* socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit) -> SocketFast */
+/* socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit, pickler) -> SocketFast;
+ * pickler: (dumps, loads, protocol, flat_max), or None for a Connection with a codec. */
 static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
-    PyObject *ref, *methods, *transport;
+    PyObject *ref, *methods, *transport, *pickler, *dumps = NULL, *loads = NULL, *protocol = NULL;
     int fd;
-    Py_ssize_t send_limit, recv_limit;
-    if (!PyArg_ParseTuple(args, "O!O!Oinn", &_PyWeakref_RefType, &ref, &PyDict_Type, &methods, &transport, &fd,
-                          &send_limit, &recv_limit))
+    Py_ssize_t send_limit, recv_limit, flat_max = 0;
+    if (!PyArg_ParseTuple(args, "O!O!OinnO", &_PyWeakref_RefType, &ref, &PyDict_Type, &methods, &transport, &fd,
+                          &send_limit, &recv_limit, &pickler))
         return NULL;
     if (fd < 0 || send_limit < 0 || send_limit > INT32_MAX || recv_limit < 0 || recv_limit > INT32_MAX)
         return PyErr_Format(PyExc_ValueError, "socket_fast_path(): bad descriptor or limits");
+    if (pickler != Py_None &&
+        (!PyTuple_Check(pickler) ||
+         !PyArg_ParseTuple(pickler, "OOO!n", &dumps, &loads, &PyLong_Type, &protocol, &flat_max) ||
+         !PyCallable_Check(dumps) || !PyCallable_Check(loads) || flat_max < 0))
+        return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "socket_fast_path(): bad pickler");
     if (!(SocketFastType.tp_flags & Py_TPFLAGS_READY)) {
         /* The same signatures and docstrings as the Endpoint's versions of these methods. */
         for (PyMethodDef *m = SocketFast_methods; m->ml_name; m++)
@@ -1758,16 +1873,21 @@ static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
     }
     for (int i = 0; i < N_COUNT; i++)
         if (!sf_names[i] && !(sf_names[i] = PyUnicode_InternFromString(sf_name_text[i]))) return NULL;
-    PyObject *slow[FAST_NMETHODS];
-    for (int i = 0; i < FAST_NMETHODS; i++) {
-        slow[i] = PyDict_GetItemString(methods, fast_names[i]);
-        if (!slow[i]) return PyErr_Format(PyExc_KeyError, "socket_fast_path() needs the method %s", fast_names[i]);
+    PyObject *slow[SF_NMETHODS];
+    for (int i = 0; i < SF_NMETHODS; i++) {
+        slow[i] = PyDict_GetItemString(methods, sf_method_names[i]);
+        if (!slow[i])
+            return PyErr_Format(PyExc_KeyError, "socket_fast_path() needs the method %s", sf_method_names[i]);
     }
     SocketFastObject *self = PyObject_GC_New(SocketFastObject, &SocketFastType);
     if (!self) return NULL;
     self->conn_ref = Py_NewRef(ref);
     self->transport = Py_NewRef(transport);
-    for (int i = 0; i < FAST_NMETHODS; i++) self->slow[i] = Py_NewRef(slow[i]);
+    for (int i = 0; i < SF_NMETHODS; i++) self->slow[i] = Py_NewRef(slow[i]);
+    self->dumps = Py_XNewRef(dumps);
+    self->loads = Py_XNewRef(loads);
+    self->protocol = Py_XNewRef(protocol);
+    self->flat_max = flat_max;
     self->fd = fd;
     self->send_limit = send_limit;
     self->recv_limit = recv_limit;
@@ -1786,7 +1906,7 @@ static PyMethodDef core_methods[] = {
     {"_set_errors", core_set_errors, METH_VARARGS,
      "_set_errors(timeout, closed, peer_closed, broken_pipe, protocol, too_long, buffer_too_short)"},
     {"socket_fast_path", core_socket_fast_path, METH_VARARGS,
-     "socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit) -> SocketFast"},
+     "socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit, pickler) -> SocketFast"},
     {NULL, NULL, 0, NULL},
 };
 

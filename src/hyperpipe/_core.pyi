@@ -126,25 +126,38 @@ class Endpoint:
         buffers unless `readonly`."""
 
 class SocketFast:
-    """A socket Connection's send_bytes/recv_bytes for small frames (SocketTransport.fast_path).
+    """A socket Connection's send_bytes/recv_bytes/send/recv for small frames (SocketTransport.fast_path).
 
-    Its four methods have the Connection's signatures (Connection.send_bytes and so on):
-    one small buffer sent, or a receive with no argument, in C; any other call (and both
+    Its methods have the Connection's signatures (Connection.send_bytes and so on): one
+    small buffer sent, or a receive with no argument, in C; send(obj) of a flat object
+    (a scalar, a short tuple or list of them) pickled in C; any other call (and both
     batch methods) by the Connection's own method."""
 
     sending: bool
     receiving: bool
+    connection_methods: tuple[str, ...]
     send_bytes: Callable[..., None]
     recv_bytes: Callable[..., bytes]
     send_bytes_many: Callable[..., None]
     recv_bytes_many: Callable[..., list[bytes]]
+    send: Callable[..., None]
+    recv: Callable[..., Any]
 
 def socket_fast_path(
-    connection: Any, methods: dict[str, Any], transport: Any, fd: int, send_limit: int, recv_limit: int, /
+    connection: Any,
+    methods: dict[str, Any],
+    transport: Any,
+    fd: int,
+    send_limit: int,
+    recv_limit: int,
+    pickler: Optional[tuple[Callable[..., bytes], Callable[..., Any], int, int]],
+    /,
 ) -> SocketFast:
     """C versions of the Connection's methods named in `methods` (its own, for every call they
     do not handle) for `transport`, a plain-socket SocketTransport on `fd`: payloads up to
-    `send_limit` are sent, and up to `recv_limit` received, in C."""
+    `send_limit` are sent, and up to `recv_limit` received, in C. `pickler`: (dumps, loads,
+    protocol, longest flat tuple or list) for send/recv of objects; None (a codec): the
+    Connection's own."""
 
 # -- a queue's item in one call (_queues.py) -------------------------------------------------
 

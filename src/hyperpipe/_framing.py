@@ -66,7 +66,8 @@ def frame_views(data: Any) -> list:
 
 # Objects of these types pickle the same with or without ForkingPickler's reducers.
 _FLAT_TYPES = frozenset({bytes, str, int, float, bool, type(None)})
-_FLAT_MAX_ITEMS = 16
+#: The longest tuple or list pickled without a ForkingPickler (``_core.SocketFast`` too).
+FLAT_MAX_ITEMS = 16
 
 
 def _is_flat(obj: Any) -> bool:
@@ -74,7 +75,7 @@ def _is_flat(obj: Any) -> bool:
     kind = type(obj)
     if kind in _FLAT_TYPES:
         return True
-    if (kind is tuple or kind is list) and len(obj) <= _FLAT_MAX_ITEMS:
+    if (kind is tuple or kind is list) and len(obj) <= FLAT_MAX_ITEMS:
         return all(map(_FLAT_TYPES.__contains__, map(type, obj)))  # no generator: faster
     return False
 

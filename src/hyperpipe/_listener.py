@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import pickle
 import selectors
 import socket
 import ssl
@@ -38,7 +39,7 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _auth
+from . import _auth, _framing
 from ._codecs import PickleCodec, get_codec
 from .errors import AuthenticationError
 from .errors import TimeoutError as HyperpipeTimeoutError
@@ -140,14 +141,11 @@ class _ChallengeGuard:
     def __init__(self) -> None:
         self._first = True
 
-    def dumps(self, obj: Any) -> Any:
-        from ._pickling import dumps
-
-        return dumps(obj)
+    # Every message of the connection comes here: no import statement, no ForkingPickler
+    # for a flat object (the same bytes, _framing.dumps), pickle.loads (ForkingPickler's).
+    dumps = staticmethod(_framing.dumps)
 
     def loads(self, buffer: Any) -> Any:
-        from ._connection import _ForkingPickler
-
         if self._first:
             self._first = False
             if bytes(buffer[: len(_auth.CHALLENGE)]) == _auth.CHALLENGE:
@@ -155,7 +153,7 @@ class _ChallengeGuard:
                     "the server sent an authentication challenge: it needs an authkey "
                     "and this Client has none"
                 )
-        return _ForkingPickler.loads(buffer)
+        return pickle.loads(buffer)
 
 
 def _uses_default_pickle(codec: Any) -> bool:

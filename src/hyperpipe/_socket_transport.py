@@ -675,11 +675,14 @@ class SocketTransport(Transport):
             return data
         return self._receive(maxlength, deadline, head=head + data)
 
-    def _rest_of_frame(self, head: bytes) -> bytes:
+    def _rest_of_frame(self, head: bytes, as_sent: bool = False) -> Any:
         """The C fast path (``_core.SocketFast``) read ``head``, the start of a frame (maybe
-        nothing) that it does not finish: the whole frame, as ``recv_bytes`` returns it.
+        nothing) that it does not finish: the whole frame, as ``recv_bytes`` returns it, or
+        (``as_sent``) as ``recv_frame(..., as_sent=True)`` does, for ``recv``.
         Under the receive gate, with no deadline."""
         frame = self._receive(None, None, head=head)
+        if as_sent:
+            return frame
         if type(frame) is OobFrame:
             return frame.in_band()
         return frame if type(frame) is bytes else bytes(frame)
@@ -774,8 +777,14 @@ class SocketTransport(Transport):
             or self.max_message_size is not None
         ):
             return None
+        # send/recv of small flat objects too, pickled as send_object does, unless the
+        # Connection encodes objects with a codec of its own.
+        pickler = None
+        if getattr(connection(), "_codec", None) is None:
+            protocol = _framing.OOB_PROTOCOL if self._oob else pickle.DEFAULT_PROTOCOL
+            pickler = (pickle.dumps, pickle.loads, protocol, _framing.FLAT_MAX_ITEMS)
         return _core.socket_fast_path(
-            connection, methods, self, self._fd, _JOIN_LIMIT, self._small_limit
+            connection, methods, self, self._fd, _JOIN_LIMIT, self._small_limit, pickler
         )
 
     # -- pickling ---------------------------------------------------------------------

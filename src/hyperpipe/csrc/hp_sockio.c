@@ -22,18 +22,19 @@ ssize_t hp_sock_read_ready(int fd, void *buf, size_t len) {
  * 10% less CPU per 100-byte frame than a sendmsg of two parts (1.37 against 1.52 us). */
 enum { JOIN_MAX = 1024 };
 
-ssize_t hp_sock_send_frame(int fd, const void *payload, uint32_t len) {
+ssize_t hp_sock_send_frame(int fd, const void *payload, uint32_t len, int wait) {
     uint32_t head = htonl(len);
+    int flags = wait ? MSG_NOSIGNAL : MSG_NOSIGNAL | MSG_DONTWAIT;
     ssize_t n;
     if (len <= JOIN_MAX) {
         unsigned char frame[sizeof head + JOIN_MAX];
         memcpy(frame, &head, sizeof head);
         memcpy(frame + sizeof head, payload, len);
-        n = send(fd, frame, sizeof head + len, MSG_NOSIGNAL);
+        n = send(fd, frame, sizeof head + len, flags);
     } else {
         struct iovec iov[2] = {{&head, sizeof head}, {(void *)payload, len}};
         struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
-        n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        n = sendmsg(fd, &msg, flags);
     }
     return n < 0 ? -errno : n;
 }

@@ -18,9 +18,9 @@ ssize_t hp_sock_read(int fd, void *buf, size_t len);
 /* Read of at most len bytes that never waits (MSG_DONTWAIT): a payload sent with its header. */
 ssize_t hp_sock_read_ready(int fd, void *buf, size_t len);
 
-/* Write the frame header for len bytes and the payload with one system call (blocking,
- * MSG_NOSIGNAL: a peer that went away is EPIPE, not SIGPIPE). */
-ssize_t hp_sock_send_frame(int fd, const void *payload, uint32_t len);
+/* Write the frame header for len bytes and the payload with one system call (MSG_NOSIGNAL:
+ * a peer that went away is EPIPE, not SIGPIPE); `wait`: blocking, else MSG_DONTWAIT. */
+ssize_t hp_sock_send_frame(int fd, const void *payload, uint32_t len, int wait);
 
 /* The big-endian length at the start of a frame. */
 int32_t hp_sock_frame_length(const unsigned char head[4]);
