@@ -1,7 +1,7 @@
 """How the shared-memory core behaves toward the machine: page faults, CPUs, spinning.
 
-These assert behaviour through counters (page faults, the endpoint's statistics), never
-through timings: how fast it is, the benchmark measures.
+These assert behaviour through counters (page faults, the endpoint's statistics) and
+whether a call spun or slept, never through speed: how fast it is, the benchmark measures.
 """
 
 from __future__ import annotations
@@ -285,3 +285,32 @@ def test_a_copy_from_memory_is_not_announced(pair: Any) -> None:
         ep.heap_release(offset)
     thread.join(10)
     assert isinstance(got.get("error"), hyperpipe.TimeoutError)
+
+
+def test_the_end_of_a_copy_from_memory_is_announced(pair: Any) -> None:
+    # Above 4 MiB only the copy's last MiB is announced: a receiver that looks then spins
+    # (GIL released) until the frame lands instead of returning at once or sleeping, so
+    # that its wake-up overlaps the end of the copy. Without the announcement the call
+    # that sees the frame returns at once (~1-3 µs). (Three attempts: the caller can
+    # lose its CPU during the whole last MiB on a loaded machine.)
+    a, b = pair
+    payload = memoryview(b"\x04" * (32 << 20))  # a few milliseconds to copy
+    a.send_frame(payload, None)  # once, so that the heap's pages exist in both processes
+    b.recv_frame(None, None).release()
+    for _ in range(3):
+        sender = threading.Thread(target=a.send_frame, args=(payload, None))
+        sender.start()
+        landed, give_up = False, time.monotonic() + 10
+        while not landed:  # the last call is the one that saw the frame land
+            assert time.monotonic() < give_up
+            start = time.perf_counter()  # not thread_time: ~25 µs steps on the VM
+            landed = b.catch_incoming(0.5)
+            spun = time.perf_counter() - start
+        sender.join(10)
+        assert not sender.is_alive()
+        frame = b.recv_frame(None, 1.0)
+        assert len(frame) == len(payload) and frame[0] == 4 and frame[-1] == 4
+        frame.release()
+        if spun > 0.00002:
+            break
+    assert spun > 0.00002, spun  # the last MiB's copy: ~50-250 µs here
