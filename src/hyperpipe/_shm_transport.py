@@ -198,15 +198,16 @@ def _array_from(stream: Any, buffers: list) -> Any:
             _array_descriptions[key] = described
     if len(buffers) != 1:
         raise errors.ProtocolError("corrupt array description in an out-of-band frame")
-    dtype, shape, order = described
-    arr = sys.modules["numpy"].frombuffer(buffers[0], dtype=dtype)
+    frombuffer, dtype, shape, order = described
+    arr = frombuffer(buffers[0], dtype)  # positional: half the cost of dtype=
     # A 1-d array is already what reshape would make; anything else is reshaped (and a
     # shape that does not fit the buffer raises numpy's own ValueError).
     return arr if arr.shape == shape else arr.reshape(shape, order=order)
 
 
 def _parse_array_description(stream: bytes) -> tuple:
-    """(dtype, shape, order) of a FLAG_NDARRAY stream; ProtocolError if it is not one."""
+    """(numpy.frombuffer, dtype, shape, order) of a FLAG_NDARRAY stream; ProtocolError if
+    it is not one."""
     try:
         order, ndim, code_len = _ARRAY.unpack_from(stream)
         end = _ARRAY.size + ndim * 8
@@ -220,10 +221,10 @@ def _parse_array_description(stream: bytes) -> tuple:
             raise ValueError
     except (struct.error, ValueError, TypeError):
         raise errors.ProtocolError("corrupt array description in an out-of-band frame") from None
-    return dtype, shape, "F" if order == b"F" else "C"
+    return numpy.frombuffer, dtype, shape, "F" if order == b"F" else "C"
 
 
-# FLAG_NDARRAY stream -> (dtype, shape, order), of the arrays received (a stream of
+# FLAG_NDARRAY stream -> (numpy.frombuffer, dtype, shape, order), of the arrays received (a stream of
 # arrays is usually of one shape and type: parsed once).
 _array_descriptions: dict = {}
 
