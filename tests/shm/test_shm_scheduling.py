@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -288,29 +289,34 @@ def test_a_copy_from_memory_is_not_announced(pair: Any) -> None:
 
 
 def test_the_end_of_a_copy_from_memory_is_announced(pair: Any) -> None:
-    # Above 4 MiB only the copy's last MiB is announced: a receiver that looks then spins
-    # (GIL released) until the frame lands instead of returning at once or sleeping, so
-    # that its wake-up overlaps the end of the copy. Without the announcement the call
-    # that sees the frame returns at once (~1-3 µs). (Three attempts: the caller can
-    # lose its CPU during the whole last MiB on a loaded machine.)
+    # Above 4 MiB only the copy's last MiB is announced. A thread that asks catch_incoming
+    # then spins for the frame with the GIL released instead of returning at once. Seen
+    # through the GIL: the sending thread needs it back to publish, and this thread's loop
+    # (switch interval 2 s) lets go of it only while spinning; without the announcement
+    # the frame waits for the switch interval. (Three attempts: on a loaded machine the
+    # sender can lose its CPU for longer than the time announced for the last MiB.)
     a, b = pair
     payload = memoryview(b"\x04" * (32 << 20))  # a few milliseconds to copy
     a.send_frame(payload, None)  # once, so that the heap's pages exist in both processes
     b.recv_frame(None, None).release()
-    for _ in range(3):
-        sender = threading.Thread(target=a.send_frame, args=(payload, None))
-        sender.start()
-        landed, give_up = False, time.monotonic() + 10
-        while not landed:  # the last call is the one that saw the frame land
-            assert time.monotonic() < give_up
-            start = time.perf_counter()  # not thread_time: ~25 µs steps on the VM
-            landed = b.catch_incoming(0.5)
-            spun = time.perf_counter() - start
-        sender.join(10)
-        assert not sender.is_alive()
-        frame = b.recv_frame(None, 1.0)
-        assert len(frame) == len(payload) and frame[0] == 4 and frame[-1] == 4
-        frame.release()
-        if spun > 0.00002:
-            break
-    assert spun > 0.00002, spun  # the last MiB's copy: ~50-250 µs here
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2.0)
+    try:
+        for _ in range(3):
+            sender = threading.Thread(target=a.send_frame, args=(payload, None))
+            sender.start()
+            time.sleep(0.001)  # the GIL back only once the sender copies (GIL released)
+            start = time.monotonic()
+            while not b.catch_incoming(0.5):
+                pass
+            took = time.monotonic() - start
+            sender.join(10)
+            assert not sender.is_alive()
+            frame = b.recv_frame(None, 1.0)
+            assert len(frame) == len(payload) and frame[0] == 4 and frame[-1] == 4
+            frame.release()
+            if took < 1.0:
+                break
+    finally:
+        sys.setswitchinterval(interval)
+    assert took < 1.0, took  # ~3-10 ms for the copy; 2 s without the announcement
