@@ -244,8 +244,8 @@ def _parse_array_description(stream: bytes) -> tuple:
     return numpy.frombuffer, dtype, shape, "F" if order == b"F" else "C"
 
 
-# FLAG_NDARRAY stream -> (numpy.frombuffer, dtype, shape, order), of the arrays received (a stream of
-# arrays is usually of one shape and type: parsed once).
+# FLAG_NDARRAY stream -> (numpy.frombuffer, dtype, shape, order), of the arrays received
+# (a stream of arrays is usually of one shape and type: parsed once).
 _array_descriptions: dict = {}
 
 
