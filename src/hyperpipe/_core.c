@@ -680,6 +680,31 @@ static void copy_out(unsigned char *dst, const Py_buffer *bufs, const uint64_t *
     }
 }
 
+/* copy_out into our heap block for the peer, the copy announced (hp_announce): from its
+ * start when it is small enough, else only its last HP_ANNOUNCE_TAIL_BYTES. `at` ascends. */
+static void copy_to_peer(hp_endpoint *ep, unsigned char *dst, const Py_buffer *bufs, const uint64_t *at, Py_ssize_t n,
+                         uint64_t total) {
+    if (total <= HP_ANNOUNCE_MAX_BYTES) { /* announced by reserve_inside */
+        copy_out(dst, bufs, at, n, total);
+        return;
+    }
+    uint64_t mark = total - HP_ANNOUNCE_TAIL_BYTES;
+    int told = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char *src = bufs[i].buf;
+        uint64_t len = (uint64_t)bufs[i].len, done = 0;
+        if (!told && at[i] + len > mark) {
+            done = at[i] < mark ? mark - at[i] : 0;
+            memcpy(dst + at[i], src, done);
+            hp_announce(ep, total - at[i] - done);
+            told = 1;
+        }
+        memcpy(dst + at[i] + done, src + done, len - done);
+    }
+    Py_END_ALLOW_THREADS
+}
+
 /* heap_write(offset, buffer): copy into our heap (for tests that publish frames by hand). */
 static PyObject *Endpoint_heap_write(EndpointObject *self, PyObject *args) {
     unsigned long long offset;
@@ -854,7 +879,8 @@ static PyObject *Endpoint_send_copy(EndpointObject *self, PyObject *const *args,
         bufs[n] = stream;
         at[n] = stream_at;
     }
-    copy_out(dst, bufs, at, n + !stream_inline, total);
+    if (map) copy_to_peer(&self->ep, dst, bufs, at, n + !stream_inline, total);
+    else copy_out(dst, bufs, at, n + !stream_inline, total);
     if (fd >= 0) munmap(dst, total);
     int64_t base = off >= 0 ? off : OOB_MEMFD;
     uint32_t nbuf = (uint32_t)n;

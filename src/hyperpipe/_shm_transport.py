@@ -187,6 +187,26 @@ def _array_stream(arr: Any) -> Optional[bytes]:
     return _ARRAY.pack(order, len(shape), len(code)) + _array_dims(len(shape)).pack(*shape) + code
 
 
+def _owned_c_array_stream(arr: Any) -> Optional[bytes]:
+    """``_array_stream`` of an array in C order, remembered per dtype object and shape (a
+    stream of arrays is usually of one shape and type)."""
+    dtype = arr.dtype
+    key = (id(dtype), arr.shape)
+    known = _sent_descriptions.get(key)
+    # The entry keeps its dtype alive, so no other dtype can have its id; `is`, not ==:
+    # equal dtypes can differ in metadata, which only a pickle carries.
+    if known is not None and known[0] is dtype:
+        return known[1]
+    stream = _array_stream(arr)
+    if len(_sent_descriptions) < 64:
+        _sent_descriptions[key] = (dtype, stream)
+    return stream
+
+
+# (id(dtype), shape) -> (dtype, FLAG_NDARRAY stream or None), of C-order arrays sent.
+_sent_descriptions: dict = {}
+
+
 def _array_from(stream: Any, buffers: list) -> Any:
     """The array a FLAG_NDARRAY message describes, over its one buffer: what pickle's
     ``_frombuffer`` would make (``frombuffer(buf, dtype).reshape(shape, order)``)."""
@@ -198,15 +218,16 @@ def _array_from(stream: Any, buffers: list) -> Any:
             _array_descriptions[key] = described
     if len(buffers) != 1:
         raise errors.ProtocolError("corrupt array description in an out-of-band frame")
-    dtype, shape, order = described
-    arr = sys.modules["numpy"].frombuffer(buffers[0], dtype=dtype)
+    frombuffer, dtype, shape, order = described
+    arr = frombuffer(buffers[0], dtype)  # positional: half the cost of dtype=
     # A 1-d array is already what reshape would make; anything else is reshaped (and a
     # shape that does not fit the buffer raises numpy's own ValueError).
     return arr if arr.shape == shape else arr.reshape(shape, order=order)
 
 
 def _parse_array_description(stream: bytes) -> tuple:
-    """(dtype, shape, order) of a FLAG_NDARRAY stream; ProtocolError if it is not one."""
+    """(numpy.frombuffer, dtype, shape, order) of a FLAG_NDARRAY stream; ProtocolError if
+    it is not one."""
     try:
         order, ndim, code_len = _ARRAY.unpack_from(stream)
         end = _ARRAY.size + ndim * 8
@@ -220,11 +241,11 @@ def _parse_array_description(stream: bytes) -> tuple:
             raise ValueError
     except (struct.error, ValueError, TypeError):
         raise errors.ProtocolError("corrupt array description in an out-of-band frame") from None
-    return dtype, shape, "F" if order == b"F" else "C"
+    return numpy.frombuffer, dtype, shape, "F" if order == b"F" else "C"
 
 
-# FLAG_NDARRAY stream -> (dtype, shape, order), of the arrays received (a stream of
-# arrays is usually of one shape and type: parsed once).
+# FLAG_NDARRAY stream -> (numpy.frombuffer, dtype, shape, order), of the arrays received
+# (a stream of arrays is usually of one shape and type: parsed once).
 _array_descriptions: dict = {}
 
 
@@ -343,6 +364,13 @@ class ShmTransport(Transport):
         if numpy is not None and type(obj) is numpy.ndarray and obj.nbytes >= self._oob_threshold:
             # A big plain array: described in a few bytes instead of pickled, the same
             # array for the receiver (pickle's own path would cost ~5 µs on each side).
+            if obj.base is None and obj.flags.c_contiguous:
+                # numpy's own memory (no view of shared pages to pass as they are), in C
+                # order: its buffer is the bytes to copy (~3 µs less than the path below).
+                stream = _owned_c_array_stream(obj)
+                if stream is not None:
+                    self._send_copy(stream, (obj,), deadline, FLAG_NDARRAY)
+                    return
             stream = _array_stream(obj)
             if stream is not None:
                 with pickle.PickleBuffer(obj).raw() as raw:
@@ -403,7 +431,12 @@ class ShmTransport(Transport):
                     head, size = _oob_head(len(origin), base, [(at, raw.nbytes)], len(stream))
                     self._send_heap_frame(FLAG_SHARED | flags, head, size, stream, base, deadline)
                     return
-        if ep.send_copy(flags, stream, raws, self._inline, deadline):
+        self._send_copy(stream, raws, deadline, flags)
+
+    def _send_copy(self, stream: Any, buffers: Any, deadline: Deadline, flags: int) -> None:
+        """Copy contiguous ``buffers`` (and ``stream`` if it does not fit in the frame) into
+        a block and send its frame (``send_copy``, in C)."""
+        if self._ep.send_copy(flags, stream, buffers, self._inline, deadline):
             self._heap_sent += 1
 
     def _send_heap_frame(self, flags: int, head: bytes, size: int, body: Any, base: int, deadline: Deadline) -> None:

@@ -86,6 +86,27 @@ def test_other_arrays_and_objects_still_go_as_pickles(pair: Any) -> None:
             assert (got == arr).all()
 
 
+def test_remembered_descriptions_tell_equal_dtypes_apart(pair: Any) -> None:
+    # Arrays that own their memory in C order are described from a cache keyed by the
+    # dtype object: a dtype equal to a cached one but carrying metadata (which only a
+    # pickle carries) must not be taken for it, nor one of the other byte order.
+    a, b = pair
+    plain = np.ones(MiB // 8, dtype=np.float64)
+    tagged = np.ones(MiB // 8, dtype=np.dtype(np.float64, metadata={"unit": "m"}))
+    swapped = np.ones(MiB // 8, dtype=">f8")
+    assert tagged.dtype == plain.dtype and tagged.base is None and swapped.base is None
+    for arr in (plain, tagged, swapped, plain, tagged):
+        a.send_object(arr, None)
+        got = b.recv_object(None)
+        same_array(got, pickled(arr, True))
+        assert got.dtype.metadata == arr.dtype.metadata
+    for n in range(100):  # as many shapes: the cache stays bounded, the arrays right
+        arr = np.full(8192 + n, n, dtype=np.float64)
+        a.send_object(arr, None)
+        same_array(b.recv_object(None), arr)
+    assert len(_shm_transport._sent_descriptions) <= 64
+
+
 def test_shared_buffer_arrays_and_recv_bytes(pair: Any) -> None:
     a, b = pair
     buf = a.allocate_buffer(MiB)

@@ -44,6 +44,35 @@ def test_big_frame_round_trip_and_into(pair: Any, resources: Any) -> None:
         b.recv_frame(1000, soon())  # maxlength is checked against the real size
 
 
+def _random_array(nbytes: int) -> Any:
+    return np.frombuffer(os.urandom(nbytes), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "one buffer",  # the announced last MiB starts inside the buffer
+        "stream in the block",  # ... inside the pickle stream, after the buffers
+        "mark in the padding",  # ... between two page-aligned buffers
+    ],
+)
+def test_copies_over_4_mib_arrive_whole_in_every_layout(pair: Any, layout: str) -> None:
+    # A copy of more than 4 MiB is made in two parts (its last MiB is announced between
+    # them): every byte must land where the frame says, wherever the split falls.
+    a, b = pair
+    if layout == "one buffer":
+        obj: Any = (_random_array(6 * MiB + 8),)
+    elif layout == "stream in the block":
+        obj = (_random_array(5 * MiB), os.urandom(2 * MiB))  # bytes go in the stream
+    else:  # 5 MiB + 8 at 0, then 1 MiB - 2 KiB at 5 MiB + 4 KiB: the split is at 5 MiB + 2 KiB
+        obj = (_random_array(5 * MiB + 8), _random_array(MiB - 2048))
+    want = pickle.dumps(obj, 5)
+    a.send_object(obj, None)
+    got = b.recv_object(soon(), copy=False)
+    assert pickle.dumps(got, 5) == want
+    del got
+
+
 def test_numpy_arrays_copy_true_are_ordinary(pair: Any) -> None:
     a, b = pair
     arrays = {"f": np.arange(2 * MiB // 8, dtype=np.float64), "i": np.ones((512, 1024), np.int32)}

@@ -1,7 +1,7 @@
 """How the shared-memory core behaves toward the machine: page faults, CPUs, spinning.
 
-These assert behaviour through counters (page faults, the endpoint's statistics), never
-through timings: how fast it is, the benchmark measures.
+These assert behaviour through counters (page faults, the endpoint's statistics) and
+whether a call spun or slept, never through speed: how fast it is, the benchmark measures.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -285,3 +286,37 @@ def test_a_copy_from_memory_is_not_announced(pair: Any) -> None:
         ep.heap_release(offset)
     thread.join(10)
     assert isinstance(got.get("error"), hyperpipe.TimeoutError)
+
+
+def test_the_end_of_a_copy_from_memory_is_announced(pair: Any) -> None:
+    # Above 4 MiB only the copy's last MiB is announced. A thread that asks catch_incoming
+    # then spins for the frame with the GIL released instead of returning at once. Seen
+    # through the GIL: the sending thread needs it back to publish, and this thread's loop
+    # (switch interval 2 s) lets go of it only while spinning; without the announcement
+    # the frame waits for the switch interval. (Three attempts: on a loaded machine the
+    # sender can lose its CPU for longer than the time announced for the last MiB.)
+    a, b = pair
+    payload = memoryview(b"\x04" * (32 << 20))  # a few milliseconds to copy
+    a.send_frame(payload, None)  # once, so that the heap's pages exist in both processes
+    b.recv_frame(None, None).release()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2.0)
+    try:
+        for _ in range(3):
+            sender = threading.Thread(target=a.send_frame, args=(payload, None))
+            sender.start()
+            time.sleep(0.001)  # the GIL back only once the sender copies (GIL released)
+            start = time.monotonic()
+            while not b.catch_incoming(0.5):
+                pass
+            took = time.monotonic() - start
+            sender.join(10)
+            assert not sender.is_alive()
+            frame = b.recv_frame(None, 1.0)
+            assert len(frame) == len(payload) and frame[0] == 4 and frame[-1] == 4
+            frame.release()
+            if took < 1.0:
+                break
+    finally:
+        sys.setswitchinterval(interval)
+    assert took < 1.0, took  # ~3-10 ms for the copy; 2 s without the announcement

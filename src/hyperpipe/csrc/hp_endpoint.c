@@ -475,14 +475,9 @@ static int send_fds(hp_endpoint *ep, const int *fds, int nfds, int64_t deadline_
 
 /* How long a receiver may spin for a message announced as being copied: the estimate
  * assumes 2 GB/s (copies here run at 10-25), and the cap bounds what a stalled or dead
- * sender can cost the receiver before it sleeps as usual. Copies of more than 4 MiB
- * are not announced: they run from memory, not cache, for hundreds of microseconds,
- * next to which a wake-up (~30 µs) is small, and a receiver spinning on the other CPU
- * all that time slowed a 16 MiB copy by 1.3-1.7x on the 2-vCPU VM (docs/benchmarks.md,
- * "shm views"). */
+ * sender can cost the receiver before it sleeps as usual. */
 #define HP_ANNOUNCE_SLACK_NS 100000LL
 #define HP_ANNOUNCE_SPIN_MAX_NS 10000000LL
-#define HP_ANNOUNCE_MAX_BYTES (UINT64_C(4) << 20)
 
 void hp_announce(hp_endpoint *ep, uint64_t nbytes) {
     if (nbytes > HP_ANNOUNCE_MAX_BYTES) return;

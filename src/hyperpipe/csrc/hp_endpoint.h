@@ -125,7 +125,15 @@ int hp_arm_writer(hp_endpoint *ep, uint64_t nbytes);
 
 /* Sender: about to copy `nbytes` for the next frame (out of band). A receiver waiting
  * for it keeps spinning for about as long as the copy should take, instead of going to
- * sleep mid-copy and paying a wake-up. Cleared by the next send or hp_unannounce. */
+ * sleep mid-copy and paying a wake-up. Cleared by the next send or hp_unannounce.
+ * Copies of more than HP_ANNOUNCE_MAX_BYTES are not announced: they run from memory, not
+ * cache, and a receiver spinning on the other CPU all that time slowed a 16 MiB copy by
+ * 1.3-1.7x on the 2-vCPU VM (docs/benchmarks.md, "shm views"); such a copy announces its
+ * last HP_ANNOUNCE_TAIL_BYTES instead, so that a receiver asleep wakes (~30-70 µs
+ * there) while the copy ends, not after it (docs/benchmarks.md, "shm views, fifth
+ * round"). */
+#define HP_ANNOUNCE_MAX_BYTES (UINT64_C(4) << 20)
+#define HP_ANNOUNCE_TAIL_BYTES (UINT64_C(1) << 20)
 void hp_announce(hp_endpoint *ep, uint64_t nbytes);
 void hp_unannounce(hp_endpoint *ep);
 
