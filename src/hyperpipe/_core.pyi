@@ -145,3 +145,12 @@ def socket_fast_path(
     """C versions of the Connection's methods named in `methods` (its own, for every call they
     do not handle) for `transport`, a plain-socket SocketTransport on `fd`: payloads up to
     `send_limit` are sent, and up to `recv_limit` received, in C."""
+
+# -- for event loops: hyperpipe.asyncio's first try (never waits, never raises for state) --
+def aio_try_send_bytes(endpoint: Endpoint, buf: Buffer, /) -> bool:
+    """True if `buf` went out now as one inline DATA frame (as Endpoint.send_bytes' fast
+    path); False when anything else is needed (the caller goes the general way)."""
+
+def aio_try_recv_bytes(endpoint: Endpoint, spin_seconds: float, /) -> Optional[bytes]:
+    """The next DATA frame's bytes if one waits or arrives within `spin_seconds` (spun with
+    the GIL released, never sleeping); None when anything else is needed."""
