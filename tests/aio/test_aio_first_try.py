@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import types
 
 import pytest
 
@@ -161,29 +162,38 @@ def test_a_reply_from_a_thread_of_this_process_is_caught(run, impl):
     assert not thread.is_alive()
 
 
-def test_the_spin_shrinks_while_messages_come_late_and_grows_back(run, duplex):
+def test_the_spin_shrinks_while_messages_come_late_and_grows_back(run, duplex, monkeypatch):
+    """The policy, on a clock that says how long each general-way wait took."""
     a, b = duplex
+    clock = types.SimpleNamespace(now=0.0, wait=0.0)
 
-    async def late(delay):
+    def perf_counter():
+        clock.now += clock.wait / 2  # read twice per wait: before and after it
+        return clock.now
+
+    monkeypatch.setattr(hp_asyncio, "time", types.SimpleNamespace(perf_counter=perf_counter))
+
+    async def reply(after):
         async def send_later():
-            await asyncio.sleep(delay)
+            await asyncio.sleep(0)
             await a.send_bytes(b"late")
 
+        clock.wait = after
         task = asyncio.ensure_future(send_later())
-        assert await b.recv_bytes() == b"late"
+        assert await b.recv_bytes() == b"late"  # nothing waits: the general way
         await task
 
     async def main():
         assert b._spin == hp_asyncio._SPIN_MAX
-        await late(0.005)
+        await reply(after=0.005)
         assert b._spin == hp_asyncio._SPIN_MAX / 2
         for _ in range(10):
-            await late(0.002)
+            await reply(after=0.002)
         assert b._spin == 0.0  # an idle connection no longer blocks the loop at all
-        await late(0)  # came within the longest spin: grows back from the least
+        await reply(after=1e-6)  # came soon: grows back from the least
         assert b._spin == hp_asyncio._SPIN_MIN
         for _ in range(10):
-            await late(0)
+            await reply(after=1e-6)
         return b._spin
 
     assert run(main) == hp_asyncio._SPIN_MAX
