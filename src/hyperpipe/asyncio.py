@@ -80,21 +80,18 @@ _SPIN_MAX = 20e-6
 _SPIN_MIN = 1e-6
 
 
-def _c_endpoint(conn: Connection[Any, Any]) -> Any:
-    """The shared-memory C endpoint doing the Connection's fast path, or None."""
-    try:
-        from ._core import Endpoint
-    except ImportError:
-        return None
-    fast = getattr(conn, "_fast", None)
-    return fast if type(fast) is Endpoint else None
-
-
 try:
+    from ._core import Endpoint as _Endpoint
     from ._core import aio_try_recv_bytes as _try_recv_bytes
     from ._core import aio_try_send_bytes as _try_send_bytes
 except ImportError:  # no C core (or one built before it had these): the general way only
-    _try_recv_bytes = _try_send_bytes = None  # type: ignore[assignment]
+    _Endpoint = _try_recv_bytes = _try_send_bytes = None  # type: ignore[assignment,misc]
+
+
+def _c_endpoint(conn: Connection[Any, Any]) -> Any:
+    """The shared-memory C endpoint doing the Connection's fast path, or None."""
+    fast = getattr(conn, "_fast", None)
+    return fast if _Endpoint is not None and type(fast) is _Endpoint else None
 
 #: How long a receive may spin (blocking the loop) for a big message the peer announced it
 #: is copying to us (shared memory): a 1 MiB copy takes ~50-100 µs, less than a sleep and
@@ -188,7 +185,7 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
         self._senders = 0
         # Shared memory with the C core: a first try in one C call, no Connection layers
         # (aio_try_send_bytes / aio_try_recv_bytes), before the general way.
-        ep = _c_endpoint(conn) if _try_recv_bytes is not None else None
+        ep = _c_endpoint(conn)
         self._ep_tx = ep if conn.writable else None
         self._ep_rx = ep if conn.readable else None
         # recv() may unpickle what the first try got as the transport would: pickle, no codec.
