@@ -828,6 +828,25 @@ def test_objects_of_every_kind_arrive_equal_and_in_order(path: str, kind: str) -
         b.close()
 
 
+@pytest.mark.parametrize("kind", ["socketpair", "tcp"])
+def test_an_object_whose_pickle_lands_in_a_mapped_frame_buffer_arrives(path: str, kind: str) -> None:
+    """A pickle of more than EAGER_ALLOC bytes is received into an anonymous mmap, not a
+    bytearray: recv() unpickles that buffer too (the stress kill matrix's 64 MiB rows)."""
+    a, b = hyperpipe.Pipe(transport="socket") if kind == "socketpair" else _tcp_pair()
+    assert _uses(a, path) and _uses(b, path)
+    big = (b"m" * (EAGER_ALLOC + 1), 7)
+    try:
+        sender = threading.Thread(target=lambda: (a.send(big), a.send(("after", 1))))
+        sender.start()
+        assert b.recv() == big
+        assert b.recv() == ("after", 1)
+        sender.join(10)
+        assert not sender.is_alive()
+    finally:
+        a.close()
+        b.close()
+
+
 def test_objects_go_out_as_the_stdlib_pickles_them(path: str) -> None:
     """To a stdlib peer, each frame is ForkingPickler.dumps(obj) byte for byte; what it
     sends comes back equal."""

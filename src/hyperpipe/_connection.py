@@ -487,6 +487,13 @@ _FAST_BYTES = ("send_bytes", "send_bytes_many", "recv_bytes", "recv_bytes_many")
 _FAST_METHODS = {name: getattr(Connection, name) for name in _FAST_SENDING + _FAST_RECEIVING}
 
 
+def fast_path_of(conn: Connection[Any, Any]) -> Any:
+    """The object doing ``conn``'s common calls for its transport (``Transport.fast_path``),
+    or None: for ``hyperpipe.asyncio``'s first try, which hands a shared-memory one to the
+    C core's non-waiting calls. None once the connection is closed."""
+    return conn._fast if conn._transport is not None else None
+
+
 def _rebuild_connection(reduced: tuple, readable: bool, writable: bool, codec: Any) -> Connection:
     rebuild, args = reduced
     return Connection(rebuild(*args), readable, writable, codec=codec)

@@ -1768,9 +1768,10 @@ static PyObject *SocketFast_recv(SocketFastObject *self, PyObject *const *args, 
     if (rc == 0) return sf_slow_way(self, SF_RECV, args, nargsf, kwnames);
     if (!frame) return NULL;
     /* Unpickled with no lock held: the next message need not wait for it. */
-    PyObject *ret = PyBytes_CheckExact(frame) || PyByteArray_CheckExact(frame) || PyMemoryView_Check(frame)
-                        ? PyObject_CallOneArg(self->loads, frame)
-                        : sf_call(frame, N_LOADS, NULL, NULL); /* an out-of-band frame */
+    /* Any buffer (bytes, a bytearray, the anonymous mmap of a big frame) is a pickle; the
+     * one frame that is not, OobFrame (pickle-5 buffers out of band), unpickles itself. */
+    PyObject *ret = PyObject_CheckBuffer(frame) ? PyObject_CallOneArg(self->loads, frame)
+                                                : sf_call(frame, N_LOADS, NULL, NULL);
     Py_DECREF(frame);
     return ret;
 }
@@ -1922,6 +1923,75 @@ static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
     return (PyObject *)self;
 }
 
+/* -- for event loops: hyperpipe.asyncio's first try ------------------------------------
+ *
+ * An awaited send or receive first tries what the Connection's fast path does
+ * (Endpoint.send_bytes / recv_bytes above) but never hands the call to the Connection's
+ * own method, which could block the event loop: whatever these do not do (a full ring, a
+ * big or special frame, EOF, a closed end, another thread inside) returns False / None,
+ * and the caller goes its general way (a non-blocking attempt through the Connection,
+ * then the loop's readiness), which sees the same state and raises or waits as usual.
+ * Nothing is sent or consumed unless the call succeeds. The caller checks that the
+ * Connection may send / receive at all (the endpoint's flags do not know a read-only or
+ * write-only Connection). */
+
+/* aio_try_send_bytes(endpoint, buf) -> True if buf went out as one DATA frame now. */
+static PyObject *core_aio_try_send_bytes(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyObject_TypeCheck(args[0], &EndpointType))
+        return PyErr_Format(PyExc_TypeError, "aio_try_send_bytes(endpoint, buf)");
+    EndpointObject *self = (EndpointObject *)args[0];
+    PyObject *buf = args[1];
+    int rc = HP_TIMEOUT;
+    if (self->sending && self->opened && !self->in_send && self->ep.has_tx &&
+        (PyBytes_CheckExact(buf) || PyByteArray_CheckExact(buf) || PyMemoryView_Check(buf))) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear(); /* e.g. not contiguous: the general way raises its own error */
+        } else {
+            if ((uint64_t)view.len <= self->inline_max && hp_enter(&self->ep)) {
+                const void *parts[1] = {view.buf};
+                uint64_t lens[1] = {(uint64_t)view.len};
+                rc = hp_try_send(&self->ep, KIND_DATA, 0, parts, lens, 1);
+                leave(self);
+            }
+            PyBuffer_Release(&view);
+        }
+    }
+    return PyBool_FromLong(rc == HP_OK);
+}
+
+/* aio_try_recv_bytes(endpoint, spin_seconds) -> the next DATA frame's bytes if one waits
+ * or arrives within spin_seconds (spun with the GIL released, never sleeping: the loop
+ * is blocked that long), else None. The wake-up token is not touched (as the fast path):
+ * the general way arms it before the loop waits on fileno(). */
+static PyObject *core_aio_try_recv_bytes(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyObject_TypeCheck(args[0], &EndpointType))
+        return PyErr_Format(PyExc_TypeError, "aio_try_recv_bytes(endpoint, spin_seconds)");
+    EndpointObject *self = (EndpointObject *)args[0];
+    double seconds = PyFloat_AsDouble(args[1]);
+    if (seconds == -1.0 && PyErr_Occurred()) return NULL;
+    if (!(seconds >= 0 && seconds <= 1.0)) return PyErr_Format(PyExc_ValueError, "spin_seconds must be between 0 and 1");
+    if (!(self->receiving && self->opened && !self->in_recv && self->ep.has_rx && hp_enter(&self->ep)))
+        Py_RETURN_NONE;
+    int ready = hp_ring_readable(&self->ep.rx);
+    if (!ready && seconds > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        ready = hp_spin_readable(&self->ep, (int64_t)(seconds * 1e9));
+        Py_END_ALLOW_THREADS
+    }
+    PyObject *ret = NULL;
+    hp_frame frame;
+    /* Another thread may have come in while the GIL was released: check again. */
+    if (ready && self->receiving && !self->in_recv && hp_recv_try(&self->ep, KIND_DATA, &frame) == HP_OK) {
+        ret = PyBytes_FromStringAndSize((const char *)frame.payload, frame.len);
+        if (ret) hp_recv_finish(&self->ep, &frame, 0);
+        else hp_reader_exit(&self->ep); /* not consumed */
+    }
+    leave(self);
+    if (ret || PyErr_Occurred()) return ret;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef core_methods[] = {
     {"segment_create", core_segment_create, METH_VARARGS,
      "segment_create(capacity, nrings, heap_size=0) -> memfd of a new, initialised segment"},
@@ -1933,6 +2003,10 @@ static PyMethodDef core_methods[] = {
      "_set_errors(timeout, closed, peer_closed, broken_pipe, protocol, too_long, buffer_too_short)"},
     {"socket_fast_path", core_socket_fast_path, METH_VARARGS,
      "socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit, pickler) -> SocketFast"},
+    {"aio_try_send_bytes", (PyCFunction)(void (*)(void))core_aio_try_send_bytes, METH_FASTCALL,
+     "aio_try_send_bytes(endpoint, buf) -> True if sent now as the fast path would (never waits)"},
+    {"aio_try_recv_bytes", (PyCFunction)(void (*)(void))core_aio_try_recv_bytes, METH_FASTCALL,
+     "aio_try_recv_bytes(endpoint, spin_seconds) -> bytes of a DATA frame waiting or arriving within the spin, else None"},
     {NULL, NULL, 0, NULL},
 };
 

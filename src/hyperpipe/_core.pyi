@@ -188,3 +188,12 @@ def _queue_encode(obj: Any, /) -> Optional[bytes]:
 
 def _queue_decode(data: Buffer, /) -> tuple[Any, bool]:
     """(object, True) when the C decoder reads ``data``; (None, False) when pickle.loads must."""
+
+# -- for event loops: hyperpipe.asyncio's first try (never waits, never raises for state) --
+def aio_try_send_bytes(endpoint: Endpoint, buf: Buffer, /) -> bool:
+    """True if `buf` went out now as one inline DATA frame (as Endpoint.send_bytes' fast
+    path); False when anything else is needed (the caller goes the general way)."""
+
+def aio_try_recv_bytes(endpoint: Endpoint, spin_seconds: float, /) -> Optional[bytes]:
+    """The next DATA frame's bytes if one waits or arrives within `spin_seconds` (spun with
+    the GIL released, never sleeping); None when anything else is needed."""

@@ -36,10 +36,12 @@ import os
 import select
 import socket
 import ssl
+import time
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Awaitable, Callable, Generic, Optional, TypeVar
 
 from . import _auth, errors
-from ._connection import Connection
+from ._connection import Connection, fast_path_of
 from ._pipe import Pipe
 
 __all__ = ["AsyncConnection", "open_pipe", "connect", "serve", "Server"]
@@ -66,6 +68,30 @@ def _fd_readable_now(fd: int) -> bool:
 def _wake(fut: "asyncio.Future[None]") -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+#: How long an awaited receive on shared memory may spin (GIL released, blocking the loop)
+#: for a small reply before it goes the general way (a non-blocking attempt, then the
+#: loop's readiness): a loop wake-up through the eventfd costs ~10-20 µs, a reply from a
+#: peer that is awake arrives within a microsecond or two. Adaptive per connection: a
+#: spin that catches nothing halves the next one (down to none) unless the message then
+#: came soon after all, which doubles it back (AsyncConnection._after_spin).
+_SPIN_MAX = 20e-6
+_SPIN_MIN = 1e-6
+
+
+try:
+    from ._core import Endpoint as _Endpoint
+    from ._core import aio_try_recv_bytes as _try_recv_bytes
+    from ._core import aio_try_send_bytes as _try_send_bytes
+except ImportError:  # no C core (or one built before it had these): the general way only
+    _Endpoint = _try_recv_bytes = _try_send_bytes = None  # type: ignore[assignment,misc]
+
+
+def _c_endpoint(conn: Connection[Any, Any]) -> Any:
+    """The shared-memory C endpoint doing the Connection's fast path, or None."""
+    fast = fast_path_of(conn)
+    return fast if _Endpoint is not None and type(fast) is _Endpoint else None
 
 
 #: How long a receive may spin (blocking the loop) for a big message the peer announced it
@@ -158,6 +184,14 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
         # a call first tries at once, with no lock and no extra coroutine.
         self._receivers = 0
         self._senders = 0
+        # Shared memory with the C core: a first try in one C call, no Connection layers
+        # (aio_try_send_bytes / aio_try_recv_bytes), before the general way.
+        ep = _c_endpoint(conn)
+        self._ep_tx = ep if conn.writable else None
+        self._ep_rx = ep if conn.readable else None
+        # recv() may unpickle what the first try got as the transport would: pickle, no codec.
+        self._ep_rx_obj = self._ep_rx if getattr(conn, "_codec", None) is None else None
+        self._spin = _SPIN_MAX
 
     # -- the wrapped connection ---------------------------------------------------
     @property
@@ -384,6 +418,17 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
         self, buf: Any, offset: int = 0, size: Optional[int] = None, *, timeout: Optional[float] = None
     ) -> None:
         """Send ``buf[offset:offset+size]`` (bytes) as one message."""
+        ep = self._ep_tx
+        if (
+            ep is not None
+            and timeout is None
+            and size is None
+            and type(offset) is int
+            and not offset
+            and not self._senders
+            and _try_send_bytes(ep, buf)
+        ):
+            return
         conn = self._conn
         await self._sending(lambda: conn.send_bytes(buf, offset, size, timeout=0), timeout, "send_bytes")
 
@@ -396,6 +441,12 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
     # -- receiving ----------------------------------------------------------------
     async def recv(self, *, timeout: Optional[float] = None, copy: bool = True) -> _RecvT:
         """Receive one object; EOFError once the peer closed and everything was read."""
+        ep = self._ep_rx_obj
+        if ep is not None and timeout is None and not self._receivers:
+            data = _try_recv_bytes(ep, self._spin)
+            if data is not None:
+                return ForkingPickler.loads(data)  # as the transport does with a DATA frame
+            return await self._after_spin(self._receiving(lambda: self._conn.recv(timeout=0, copy=copy), None, "recv"))
         conn = self._conn
         return await self._receiving(lambda: conn.recv(timeout=0, copy=copy), timeout, "recv")
 
@@ -403,8 +454,29 @@ class AsyncConnection(Generic[_SendT, _RecvT]):
         self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None
     ) -> bytes:
         """Receive one message as bytes."""
+        ep = self._ep_rx
+        if ep is not None and maxlength is None and timeout is None and not self._receivers:
+            data = _try_recv_bytes(ep, self._spin)
+            if data is not None:
+                return data
+            return await self._after_spin(self._receiving(lambda: self._conn.recv_bytes(timeout=0), None, "recv_bytes"))
         conn = self._conn
         return await self._receiving(lambda: conn.recv_bytes(maxlength, timeout=0), timeout, "recv_bytes")
+
+    async def _after_spin(self, receiving: Awaitable[Any]) -> Any:
+        """The general way after a first try that caught nothing; adapts the next spin: a
+        message that came soon (within 4x the longest spin, measured through the loop's
+        own wake-up) would likely have been caught (double it), one that came later was
+        not worth this spin (halve it, down to none)."""
+        spun = self._spin
+        start = time.perf_counter()
+        try:
+            return await receiving
+        finally:
+            if time.perf_counter() - start < 4 * _SPIN_MAX:
+                self._spin = min(_SPIN_MAX, max(_SPIN_MIN, spun * 2))
+            elif spun:
+                self._spin = 0.0 if spun / 2 < _SPIN_MIN else spun / 2
 
     async def recv_bytes_into(
         self, buf: Any, offset: int = 0, *, timeout: Optional[float] = None
