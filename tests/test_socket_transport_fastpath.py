@@ -25,7 +25,7 @@ import pytest
 
 import helpers
 import hyperpipe
-from hyperpipe import _socket_transport
+from hyperpipe import _framing, _socket_transport
 
 
 def _frame(payload: bytes, long: bool = False) -> bytes:
@@ -834,7 +834,7 @@ def test_an_object_whose_pickle_lands_in_a_mapped_frame_buffer_arrives(path: str
     bytearray: recv() unpickles that buffer too (the stress kill matrix's 64 MiB rows)."""
     a, b = hyperpipe.Pipe(transport="socket") if kind == "socketpair" else _tcp_pair()
     assert _uses(a, path) and _uses(b, path)
-    big = (b"m" * (EAGER_ALLOC + 1), 7)
+    big = (b"m" * (_framing.EAGER_ALLOC + 1), 7)
     try:
         sender = threading.Thread(target=lambda: (a.send(big), a.send(("after", 1))))
         sender.start()
