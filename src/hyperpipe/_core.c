@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "hp_copy.h"
 #include "hp_endpoint.h"
 #include "hp_sockio.h"
 
@@ -669,11 +670,12 @@ static PyObject *Endpoint_heap_alloc(EndpointObject *self, PyObject *arg) {
     return PyLong_FromLongLong(off);
 }
 
-/* Copy `n` buffers to `dst` + their offsets, with the GIL released when it is a lot. */
+/* Copy `n` buffers to `dst` + their offsets (hp_copy: a big one past the caches), with the
+ * GIL released when it is a lot. */
 static void copy_out(unsigned char *dst, const Py_buffer *bufs, const uint64_t *at, Py_ssize_t n, uint64_t total) {
     if (total >= (1 << 20)) {
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) memcpy(dst + at[i], bufs[i].buf, (size_t)bufs[i].len);
+        for (Py_ssize_t i = 0; i < n; i++) hp_copy(dst + at[i], bufs[i].buf, (size_t)bufs[i].len);
         Py_END_ALLOW_THREADS
     } else {
         for (Py_ssize_t i = 0; i < n; i++) memcpy(dst + at[i], bufs[i].buf, (size_t)bufs[i].len);
@@ -696,11 +698,13 @@ static void copy_to_peer(hp_endpoint *ep, unsigned char *dst, const Py_buffer *b
         uint64_t len = (uint64_t)bufs[i].len, done = 0;
         if (!told && at[i] + len > mark) {
             done = at[i] < mark ? mark - at[i] : 0;
-            memcpy(dst + at[i], src, done);
+            if (len >= hp_copy_stream_min()) hp_copy_stream(dst + at[i], src, done);
+            else memcpy(dst + at[i], src, done);
             hp_announce(ep, total - at[i] - done);
             told = 1;
         }
-        memcpy(dst + at[i] + done, src + done, len - done);
+        if (len >= hp_copy_stream_min()) hp_copy_stream(dst + at[i] + done, src + done, len - done);
+        else memcpy(dst + at[i] + done, src + done, len - done);
     }
     Py_END_ALLOW_THREADS
 }
@@ -791,19 +795,6 @@ out:
     return ret;
 }
 
-/* The size from which glibc's memcpy streams with non-temporal stores (3/4 of the
- * last-level cache, glibc 2.36's default). Such a copy into a page-aligned destination
- * ran 10-15% slower than into one 64 bytes past the source modulo a page (256 MiB arrays,
- * docs/benchmarks.md "shm views"), where smaller copies want the page-aligned one. */
-static uint64_t streaming_copy_size(void) {
-    static uint64_t size;
-    if (!size) {
-        long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-        size = l3 > 0 ? (uint64_t)l3 / 4 * 3 : UINT64_MAX;
-    }
-    return size;
-}
-
 /* send_copy(flags, stream, buffers, inline_max, deadline): send a KIND_OOB frame whose
  * buffers (contiguous) are copied into one block, each at a page boundary: a block of our
  * heap (announced to the receiver before the copy), else, when the heap is off or full, a
@@ -838,12 +829,10 @@ static PyObject *Endpoint_send_copy(EndpointObject *self, PyObject *const *args,
     }
     if (PyObject_GetBuffer(args[1], &stream, PyBUF_SIMPLE) < 0) goto out;
     have_stream = 1;
-    uint64_t total = 0, streamed = streaming_copy_size();
+    uint64_t total = 0;
     for (; got < n; got++) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &bufs[got], PyBUF_SIMPLE) < 0) goto out;
         at[got] = (total + 4095) & ~(uint64_t)4095; /* page-aligned, as numpy likes them */
-        if ((uint64_t)bufs[got].len >= streamed) /* 64 bytes past the source, modulo a page */
-            at[got] += ((uintptr_t)bufs[got].buf + 64) & 4095;
         total = at[got] + (uint64_t)bufs[got].len;
     }
     int stream_inline = head_len + (uint64_t)stream.len <= inline_max;
@@ -1382,6 +1371,26 @@ static PyObject *core_buffer_memfd(PyObject *mod, PyObject *arg) {
     int fd = hp_memfd_create("hyperpipe-buffer", nbytes, nbytes);
     if (fd < 0) return raise_oserror(errno, "cannot create shared memory for an out-of-band buffer");
     return PyLong_FromLong(fd);
+}
+
+/* copy_stream_min(): from how many bytes a copy into shared memory streams past the caches. */
+static PyObject *core_copy_stream_min(PyObject *mod, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(hp_copy_stream_min());
+}
+
+/* _copy_stream(dst, src): hp_copy_stream of src into the start of dst (for tests). */
+static PyObject *core_copy_stream(PyObject *mod, PyObject *args) {
+    Py_buffer dst, src;
+    if (!PyArg_ParseTuple(args, "w*y*", &dst, &src)) return NULL;
+    PyObject *ret = NULL;
+    if (src.len > dst.len) PyErr_SetString(PyExc_ValueError, "_copy_stream: dst is too small");
+    else {
+        hp_copy_stream(dst.buf, src.buf, (size_t)src.len);
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    return ret;
 }
 
 static PyObject *core_check_memfd(PyObject *mod, PyObject *args) {
@@ -1997,6 +2006,9 @@ static PyMethodDef core_methods[] = {
      "segment_create(capacity, nrings, heap_size=0) -> memfd of a new, initialised segment"},
     {"buffer_memfd", core_buffer_memfd, METH_O,
      "buffer_memfd(nbytes) -> a memfd of nbytes, allocated, sealed against resizing"},
+    {"copy_stream_min", core_copy_stream_min, METH_NOARGS,
+     "copy_stream_min() -> from how many bytes a buffer is copied to the peer with non-temporal stores"},
+    {"_copy_stream", core_copy_stream, METH_VARARGS, "_copy_stream(dst, src): a streamed copy (tests)"},
     {"check_memfd", core_check_memfd, METH_VARARGS,
      "check_memfd(fd, size): ProtocolError unless fd is a memfd sealed at >= size bytes"},
     {"_set_errors", core_set_errors, METH_VARARGS,

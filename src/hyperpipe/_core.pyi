@@ -16,6 +16,12 @@ def segment_create(capacity: int, nrings: int, heap_size: int = 0, /) -> int:
 def buffer_memfd(nbytes: int, /) -> int:
     """A memfd of `nbytes`, allocated now and sealed against resizing (writable)."""
 
+def copy_stream_min() -> int:
+    """From how many bytes a buffer is copied to the peer with non-temporal stores."""
+
+def _copy_stream(dst: Buffer, src: Buffer, /) -> None:
+    """Copy `src` into the start of `dst` with non-temporal stores (for tests)."""
+
 def check_memfd(fd: int, size: int, /) -> None:
     """ProtocolError unless `fd` is a memfd sealed against resizing, at least `size` bytes."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import subprocess
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 from shm_helpers import join_or_kill, memfd_fds
 
 import hyperpipe
+from hyperpipe import _core
 from hyperpipe._shm_transport import shm_pipe
 
 np = pytest.importorskip("numpy")
@@ -209,27 +209,58 @@ def test_a_full_heap_sends_through_a_memfd_and_is_used_again_once_free() -> None
         b.close()
 
 
-def test_a_streamed_copy_lands_64_bytes_past_its_source_and_smaller_ones_on_a_page() -> None:
-    # From glibc's non-temporal size up (3/4 of the last-level cache) a copy ran 10-15%
-    # faster 64 bytes past its source modulo a page than onto a page; smaller ones, the
-    # other way round (docs/benchmarks.md, "shm views").
-    got = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True, timeout=10)
-    l3 = int(got.stdout.strip()) if got.returncode == 0 and got.stdout.strip().isdigit() else 0
-    if not 0 < l3 <= 512 * MiB:
-        pytest.skip("no last-level cache size, or one too big to send here")
+def test_every_copied_buffer_lands_on_a_page(pair: Any) -> None:
+    # Whatever the copy (memcpy, or non-temporal stores from copy_stream_min up), a buffer's
+    # data starts on a page of the block, as numpy likes it.
+    a, b = pair
+    for n in (MiB, 3 * MiB + 5):
+        arr = np.ones(n + 16, dtype=np.uint8)[16:]  # a source 16 bytes into a page, or so
+        arr[-1] = 7
+        a.send_object(arr, None)
+        view = b.recv_object(soon(), copy=False)
+        assert view.shape == (n,) and view[0] == 1 and view[-1] == 7
+        assert view.ctypes.data % 4096 == 0
+        del view, arr
+
+
+def test_a_streamed_copy_is_exact_at_every_alignment() -> None:
+    # The non-temporal copy does the bytes up to the destination's next 64-byte line and the
+    # tail with memcpy, the rest in 128-byte strides: every split of a buffer must be exact.
+    src = os.urandom(4096 + 300)
+    for dst_off in (0, 1, 31, 32, 63, 64, 100):
+        for src_off in (0, 1, 17, 64):
+            for n in (0, 1, 63, 64, 127, 128, 129, 255, 256, 1000, 4096 + 5):
+                dst = bytearray(b"\xee" * (dst_off + n + 64))
+                _core._copy_stream(memoryview(dst)[dst_off:], memoryview(src)[src_off : src_off + n])
+                assert dst[dst_off : dst_off + n] == src[src_off : src_off + n], (dst_off, src_off, n)
+                assert dst[:dst_off] == b"\xee" * dst_off and dst[dst_off + n :] == b"\xee" * 64
+
+
+@pytest.mark.parametrize("layout", ["one buffer", "stream in the block", "two buffers"])
+def test_streamed_copies_arrive_whole_in_every_layout(layout: str) -> None:
+    # From copy_stream_min bytes up a buffer is copied with non-temporal stores (its last
+    # MiB announced in between): arrays of that size arrive whole, from a source that does
+    # not start on a line, in every layout, and again when the block is reused.
+    big = _core.copy_stream_min()
+    if big > 256 * MiB:
+        pytest.skip(f"buffers stream from {big >> 20} MiB here: too big to send in a test")
     a, b = shm_pipe(True)
     try:
-        for n, expected in ((MiB, None), (l3 // 4 * 3 + 8, 64)):
-            arr = np.ones(n, dtype=np.uint8)
-            arr[-1] = 7
-            a.send_object(arr, None)
-            view = b.recv_object(soon(), copy=False)
-            assert view.shape == (n,) and view[0] == 1 and view[-1] == 7
-            if expected is None:
-                assert view.ctypes.data % 4096 == 0
+        for rep in range(2):
+            first = np.frombuffer(np.random.default_rng(rep).bytes(big + 21), dtype=np.uint8)[3:]
+            if layout == "one buffer":  # an array that owns its memory: sent as it is
+                obj: Any = (first.copy(),)
+            elif layout == "stream in the block":
+                obj = (first, bytes(range(256)) * 4096)  # 1 MiB of bytes in the stream
             else:
-                assert (view.ctypes.data - arr.ctypes.data) % 4096 == expected
-            del view, arr
+                obj = (first[: big // 2 + 5], first)
+            a.send_object(obj, None)
+            got = b.recv_object(soon(), copy=False)
+            assert len(got) == len(obj)
+            for g, w in zip(got, obj):
+                assert type(g) is type(w) and np.asarray(g).shape == np.asarray(w).shape
+                assert g.tobytes() == w.tobytes() if isinstance(w, np.ndarray) else g == w
+            del got
     finally:
         a.close()
         b.close()
