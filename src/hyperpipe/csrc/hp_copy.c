@@ -34,22 +34,6 @@ __attribute__((target("avx2"))) static void stream_avx2(unsigned char *dst, cons
     _mm_sfence();
 }
 
-static void stream_sse2(unsigned char *dst, const unsigned char *src, size_t n) {
-    size_t i = head_to_line(dst, src, n);
-    for (; i + 64 <= n; i += 64) {
-        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
-        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
-        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
-        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
-        _mm_stream_si128((__m128i *)(dst + i), a);
-        _mm_stream_si128((__m128i *)(dst + i + 16), b);
-        _mm_stream_si128((__m128i *)(dst + i + 32), c);
-        _mm_stream_si128((__m128i *)(dst + i + 48), d);
-    }
-    memcpy(dst + i, src + i, n - i);
-    _mm_sfence();
-}
-
 /* The last-level cache's size in bytes as the kernel reports it (sysfs), else sysconf's
  * (glibc's, from cpuid: on the KVM guest we measure on it is 320 MiB, sysfs and lscpu say
  * 32 MiB), else 0. The smaller of the two when both are there. */
@@ -73,7 +57,7 @@ uint64_t hp_copy_stream_min(void) {
     uint64_t got = atomic_load_explicit(&size, memory_order_relaxed);
     if (!got) {
         uint64_t llc = llc_size();
-        got = llc ? llc / 2 : UINT64_C(16) << 20;
+        got = !__builtin_cpu_supports("avx2") ? UINT64_MAX : llc ? llc / 2 : UINT64_C(16) << 20;
         atomic_store_explicit(&size, got, memory_order_relaxed);
     }
     return got;
@@ -81,7 +65,7 @@ uint64_t hp_copy_stream_min(void) {
 
 void hp_copy_stream(void *dst, const void *src, size_t n) {
     if (__builtin_cpu_supports("avx2")) stream_avx2(dst, src, n);
-    else stream_sse2(dst, src, n);
+    else memcpy(dst, src, n);
 }
 
 #else
