@@ -236,15 +236,17 @@ def test_a_streamed_copy_is_exact_at_every_alignment() -> None:
                 assert dst[:dst_off] == b"\xee" * dst_off and dst[dst_off + n :] == b"\xee" * 64
 
 
+@pytest.mark.parametrize("where", ["heap", "memfd"])
 @pytest.mark.parametrize("layout", ["one buffer", "stream in the block", "two buffers"])
-def test_streamed_copies_arrive_whole_in_every_layout(layout: str) -> None:
-    # From copy_stream_min bytes up a buffer is copied with non-temporal stores (its last
-    # MiB announced in between): arrays of that size arrive whole, from a source that does
-    # not start on a line, in every layout, and again when the block is reused.
+def test_streamed_copies_arrive_whole_in_every_layout(layout: str, where: str) -> None:
+    # From copy_stream_min bytes up a buffer is copied with non-temporal stores (into the
+    # heap its last MiB announced in between): arrays of that size arrive whole, from a
+    # source that does not start on a line, in every layout, and again when the block is
+    # reused; through a memfd too (no heap).
     big = _core.copy_stream_min()
     if big > 256 * MiB:
-        pytest.skip(f"buffers stream from {big >> 20} MiB here: too big to send in a test")
-    a, b = shm_pipe(True)
+        pytest.skip("buffers stream only from more than 256 MiB here (or never): too big to send in a test")
+    a, b = shm_pipe(True) if where == "heap" else shm_pipe(True, heap_size=0)
     try:
         for rep in range(2):
             first = np.frombuffer(np.random.default_rng(rep).bytes(big + 21), dtype=np.uint8)[3:]
