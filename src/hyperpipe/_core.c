@@ -696,14 +696,15 @@ static void copy_to_peer(hp_endpoint *ep, unsigned char *dst, const Py_buffer *b
     for (Py_ssize_t i = 0; i < n; i++) {
         const unsigned char *src = bufs[i].buf;
         uint64_t len = (uint64_t)bufs[i].len, done = 0;
+        int streamed = len >= hp_copy_stream_min(); /* decided by the whole buffer's size */
         if (!told && at[i] + len > mark) {
             done = at[i] < mark ? mark - at[i] : 0;
-            if (len >= hp_copy_stream_min()) hp_copy_stream(dst + at[i], src, done);
+            if (streamed) hp_copy_stream(dst + at[i], src, done);
             else memcpy(dst + at[i], src, done);
             hp_announce(ep, total - at[i] - done);
             told = 1;
         }
-        if (len >= hp_copy_stream_min()) hp_copy_stream(dst + at[i] + done, src + done, len - done);
+        if (streamed) hp_copy_stream(dst + at[i] + done, src + done, len - done);
         else memcpy(dst + at[i] + done, src + done, len - done);
     }
     Py_END_ALLOW_THREADS
