@@ -76,6 +76,34 @@ def test_quick_latency_table_and_json(tmp_path):
         assert t["id"].startswith(prefix) if prefix else not t["id"].startswith(("tcp_", "async_"))
 
 
+@pytest.mark.parametrize("pin", ["same", "cross"])
+def test_pinned_workers_stay_where_they_were_put(pin, tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin == "cross" and len(cpus) < 2:
+        pytest.skip("needs two usable CPUs")
+    out = tmp_path / "pinned.json"
+    proc = run_cli("--quick", "--only", "lat_bytes,lat_obj", "--impl", "hp-socket", "--iters", "200",
+                   "--pin", pin, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"Workers pinned** (`--pin {pin}`)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["config"]["pin"] == pin
+    want = {"a": cpus[0], "b": cpus[0] if pin == "same" else cpus[1]}
+    for rec in data["records"]:
+        assert rec["ok"], rec.get("error")
+        for placement in rec["placement"]:
+            for role in ("a", "b"):
+                assert placement[role]["before"]["cpu"] == placement[role]["after"]["cpu"] == want[role]
+
+
+def test_unpinned_is_the_default(tmp_path):
+    out = tmp_path / "free.json"
+    proc = run_cli("--quick", "--only", "lat_bytes", "--impl", "mp", "--iters", "100", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "Workers pinned" not in proc.stdout
+    assert json.loads(out.read_text())["config"]["pin"] == "none"
+
+
 def test_stream_large_idle_shapes(tmp_path):
     out = tmp_path / "all.json"
     proc = run_cli("--quick", "--only", "stream,large,idle", "--impl", "mp,shm,socket", "--msgs", "3000",

@@ -675,9 +675,11 @@ def test_a_send_cut_by_a_signal_is_finished(path: str, sigusr1: Any) -> None:
         b.close()
 
 
+@pytest.mark.parametrize("spin_us", [None, 3_000_000])  # the default window; a 3 s spin
 @pytest.mark.parametrize("call", ["recv_bytes", "recv"])
-def test_close_wakes_a_blocked_c_receive(path: str, run_in_thread: Any, call: str) -> None:
-    rx, tx = hyperpipe.Pipe(transport="socket")
+def test_close_wakes_a_blocked_c_receive(path: str, run_in_thread: Any, call: str, spin_us: Any) -> None:
+    """close() from another thread ends a receive blocked in read(), or still spinning."""
+    rx, tx = hyperpipe.Pipe(transport="socket", **({} if spin_us is None else {"spin_us": spin_us}))
     assert _uses(rx, path)
     fd = rx.fileno()
     try:
@@ -692,7 +694,7 @@ def test_close_wakes_a_blocked_c_receive(path: str, run_in_thread: Any, call: st
         time.sleep(0.2)
         assert waiter.is_alive()
         rx.close()
-        waiter.join(10)
+        waiter.join(2 if spin_us else 10)  # a spinning one before its spin would have ended
         assert not waiter.is_alive(), "close() did not wake the receiver"
         assert [type(e) for e in waiter.errors] == [hyperpipe.ConnectionClosedError]
         with pytest.raises(OSError):
@@ -931,5 +933,132 @@ def test_recv_unpickles_with_no_lock_held() -> None:
         assert b.recv() == ("inner", (1, "next"))
     finally:
         _RECEIVING.clear()
+        a.close()
+        b.close()
+
+
+# -- the receiver's spin before it blocks (sf_recv_frame in _core.c) --------------------
+
+
+def _needs_core() -> None:
+    if _socket_transport._core is None:
+        pytest.skip("the C core is not built")
+
+
+def test_a_socket_pipe_spins_by_default_and_spin_us_sets_it() -> None:
+    _needs_core()
+    pairs = [
+        hyperpipe.Pipe(transport="socket"),
+        hyperpipe.Pipe(transport="socket", spin_us=7),
+        hyperpipe.Pipe(transport="socket", spin_us=0),
+    ]
+    tcp = _tcp_pair()
+    try:
+        for (a, b), want in zip(pairs, [_socket_transport.SPIN_US, 7, 0]):
+            for end in (a, b):
+                assert end._fast.spin_max_ns == end._fast.spin_ns == want * 1000
+                assert end._transport.reduce()[1][3] == want  # a child's copy spins alike
+        for end in tcp:  # Listener/Client with a peer on this host (loopback) spin too
+            assert end._fast.spin_max_ns == _socket_transport.SPIN_US * 1000
+        with pytest.raises(ValueError):
+            hyperpipe.Pipe(transport="socket", spin_us=-1)
+        with pytest.raises(TypeError):
+            hyperpipe.Pipe(transport="socket", ring_bytes=1 << 20)  # still shm-only
+    finally:
+        for conn in [c for pair in pairs for c in pair] + list(tcp):
+            conn.close()
+
+
+class _FakeSocket:
+    def __init__(self, family: Any, peer: Any) -> None:
+        self.family, self._peer = family, peer
+
+    def getpeername(self) -> Any:
+        if isinstance(self._peer, Exception):
+            raise self._peer
+        return self._peer
+
+
+@pytest.mark.parametrize("family, peer, local", [
+    (socket.AF_UNIX, "", True),
+    (socket.AF_INET, ("127.0.0.1", 5000), True),
+    (socket.AF_INET, ("127.3.4.5", 5000), True),
+    (socket.AF_INET6, ("::1", 5000, 0, 0), True),
+    (socket.AF_INET6, ("::ffff:127.0.0.1", 5000, 0, 0), True),
+    (socket.AF_INET, ("10.1.2.3", 5000), False),
+    (socket.AF_INET6, ("fe80::1%eth0", 5000, 0, 2), False),
+    (socket.AF_INET, OSError(107, "not connected"), False),
+])
+def test_only_a_peer_on_this_host_makes_a_connection_spin(family: Any, peer: Any, local: bool) -> None:
+    assert _socket_transport._peer_on_this_host(_FakeSocket(family, peer)) is local
+
+
+@pytest.mark.parametrize("call", ["recv_bytes", "recv"])
+def test_the_spin_window_adapts(call: str) -> None:
+    """Halved after a long wait (down to 2 us), doubled back after a frame it caught."""
+    _needs_core()
+    a, b = hyperpipe.Pipe(transport="socket", spin_us=40)
+    send = a.send_bytes if call == "recv_bytes" else a.send
+    receive = getattr(b, call)
+    message = b"late" if call == "recv_bytes" else ("late", 1)
+    try:
+        for want in (20_000, 10_000, 5_000, 2_500, 2_000, 2_000):
+            timer = threading.Timer(0.05, send, (message,))
+            timer.start()
+            assert receive() == message
+            timer.join()
+            assert b._fast.spin_ns == want
+        for want in (4_000, 8_000, 16_000, 32_000, 40_000):
+            send(message)
+            assert receive() == message
+            assert b._fast.spin_ns == want
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("call", ["recv_bytes", "recv"])
+def test_a_frame_sent_during_the_spin_is_caught(call: str, run_in_thread: Any) -> None:
+    _needs_core()
+    a, b = hyperpipe.Pipe(transport="socket", spin_us=5_000_000)  # 5 s
+    payload = helpers.pattern(3000)
+    send = a.send_bytes if call == "recv_bytes" else a.send
+    try:
+        sender = run_in_thread(lambda: (time.sleep(0.1), send(payload)))
+        assert getattr(b, call)() == payload
+        sender.join(10)
+        assert b._fast.spin_ns == 5_000_000_000  # caught: the window stays full
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("raises", [True, False])
+@pytest.mark.parametrize("call", ["recv_bytes", "recv"])
+def test_a_signal_during_the_spin_is_handled_before_the_read_blocks(
+    sigusr1: Any, raises: bool, call: str
+) -> None:
+    """The signal comes while the receive spins (so no read() is there to be interrupted):
+    its handler runs when the spin ends; one that raises ends the receive, as it would
+    end a blocked read, and one that does not lets the receive wait on."""
+    _needs_core()
+    poke, raising = sigusr1
+    a, b = hyperpipe.Pipe(transport="socket", spin_us=1_000_000)  # 1 s
+    message = b"after the signal"
+    send = a.send_bytes if call == "recv_bytes" else a.send
+    try:
+        raising[0] = raises
+        poke(0.2)
+        if raises:
+            with pytest.raises(_Interrupted):
+                getattr(b, call)()
+        else:
+            writer = threading.Timer(1.5, send, (message,))
+            writer.start()
+            assert getattr(b, call)() == message
+            writer.join()
+        send(b"and the next")
+        assert getattr(b, call)() == b"and the next"
+    finally:
         a.close()
         b.close()

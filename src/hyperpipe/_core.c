@@ -1461,7 +1461,11 @@ typedef struct {
     Py_ssize_t send_limit; /* payloads up to this are sent here (header joined) */
     Py_ssize_t recv_limit; /* and up to this received here */
     char sending, receiving;       /* the Connection may still send / receive */
+    int64_t spin_ns, spin_max_ns;  /* the receiver's spin window now and at most (0: never spins) */
 } SocketFastObject;
+
+/* The shortest spin window a receiver that spins at all keeps (as hp_endpoint.c's spin_min_ns). */
+#define SF_SPIN_MIN_NS 2000
 
 /* attribute and method names, interned once */
 enum {
@@ -1635,16 +1639,51 @@ static PyObject *sf_rest_of_frame(SocketFastObject *self, int as_sent, const uns
     return ret;
 }
 
+/* A receiver's spin before it blocks for a frame's header (hp_sock_read_spin: tries
+ * that never wait, the CPU yielded between them). On this 2-vCPU guest a process blocked
+ * in read() leaves its vCPU halted, and waking a halted vCPU costs 5-20 us per direction:
+ * a round trip whose two ends spin takes ~8 us across the two CPUs against 25-45 us
+ * (benchmarks.md, "Socket tuple round trip, sixth round"). The window adapts as the
+ * shared-memory receiver's (hp_endpoint.c, adapt_spin): doubled up to spin_max_ns after a
+ * spin that caught the frame; after one that did not, the full window again if the frame
+ * came within 4 windows, else halved down to SF_SPIN_MIN_NS, so an idle or slow peer
+ * costs little CPU. Only the thread holding the receive gate reads or writes spin_ns. */
+static void sf_adapt_spin(SocketFastObject *self, int caught, int64_t start) {
+    if (caught)
+        self->spin_ns = self->spin_ns * 2 > self->spin_max_ns ? self->spin_max_ns : self->spin_ns * 2;
+    else if (hp_now_ns() - start < 4 * self->spin_max_ns)
+        self->spin_ns = self->spin_max_ns;
+    else
+        self->spin_ns = self->spin_ns / 2 < SF_SPIN_MIN_NS ? SF_SPIN_MIN_NS : self->spin_ns / 2;
+}
+
 static PyObject *sf_recv_frame(SocketFastObject *self, int as_sent) {
     unsigned char head[4];
     ssize_t n;
+    int64_t spin = self->spin_ns, start = 0;
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        n = hp_sock_read(self->fd, head, sizeof head);
+        if (spin > 0) {
+            start = hp_now_ns();
+            n = hp_sock_read_spin(self->fd, head, sizeof head, spin);
+        } else
+            n = hp_sock_read(self->fd, head, sizeof head);
         Py_END_ALLOW_THREADS
+        if (spin > 0) {
+            spin = 0; /* one spin per call, then the blocking read */
+            if (n != -EAGAIN && n != -EINTR) {
+                sf_adapt_spin(self, 1, start);
+                start = 0;
+                break;
+            }
+            /* Nothing came: a signal handled meanwhile is run now, before the read blocks
+             * (a handler that raises ends the wait, as it would have in the read). */
+            n = -EINTR;
+        }
         if (n != -EINTR) break;
         if (PyErr_CheckSignals() < 0) return NULL; /* nothing of a frame was read */
     }
+    if (start) sf_adapt_spin(self, 0, start);
     if (n != (ssize_t)sizeof head) /* short, end of stream or an error: read or raised again there */
         return sf_rest_of_frame(self, as_sent, head, n > 0 ? n : 0, NULL, 0);
     int32_t size = hp_sock_frame_length(head);
@@ -1845,6 +1884,10 @@ static PyMethodDef SocketFast_methods[] = {
 
 static PyMemberDef SocketFast_members[] = {
     {"sending", T_BOOL, offsetof(SocketFastObject, sending), 0, "send_bytes/send may send (False: the slow way)"},
+    {"spin_ns", T_LONGLONG, offsetof(SocketFastObject, spin_ns), READONLY,
+     "how long the next receive with no deadline spins before it blocks (adapts)"},
+    {"spin_max_ns", T_LONGLONG, offsetof(SocketFastObject, spin_max_ns), READONLY,
+     "the longest spin of a receive (0: it never spins)"},
     {"receiving", T_BOOL, offsetof(SocketFastObject, receiving), 0,
      "recv_bytes/recv may receive (False: the slow way)"},
     {NULL, 0, 0, 0, NULL},
@@ -1885,17 +1928,20 @@ static PyTypeObject SocketFastType = {
     .tp_getset = SocketFast_getset,
 };
 
-/* socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit, pickler) -> SocketFast;
- * pickler: (dumps, loads, protocol, flat_max), or None for a Connection with a codec. */
+/* socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit, pickler, spin_ns) -> SocketFast;
+ * pickler: (dumps, loads, protocol, flat_max), or None for a Connection with a codec;
+ * spin_ns: the longest spin of a receiver before it blocks (0: none). */
 static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
     PyObject *ref, *methods, *transport, *pickler, *dumps = NULL, *loads = NULL, *protocol = NULL;
     int fd;
     Py_ssize_t send_limit, recv_limit, flat_max = 0;
-    if (!PyArg_ParseTuple(args, "O!O!OinnO", &_PyWeakref_RefType, &ref, &PyDict_Type, &methods, &transport, &fd,
-                          &send_limit, &recv_limit, &pickler))
+    long long spin_ns = 0;
+    if (!PyArg_ParseTuple(args, "O!O!OinnO|L", &_PyWeakref_RefType, &ref, &PyDict_Type, &methods, &transport, &fd,
+                          &send_limit, &recv_limit, &pickler, &spin_ns))
         return NULL;
-    if (fd < 0 || send_limit < 0 || send_limit > INT32_MAX || recv_limit < 0 || recv_limit > INT32_MAX)
-        return PyErr_Format(PyExc_ValueError, "socket_fast_path(): bad descriptor or limits");
+    if (fd < 0 || send_limit < 0 || send_limit > INT32_MAX || recv_limit < 0 || recv_limit > INT32_MAX ||
+        spin_ns < 0 || spin_ns > 10000000000LL)
+        return PyErr_Format(PyExc_ValueError, "socket_fast_path(): bad descriptor, limits or spin");
     if (pickler != Py_None &&
         (!PyTuple_Check(pickler) ||
          !PyArg_ParseTuple(pickler, "OOO!n", &dumps, &loads, &PyLong_Type, &protocol, &flat_max) ||
@@ -1929,6 +1975,7 @@ static PyObject *core_socket_fast_path(PyObject *mod, PyObject *args) {
     self->send_limit = send_limit;
     self->recv_limit = recv_limit;
     self->sending = self->receiving = 1;
+    self->spin_max_ns = self->spin_ns = spin_ns;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -2015,7 +2062,7 @@ static PyMethodDef core_methods[] = {
     {"_set_errors", core_set_errors, METH_VARARGS,
      "_set_errors(timeout, closed, peer_closed, broken_pipe, protocol, too_long, buffer_too_short)"},
     {"socket_fast_path", core_socket_fast_path, METH_VARARGS,
-     "socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit, pickler) -> SocketFast"},
+     "socket_fast_path(conn_ref, methods, transport, fd, send_limit, recv_limit, pickler, spin_ns=0) -> SocketFast"},
     {"aio_try_send_bytes", (PyCFunction)(void (*)(void))core_aio_try_send_bytes, METH_FASTCALL,
      "aio_try_send_bytes(endpoint, buf) -> True if sent now as the fast path would (never waits)"},
     {"aio_try_recv_bytes", (PyCFunction)(void (*)(void))core_aio_try_recv_bytes, METH_FASTCALL,

@@ -157,13 +157,15 @@ def socket_fast_path(
     send_limit: int,
     recv_limit: int,
     pickler: Optional[tuple[Callable[..., bytes], Callable[..., Any], int, int]],
+    spin_ns: int = 0,
     /,
 ) -> SocketFast:
     """C versions of the Connection's methods named in `methods` (its own, for every call they
     do not handle) for `transport`, a plain-socket SocketTransport on `fd`: payloads up to
     `send_limit` are sent, and up to `recv_limit` received, in C. `pickler`: (dumps, loads,
     protocol, longest flat tuple or list) for send/recv of objects; None (a codec): the
-    Connection's own."""
+    Connection's own. `spin_ns`: how long a receive with no deadline may spin (trying
+    without waiting, yielding the CPU between tries) before it blocks; 0: never."""
 
 # -- a queue's item in one call (_queues.py) -------------------------------------------------
 

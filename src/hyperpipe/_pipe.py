@@ -21,7 +21,8 @@ def Pipe(
     the C core is available), ``"socket"`` (a socketpair / ``os.pipe``, the standard
     library's own mechanism) or ``"auto"``; the environment variable
     ``HYPERPIPE_TRANSPORT`` sets the default. Other keywords tune the shared-memory
-    transport (see ``hyperpipe._shm_transport.shm_pipe``).
+    transport (see ``hyperpipe._shm_transport.shm_pipe``); the socket transport takes
+    ``spin_us`` (how long a waiting receive spins before it blocks, default 50; 0: never).
     """
     name = select_transport(transport)
     warn_on_fallback(transport)
@@ -32,13 +33,14 @@ def Pipe(
 
         end1, end2 = shm_pipe(bool(duplex), **options)
     else:
+        spin = options.pop("spin_us", None)
         if options:
             raise TypeError(
                 f"Pipe() got unexpected keyword arguments for the socket transport: {sorted(options)}"
             )
-        from ._socket_transport import socket_pipe
+        from ._socket_transport import SPIN_US, socket_pipe
 
-        end1, end2 = socket_pipe(bool(duplex))
+        end1, end2 = socket_pipe(bool(duplex), spin_us=SPIN_US if spin is None else spin)
     if duplex:
         return Connection(end1), Connection(end2)
     return Connection(end1, writable=False), Connection(end2, readable=False)

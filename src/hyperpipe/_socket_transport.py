@@ -39,6 +39,7 @@ ends are switched to non-blocking mode (they cannot carry handles).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import pickle
 import select
@@ -60,6 +61,14 @@ except ImportError:  # no compiler at install: the Python path does every call
 
 #: False: no C fast path for new connections (tests of the pure-Python path).
 C_FAST_PATH = True
+
+#: Microseconds a receive with no deadline spins (non-waiting reads, the CPU yielded
+#: between them) before it blocks in ``read``, on a ``Pipe(transport="socket")`` end and on
+#: a Listener/Client connection whose peer is on this host (AF_UNIX, or TCP to a loopback
+#: address); the window adapts as the shared-memory receiver's (``sf_adapt_spin`` in
+#: _core.c). ``Pipe(transport="socket", spin_us=0)`` turns it off. A TCP peer on another
+#: host gets no spin: its replies come too late to be caught.
+SPIN_US = 50
 
 #: Seconds ``close()`` lets a frame that is being sent finish before closing anyway.
 CLOSE_SEND_BOUND = 2.0
@@ -109,7 +118,11 @@ class SocketTransport(Transport):
         sock: Optional[socket.socket] = None,
         max_message_size: Optional[int] = None,
         oob: bool = False,
+        spin_us: int = 0,
     ) -> None:
+        _check_spin_us(spin_us)
+        # How long the C fast path's receive spins before it blocks (SPIN_US).
+        self._spin_us = int(spin_us)
         self._sock = sock
         if sock is not None:
             fd = sock.fileno()
@@ -169,8 +182,11 @@ class SocketTransport(Transport):
     def from_socket(
         cls, sock: socket.socket, *, max_message_size: Optional[int] = None, oob: bool = False
     ) -> "SocketTransport":
-        """Wrap a connected stream socket (plain or ``ssl.SSLSocket``); takes ownership."""
-        return cls(sock=sock, max_message_size=max_message_size, oob=oob)
+        """Wrap a connected stream socket (plain or ``ssl.SSLSocket``); takes ownership.
+
+        Its receives spin (``SPIN_US``) when the peer is on this host."""
+        spin_us = SPIN_US if _peer_on_this_host(sock) else 0
+        return cls(sock=sock, max_message_size=max_message_size, oob=oob, spin_us=spin_us)
 
     @property
     def oob(self) -> bool:
@@ -784,7 +800,8 @@ class SocketTransport(Transport):
             protocol = _framing.OOB_PROTOCOL if self._oob else pickle.DEFAULT_PROTOCOL
             pickler = (pickle.dumps, pickle.loads, protocol, _framing.FLAT_MAX_ITEMS)
         return _core.socket_fast_path(
-            connection, methods, self, self._fd, _JOIN_LIMIT, self._small_limit, pickler
+            connection, methods, self, self._fd, _JOIN_LIMIT, self._small_limit, pickler,
+            self._spin_us * 1000,
         )
 
     # -- pickling ---------------------------------------------------------------------
@@ -793,7 +810,7 @@ class SocketTransport(Transport):
 
         if self._is_ssl:
             raise TypeError("a TLS connection cannot be sent to another process")
-        args = (reduction.DupFd(self._fd), self.max_message_size, self._oob)
+        args = (reduction.DupFd(self._fd), self.max_message_size, self._oob, self._spin_us)
         return _rebuild_socket_transport, args
 
     def statistics(self) -> dict:
@@ -807,20 +824,48 @@ def _raise_send_error(exc: OSError) -> NoReturn:
 
 
 def _rebuild_socket_transport(
-    dupfd: Any, max_message_size: Optional[int], oob: bool = False
+    dupfd: Any, max_message_size: Optional[int], oob: bool = False, spin_us: int = 0
 ) -> SocketTransport:
-    return SocketTransport(dupfd.detach(), max_message_size=max_message_size, oob=oob)
+    return SocketTransport(
+        dupfd.detach(), max_message_size=max_message_size, oob=oob, spin_us=spin_us
+    )
 
 
-def socket_pipe(duplex: bool = True) -> tuple[SocketTransport, SocketTransport]:
+def _peer_on_this_host(sock: Any) -> bool:
+    """An AF_UNIX socket, or a TCP one connected to a loopback address."""
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        return True
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        address = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+    except (OSError, ValueError, IndexError, AttributeError):
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _check_spin_us(spin_us: int) -> None:
+    if not 0 <= spin_us <= 10_000_000:
+        raise ValueError("spin_us must be between 0 and 10,000,000 (10 s)")
+
+
+def socket_pipe(
+    duplex: bool = True, *, spin_us: int = SPIN_US
+) -> tuple[SocketTransport, SocketTransport]:
     """Two connected ends: a socketpair (duplex) or an ``os.pipe`` (reader, writer).
 
-    Both ends are ours, so they exchange out-of-band frames.
+    Both ends are ours, so they exchange out-of-band frames. ``spin_us``: how long a
+    receive with no deadline spins before it blocks (``SPIN_US``; a pipe end never spins).
     """
+    _check_spin_us(spin_us)
     if duplex:
         # The kernel's default buffer sizes: raising them to 4 MiB made no measurable
         # difference for big arrays (see docs/wire.md), and kept them as the stdlib's.
         s1, s2 = socket.socketpair()
-        return SocketTransport(sock=s1, oob=True), SocketTransport(sock=s2, oob=True)
+        return (
+            SocketTransport(sock=s1, oob=True, spin_us=spin_us),
+            SocketTransport(sock=s2, oob=True, spin_us=spin_us),
+        )
     r, w = os.pipe()
     return SocketTransport(r), SocketTransport(w, oob=True)

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--idle-s", type=float, default=1.0, help="how long the idle receiver waits (default 1.0)")
     ap.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default="fork",
                     help="how workers start (default fork: peak RSS by getrusage is only right under fork)")
+    ap.add_argument("--pin", choices=("none", "same", "cross"), default="none",
+                    help="pin the two workers of every pipe measurement: same = both on the first usable "
+                    "CPU, cross = a on the first, b on the second (default none: where the scheduler puts them; "
+                    "a blocking round trip differs 2-5x between the two, see docs/benchmarks.md, Method)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for one measurement (default 120)")
     ap.add_argument("--json", metavar="FILE", default=None,
                     help="where to write every number measured, with the machine and the config (default: "
@@ -90,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "'hyperpipe[plot]')")
     ap.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     return ap
+
+
+def pin_plan(ap: argparse.ArgumentParser, pin: str) -> Optional[dict[str, int]]:
+    """The CPU of each worker for --pin, from the CPUs this process may use; None: unpinned."""
+    if pin == "none":
+        return None
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        ap.error("--pin: this system cannot pin processes to CPUs")
+    if pin == "cross" and len(cpus) < 2:
+        ap.error("--pin cross needs two usable CPUs")
+    return {"a": cpus[0], "b": cpus[0] if pin == "same" else cpus[1]}
 
 
 def select_tests(ap: argparse.ArgumentParser, text: str) -> list[str]:
@@ -339,9 +356,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         "large_reps": [opts.reps or base["reps"].get(s) or max(3, min(31, (32 << 20) // s)) for s in sizes],
         "idle_s": opts.idle_s,
         "start_method": opts.start_method,
+        "pin": opts.pin,
         "timeout_s": opts.timeout,
     }
     notes: list[str] = []
+    pin_cpus = pin_plan(ap, opts.pin)
     if any(t.startswith("large") for t in tests) and importlib.util.find_spec("numpy") is None:
         tests = [t for t in tests if not t.startswith("large")]
         notes.append("large arrays not measured: numpy is not installed (pip install 'hyperpipe[bench]')")
@@ -418,7 +437,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for step in steps:
             progress.begin(step.desc)
             run = run_pair(step.impl, step.scenario, step.params, timeout=opts.timeout,
-                           start_method=opts.start_method)
+                           start_method=opts.start_method, pin=pin_cpus)
             rec = summarize(step, run)
             rec["round"] = step.round
             records.append(rec)

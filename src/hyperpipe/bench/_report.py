@@ -439,6 +439,9 @@ def render(result: dict, unicode_ok: bool = True) -> str:
     out.append("")
     out.append(f"Machine: {machine_line(result['machine'])}")
     out.append(f"Run: {result['started']}, {'--quick' if cfg['quick'] else 'full run'}; command: `{result['command']}`")
+    if cfg.get("pin", "none") != "none":
+        out.append("**Workers pinned** (`--pin " + cfg["pin"] + "`): " + ("both on one CPU" if cfg["pin"] == "same" else
+                   "each on its own CPU") + "; the default, unpinned, measurement is where the scheduler puts them.")
     out.append("Implementations: " + "; ".join(f"`{i['name']}` = {i['label']}" for i in result["impls"] if i["available"]))
     for note in result.get("notes") or []:
         out.append(f"Note: {note}")

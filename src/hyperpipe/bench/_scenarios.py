@@ -11,6 +11,7 @@ when anything goes wrong: a failed or hung measurement becomes a failed row, nev
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import time
 import traceback
@@ -279,8 +280,11 @@ SCENARIOS: dict[str, Callable[..., dict]] = {
 }
 
 
-def _worker(impl: Impl, end: Any, role: str, scenario: str, params: dict, barrier: Any, results: Any) -> None:
+def _worker(impl: Impl, end: Any, role: str, scenario: str, params: dict, barrier: Any, results: Any,
+            cpu: Optional[int] = None) -> None:
     try:
+        if cpu is not None:  # --pin
+            os.sched_setaffinity(0, {cpu})
         start_rss = {"maxrss_kib": _maxrss_kib(), "vmhwm_kib": _vm_hwm_kib()}
         if role == "a":  # a opens first (a zmq socket binds before the peer connects)
             conn = impl.open(end, role, params)
@@ -324,8 +328,11 @@ def _stop(proc: Any) -> None:
         proc.join(timeout=2)
 
 
-def run_pair(impl: Impl, scenario: str, params: dict, *, timeout: float, start_method: str = "fork") -> dict:
+def run_pair(impl: Impl, scenario: str, params: dict, *, timeout: float, start_method: str = "fork",
+             pin: Optional[dict] = None) -> dict:
     """Run one measurement in two fresh workers; return both results or why it failed.
+
+    ``pin``: the CPU of each worker (``{"a": 0, "b": 1}``), set as it starts; None: unpinned.
 
     Returns ``{"ok": True, "a": {...}, "b": {...}, "wall_s": ...}`` or
     ``{"ok": False, "error": "...", "wall_s": ...}``. Never blocks much past ``timeout``:
@@ -345,7 +352,7 @@ def run_pair(impl: Impl, scenario: str, params: dict, *, timeout: float, start_m
     procs = {
         role: ctx.Process(
             target=_worker,
-            args=(impl, end, role, scenario, params, barrier, pipes[role][1]),
+            args=(impl, end, role, scenario, params, barrier, pipes[role][1], (pin or {}).get(role)),
             name=f"hyperpipe-bench-{impl.name}-{scenario}-{role}",
             daemon=True,
         )

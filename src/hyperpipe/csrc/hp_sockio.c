@@ -4,13 +4,31 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 ssize_t hp_sock_read(int fd, void *buf, size_t len) {
     ssize_t n = read(fd, buf, len);
     return n < 0 ? -errno : n;
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+ssize_t hp_sock_read_spin(int fd, void *buf, size_t len, int64_t ns) {
+    int64_t end = now_ns() + ns;
+    for (;;) {
+        ssize_t n = recv(fd, buf, len, MSG_DONTWAIT);
+        if (n >= 0 || errno != EAGAIN) return n < 0 ? -errno : n;
+        if (now_ns() >= end) return -EAGAIN;
+        sched_yield();
+    }
 }
 
 ssize_t hp_sock_read_ready(int fd, void *buf, size_t len) {

@@ -15,6 +15,11 @@
 /* Blocking read of at most len bytes (the wait for a frame's header). */
 ssize_t hp_sock_read(int fd, void *buf, size_t len);
 
+/* Read of at most len bytes, trying without waiting (MSG_DONTWAIT) and yielding the CPU
+ * between tries (a peer runnable on this CPU runs) until something came or `ns` passed:
+ * the recv's result, or -EAGAIN when nothing came in time. */
+ssize_t hp_sock_read_spin(int fd, void *buf, size_t len, int64_t ns);
+
 /* Read of at most len bytes that never waits (MSG_DONTWAIT): a payload sent with its header. */
 ssize_t hp_sock_read_ready(int fd, void *buf, size_t len);
 
